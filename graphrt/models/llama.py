@@ -1,0 +1,105 @@
+"""Llama-family math (Llama 2/3, Mistral, Qwen2) as pure functions of activations and weights.
+
+Weights come in as dicts of tensors (views of a resident buffer or of a ring slot); nothing here knows
+about streams, graphs or where the weights live. Shapes: B batch, T tokens, H heads, Hkv kv heads,
+D head dim, S max sequence length, L attended context length (a static bucket >= every position + 1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+
+Weights = dict[str, torch.Tensor]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """[D/2] float32 inverse frequencies, with Llama 3 frequency scaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    old_ctx, factor = s["original_max_position_embeddings"], s["factor"]
+    low_wavelen, high_wavelen = old_ctx / s["low_freq_factor"], old_ctx / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """positions [B, T] int64 -> cos, sin [B, 1, T, D] in the compute dtype."""
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2] float32
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def embed_forward(ids: torch.Tensor, w: Weights) -> torch.Tensor:
+    """ids [B, T] -> hidden [B, T, hidden]."""
+    return F.embedding(ids, w["embed"])
+
+
+def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, positions: torch.Tensor, rope: tuple, ctx_len: int) -> torch.Tensor:
+    """Pre-norm attention with residual. Appends this step's K/V at `positions` into the caches
+    [maxB, Hkv, S, D], then attends over cache[:B, :, :ctx_len] with a causal mask from positions."""
+    B, T, _ = h.shape
+    H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    G = H // Hkv
+    x = rms_norm(h, w["input_norm"], cfg.rms_norm_eps)
+    q = F.linear(x, w["q"], w.get("q_bias")).view(B, T, H, D).transpose(1, 2)
+    k = F.linear(x, w["k"], w.get("k_bias")).view(B, T, Hkv, D).transpose(1, 2)
+    v = F.linear(x, w["v"], w.get("v_bias")).view(B, T, Hkv, D).transpose(1, 2)
+    cos, sin = rope
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rows = torch.arange(B, device=h.device)[:, None].expand(B, T)
+    k_cache[rows, :, positions] = k.transpose(1, 2)  # [B, T, Hkv, D] into [B, Hkv, S, D]
+    v_cache[rows, :, positions] = v.transpose(1, 2)
+    # GQA without copying K/V: the G query heads of one kv head become G*T query rows.
+    q = q.reshape(B, Hkv, G * T, D)
+    q_pos = positions.repeat(1, G)  # [B, G*T], row g*T + t has position positions[b, t]
+    keys = torch.arange(ctx_len, device=h.device)
+    mask = (keys[None, None, :] <= q_pos[:, :, None])[:, None]  # [B, 1, G*T, L]
+    o = F.scaled_dot_product_attention(q, k_cache[:B, :, :ctx_len], v_cache[:B, :, :ctx_len], attn_mask=mask)
+    o = o.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+    return h + F.linear(o, w["o"])
+
+
+def mlp_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig) -> torch.Tensor:
+    x = rms_norm(h, w["post_norm"], cfg.rms_norm_eps)
+    return h + F.linear(F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"]), w["down"])
+
+
+def layer_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, positions: torch.Tensor, rope: tuple, ctx_len: int) -> torch.Tensor:
+    h = attn_forward(h, w, cfg, k_cache, v_cache, positions, rope, ctx_len)
+    return mlp_forward(h, w, cfg)
+
+
+def head_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, embed: Weights | None) -> torch.Tensor:
+    """hidden [B, T, hidden] -> float32 logits [B, T, vocab]. Tied models read the embedding."""
+    x = rms_norm(h, w["norm"], cfg.rms_norm_eps)
+    lm_head = embed["embed"] if cfg.tie_word_embeddings else w["lm_head"]
+    return F.linear(x, lm_head).float()

@@ -1,0 +1,178 @@
+"""Placement: which weight groups stay resident under a GPU memory budget and which stream."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ConfigError, ModelConfig
+from .schedule import build_plans, build_prologue
+from .simulator import SimResult, simulate
+from .weights import GroupLayout, model_groups
+
+MARGIN = 256 * 2**20  # allocator fragmentation and library workspaces
+
+
+class BudgetError(ConfigError):
+    """The GPU budget cannot hold what graphrt needs; the message gives the minimum."""
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Planning estimates: copy and compute time of a group for one decode step."""
+    h2d_bandwidth: float = 55e9      # bytes/s, pinned host -> device
+    hbm_bandwidth: float = 3.0e12    # bytes/s, device memory
+    flops: float = 400e12            # dense matmul FLOP/s reachable at decode shapes
+    group_overhead: float = 10e-6    # kernel launches per group inside a graph
+    batch_size: int = 1
+
+    def copy_time(self, g: GroupLayout) -> float:
+        return g.nbytes / self.h2d_bandwidth
+
+    def compute_time(self, g: GroupLayout) -> float:
+        params = g.num_params if g.kind != "embed" else 0  # the embedding reads B rows
+        return max(params * g.dtype.itemsize / self.hbm_bandwidth,
+                   2 * self.batch_size * params / self.flops) + self.group_overhead
+
+
+@dataclass(frozen=True)
+class Placement:
+    groups: tuple[GroupLayout, ...]
+    resident: frozenset[str]
+    ring_depth: int
+    slot_bytes: int
+    budget: int
+    memory: dict[str, int]           # what the budget holds, by item
+    prediction: SimResult | None = field(default=None, compare=False)
+    strategy: str = "all-resident"
+
+    @property
+    def streamed(self) -> list[str]:
+        return [g.name for g in self.groups if g.name not in self.resident]
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(g.nbytes for g in self.groups if g.name not in self.resident)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(g.nbytes for g in self.groups if g.name in self.resident)
+
+    def describe(self) -> str:
+        gib = 2**30
+        lines = [f"budget {self.budget / gib:.2f} GiB: " +
+                 ", ".join(f"{k} {v / gib:.2f}" for k, v in self.memory.items()),
+                 f"resident {len(self.resident)} groups ({self.resident_bytes / gib:.2f} GiB), "
+                 f"streamed {len(self.streamed)} groups ({self.streamed_bytes / gib:.2f} GiB per step) "
+                 f"through {self.ring_depth if self.streamed else 0} slots of {self.slot_bytes / 2**20:.1f} MiB"
+                 f" [{self.strategy}]"]
+        if self.streamed:
+            lines.append("streamed: " + _ranges(self.streamed))
+        if self.prediction is not None and self.prediction.step_time:
+            p = self.prediction
+            lines.append(f"predicted step {p.step_time * 1e3:.2f} ms ({1 / p.step_time:.1f} tokens/s per "
+                         f"sequence), copy engine busy {100 * p.copy_busy:.1f}%, compute stall "
+                         f"{p.compute_stall * 1e3:.2f} ms/step")
+        return "\n".join(lines)
+
+
+def _ranges(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 8 else f"{', '.join(names[:4])}, ..., {', '.join(names[-3:])}"
+
+
+def essentials(cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int, max_seq_len: int,
+               prefill_chunk: int) -> dict[str, int]:
+    """Memory that is needed whatever the placement: KV cache, activations, logits, margin."""
+    e = dtype.itemsize
+    kv = 2 * cfg.num_layers * max_batch_size * cfg.num_kv_heads * max_seq_len * cfg.head_dim * e
+    tokens = max_batch_size * min(prefill_chunk, max_seq_len)
+    width = 4 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size
+    scores = max_batch_size * cfg.num_heads * min(prefill_chunk, max_seq_len) * max_seq_len * 4
+    activations = 2 * tokens * width * 4 + 2 * scores
+    logits = 6 * tokens * cfg.vocab_size * 4
+    return {"kv_cache": kv, "activations": activations, "logits": logits, "margin": MARGIN}
+
+
+def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_batch_size: int = 1,
+                   max_seq_len: int = 2048, dtype: torch.dtype = torch.bfloat16, *,
+                   stream_unit: str = "layer", strategy: str = "auto", prefill_chunk: int = 256,
+                   cost: CostModel | None = None, device_memory: int | None = None) -> Placement:
+    """Choose resident groups that minimise the predicted step time within `gpu_budget` bytes."""
+    if ring_depth < 2:
+        raise ConfigError(f"ring_depth must be >= 2, got {ring_depth}")
+    if device_memory is not None and gpu_budget > device_memory:
+        raise BudgetError(f"gpu_budget {gpu_budget / 2**30:.2f} GiB is larger than the device's "
+                          f"{device_memory / 2**30:.2f} GiB; give a smaller budget or leave it unset")
+    cost = cost or CostModel()
+    groups = model_groups(cfg, dtype, stream_unit)
+    fixed = essentials(cfg, dtype, max_batch_size, max_seq_len, prefill_chunk)
+    total = sum(g.nbytes for g in groups)
+    base = sum(fixed.values())
+    if base + total <= gpu_budget:
+        return Placement(tuple(groups), frozenset(g.name for g in groups), ring_depth, 0, gpu_budget,
+                         {"weights": total, **fixed})
+    # Tied embeddings serve the first and the last compute: they stay resident.
+    must = [g for g in groups if g.kind == "embed" and cfg.tie_word_embeddings]
+    minimum = base + sum(g.nbytes for g in must) + 2 * max(g.nbytes for g in groups if g not in must)
+    if gpu_budget < minimum:
+        raise BudgetError(
+            f"gpu_budget {gpu_budget / 2**30:.2f} GiB is too small: at least {minimum / 2**30:.2f} GiB is "
+            f"needed (KV cache {fixed['kv_cache'] / 2**30:.2f}, activations and logits "
+            f"{(fixed['activations'] + fixed['logits']) / 2**30:.2f}, 2 ring slots, margin); raise gpu_budget "
+            "or lower max_seq_len / max_batch_size")
+    best: Placement | None = None
+    for candidate in _candidates(groups, must, gpu_budget - base, ring_depth, strategy):
+        resident, kind = candidate
+        p = _evaluate(groups, resident, ring_depth, gpu_budget, fixed, cost, kind)
+        if best is None or p.prediction.step_time < best.prediction.step_time:
+            best = p
+    if best is None:
+        raise BudgetError(f"no placement fits gpu_budget {gpu_budget / 2**30:.2f} GiB with ring_depth "
+                          f"{ring_depth}; raise gpu_budget or lower ring_depth")
+    return best
+
+
+def _candidates(groups, must, room: int, ring_depth: int, strategy: str):
+    """Resident sets to compare: embedding/head resident or not, then as many layer groups as fit,
+    taken first, last or spread evenly over the depth."""
+    layers = [g for g in groups if g.kind in ("layer", "attn", "mlp")]
+    ends = [g for g in groups if g.kind in ("embed", "head") and g not in must]
+    for mask in range(1 << len(ends)):
+        chosen = list(must) + [g for j, g in enumerate(ends) if mask >> j & 1]
+        streamed_ends = [g for g in ends if g not in chosen]
+        slot = max([g.nbytes for g in layers + streamed_ends], default=0)
+        left = room - ring_depth * slot - sum(g.nbytes for g in chosen)
+        if left < 0:
+            continue
+        by_size = sorted(layers, key=lambda g: -g.nbytes)
+        fit, used = [], 0
+        for g in by_size:
+            if used + g.nbytes <= left:
+                fit.append(g)
+                used += g.nbytes
+        r = len(fit)
+        if r == len(layers) and not streamed_ends:
+            r -= 1  # something must stream here; keep a slot's worth of layers out
+        orders = {"first": layers, "last": layers[::-1],
+                  "spread": [layers[int(i * len(layers) / max(r, 1))] for i in range(r)] if r else []}
+        for kind, order in orders.items():
+            if strategy not in ("auto", kind):
+                continue
+            picked, used = [], 0
+            for g in order:
+                if len(picked) < r and used + g.nbytes <= left:
+                    picked.append(g)
+                    used += g.nbytes
+            yield frozenset(x.name for x in chosen + picked), kind
+
+
+def _evaluate(groups, resident, ring_depth, budget, fixed, cost: CostModel, kind: str) -> Placement:
+    names = [g.name for g in groups]
+    streamed = {n for n in names if n not in resident}
+    by_name = {g.name: g for g in groups}
+    slot = max(by_name[n].nbytes for n in streamed)
+    sim = simulate(build_plans(names, streamed, ring_depth), build_prologue(names, streamed, ring_depth),
+                   copy_time=lambda n: cost.copy_time(by_name[n]),
+                   compute_time=lambda n: cost.compute_time(by_name[n]), step_overhead=5e-6)
+    memory = {"resident_weights": sum(by_name[n].nbytes for n in resident), "ring": ring_depth * slot, **fixed}
+    return Placement(tuple(groups), resident, ring_depth, slot, budget, memory, sim, kind)

@@ -1,0 +1,94 @@
+"""Where weights live: resident device buffers, pinned host buffers for streamed groups, the ring."""
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint
+from .placement import Placement
+from .weights import GroupLayout
+
+
+class PinnedMemoryError(MemoryError):
+    """Host memory for streamed weights could not be page-locked."""
+
+
+def pinned_empty(nbytes: int) -> torch.Tensor:
+    """A uint8 host buffer of exactly `nbytes`, page-locked with cudaHostRegister (the caching host
+    allocator would round large requests up to a power of two)."""
+    try:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+    except RuntimeError as e:
+        raise PinnedMemoryError(f"cannot allocate {nbytes / 2**30:.2f} GiB of host memory for streamed "
+                                f"weights ({e}); free host RAM or give a larger gpu_budget") from None
+    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
+    if int(err) != 0:
+        raise PinnedMemoryError(
+            f"cudaHostRegister of {nbytes / 2**30:.2f} GiB failed (error {int(err)}): page-locked memory is "
+            "limited by RAM and by `ulimit -l`; raise the limit, free RAM, or give a larger gpu_budget")
+    return buf
+
+
+class RingBuffer:
+    """N static device slots of equal size; each holds one streamed group at a time."""
+
+    def __init__(self, num_slots: int, slot_bytes: int, device: torch.device):
+        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(num_slots)]
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def poison(self, slot: int, dtype: torch.dtype) -> None:
+        """Fill a slot with NaN (debugging: a read that does not wait for its copy then shows)."""
+        s = self.slots[slot]
+        s[: s.numel() // dtype.itemsize * dtype.itemsize].view(dtype).fill_(float("nan"))
+
+
+class WeightStore:
+    """Typed views of every group: resident ones on the device, streamed ones in ring slots."""
+
+    def __init__(self, ckpt: Checkpoint, placement: Placement, device: torch.device, progress: bool | None):
+        self.placement = placement
+        self.device = device
+        self.layouts: dict[str, GroupLayout] = {g.name: g for g in placement.groups}
+        self.resident: dict[str, torch.Tensor] = {}
+        self.host: dict[str, torch.Tensor] = {}
+        streamed = [g for g in placement.groups if g.name not in placement.resident]
+        self.ring = RingBuffer(placement.ring_depth, placement.slot_bytes, device) if streamed else None
+        staging: dict[str, torch.Tensor] = {}
+
+        def buffer_for(g: GroupLayout) -> torch.Tensor:
+            if g.name in placement.resident:
+                staging[g.name] = torch.empty(g.nbytes, dtype=torch.uint8)
+                return staging[g.name]
+            host = pinned_empty(g.nbytes) if device.type == "cuda" else torch.empty(g.nbytes, dtype=torch.uint8)
+            self.host[g.name] = host
+            return host
+
+        total = sum(g.nbytes for g in placement.groups)
+        show = sys.stderr.isatty() and total > 2**30 if progress is None else progress
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show)
+        for g in ckpt.fill_groups(list(placement.groups), buffer_for):
+            if g.name in placement.resident:
+                self.resident[g.name] = staging.pop(g.name).to(device)
+            bar.update(g.nbytes)
+        bar.close()
+        self._resident_views = {n: self.layouts[n].views(b) for n, b in self.resident.items()}
+        self._slot_views = {(n, s): self.layouts[n].views(self.ring.slots[s])
+                            for n in self.host for s in range(len(self.ring))} if self.ring else {}
+
+    def views(self, group: str, slot: int | None = None) -> dict[str, torch.Tensor]:
+        return self._resident_views[group] if slot is None else self._slot_views[(group, slot)]
+
+    def copy_to_slot(self, group: str, slot: int) -> None:
+        """One copy moves the whole group (on the current stream)."""
+        src = self.host[group]
+        self.ring.slots[slot][: src.numel()].copy_(src, non_blocking=True)
+
+    def release(self) -> None:
+        if self.device.type == "cuda":
+            for buf in self.host.values():
+                torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+        self.host.clear()
