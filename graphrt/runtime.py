@@ -162,26 +162,42 @@ class Runtime:
                 raise ConfigError("use_graph=True needs device='cuda'; CUDA graphs do not exist on the CPU")
             from .graph import generate_with_graph
             return generate_with_graph(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos)
+        tokens = list(self._decode_eager(input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos))
+        ids = input_ids.to(self.device)
+        return torch.cat([ids, torch.stack(tokens, dim=1)], dim=1) if tokens else ids
+
+    @torch.inference_mode()
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, **sampling):
+        """Eager generation that yields the sequence so far ([B, T + n], prompt included) per token."""
+        ids = input_ids.to(self.device)
+        out = [ids]
+        for tok in self._decode_eager(ids, max_new_tokens, **sampling):
+            out.append(tok[:, None])
+            yield torch.cat(out, dim=1)
+
+    def _decode_eager(self, input_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+                      stop_at_eos=False):
+        """Yields each step's tokens [B]: prefill, then one eager streamed step per token."""
+        B, T = input_ids.shape
+        self._check_shape(B, T + max_new_tokens)
         params = self.sampling_tensors(B, temperature, top_k, top_p, seed)
         greedy = temperature == 0
-        ids = input_ids.to(self.device)
-        logits = self.prefill(ids)[:, -1]
-        tokens, eos = [], self._eos_tensor()
+        logits = self.prefill(input_ids.to(self.device))[:, -1]
+        eos = self._eos_tensor() if stop_at_eos else None
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         for i in range(max_new_tokens):
             pos = T + i
             tok = sample(logits, *params, counter=torch.full((B,), pos, device=self.device), greedy_only=greedy)
-            if stop_at_eos and eos is not None:
+            if eos is not None:
                 tok = torch.where(done, eos[0], tok)
                 done |= torch.isin(tok, eos)
-            tokens.append(tok)
-            if i + 1 == max_new_tokens or (stop_at_eos and eos is not None and bool(done.all())):
-                break
+            yield tok
+            if i + 1 == max_new_tokens or (eos is not None and bool(done.all())):
+                return
             with nvtx.annotate("graphrt.step", color="red"):
                 p = torch.full((B, 1), pos, device=self.device)
                 logits = self.forward_step(tok[:, None], p, context_bucket(pos + 1, self.options.max_seq_len),
                                            True)[:, -1]
-        return torch.cat([ids, torch.stack(tokens, dim=1)], dim=1) if tokens else ids
 
     def _eos_tensor(self) -> torch.Tensor | None:
         ids = self.config.eos_token_ids
