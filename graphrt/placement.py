@@ -89,7 +89,7 @@ def essentials(cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int, max_se
     width = 4 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size
     scores = max_batch_size * cfg.num_heads * min(prefill_chunk, max_seq_len) * max_seq_len * 4
     activations = 2 * tokens * width * 4 + 2 * scores
-    logits = 6 * tokens * cfg.vocab_size * 4
+    logits = 6 * max_batch_size * cfg.vocab_size * 4  # last-position logits and sampling buffers
     return {"kv_cache": kv, "activations": activations, "logits": logits, "margin": MARGIN}
 
 

@@ -1,0 +1,103 @@
+"""Step plans and the simulator: zero hazards over a grid; broken plans caught; timing sane."""
+import math
+
+import pytest
+
+from graphrt.schedule import build_plans, build_prologue, num_phases
+from graphrt.simulator import simulate
+
+
+def names(num_layers):
+    return ["embed"] + [f"layer.{i}" for i in range(num_layers)] + ["head"]
+
+
+def streamed_set(groups, how, count):
+    layers = [g for g in groups if g.startswith("layer")]
+    pick = {"first": layers[:count], "last": layers[-count:] if count else [],
+            "spread": layers[::max(1, len(layers) // max(count, 1))][:count]}[how]
+    return set(pick)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 5, 8, 13])
+@pytest.mark.parametrize("ring_depth", [2, 3, 4, 5, 6])
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("how", ["first", "last", "spread"])
+def test_no_hazards_over_grid(num_layers, ring_depth, fraction, how):
+    groups = names(num_layers)
+    streamed = streamed_set(groups, how, round(fraction * num_layers))
+    if fraction == 1.0 and how == "first":
+        streamed |= {"embed", "head"}
+    plans = build_plans(groups, streamed, ring_depth)
+    assert len(plans) == num_phases(len(streamed), ring_depth)
+    r = simulate(plans, build_prologue(groups, streamed, ring_depth), steps=3 * len(plans) + 2)
+    assert r.hazards == []
+
+
+@pytest.mark.parametrize("S,N", [(5, 2), (6, 4), (7, 3), (8, 6), (3, 5)])
+def test_phase_period(S, N):
+    groups = names(S)
+    plans = build_plans(groups, set(groups[1:-1]), N)
+    assert len(plans) == N // math.gcd(S, N)
+    slots = [[op.slot for op in p.ops if op.kind == "compute" and op.slot is not None] for p in plans]
+    assert len({tuple(s) for s in slots}) == len(plans)  # every phase maps groups to slots differently
+
+
+def test_missing_ready_wait_is_caught():
+    groups = names(6)
+    plans = build_plans(groups, set(groups[1:-1]), 3)
+    broken = [p.without_wait("ready:4") for p in plans]
+    r = simulate(broken, build_prologue(groups, set(groups[1:-1]), 3))
+    assert any("before" in h and "layer.4" in h for h in r.hazards), r.hazards
+
+
+def test_missing_free_wait_is_caught():
+    groups = names(6)
+    plans = build_plans(groups, set(groups[1:-1]), 3)
+    broken = [p.without_wait("free:1") for p in plans]
+    r = simulate(broken, build_prologue(groups, set(groups[1:-1]), 3))
+    assert any("overwrite" in h for h in r.hazards), r.hazards
+
+
+def test_slot_reused_early_is_caught():
+    """Copy k+N issued into the slot of k before compute k ran (one slot too early)."""
+    from dataclasses import replace
+    groups = names(6)
+    streamed = set(groups[1:-1])
+    plan = build_plans(groups, streamed, 3)[0]
+    ops = list(plan.ops)
+    i = next(j for j, op in enumerate(ops) if op.kind == "copy" and op.waits == ("free:2",))
+    moved = ops.pop(i)
+    j = next(j for j, op in enumerate(ops) if op.kind == "compute" and op.k == 1)
+    ops.insert(j + 1, replace(moved, waits=("free:1",)))
+    r = simulate([replace(plan, ops=tuple(ops))], build_prologue(groups, streamed, 3))
+    assert r.hazards
+
+
+def test_timing_copy_bound_keeps_copy_engine_busy():
+    groups = names(8)
+    streamed = set(groups[1:-1])
+    plans = build_plans(groups, streamed, 3)
+    r = simulate(plans, build_prologue(groups, streamed, 3), steps=8,
+                 copy_time=lambda g: 1.0, compute_time=lambda g: 0.1)
+    assert r.hazards == []
+    assert r.step_time == pytest.approx(8.0, rel=1e-6)  # 8 copies of 1.0 back to back, across tokens
+    assert r.copy_busy == pytest.approx(1.0)
+
+
+def test_timing_compute_bound():
+    groups = names(8)
+    streamed = set(groups[1:-1])
+    plans = build_plans(groups, streamed, 2)
+    r = simulate(plans, build_prologue(groups, streamed, 2), steps=6,
+                 copy_time=lambda g: 0.1, compute_time=lambda g: 1.0)
+    assert r.step_time == pytest.approx(10.0, rel=1e-6)  # 10 computes, copies hidden
+    assert r.compute_stall == pytest.approx(0.0)
+
+
+def test_timing_depth_one_would_serialise():
+    """With N=2 and copy == compute, the ring overlaps copy k+1 with compute k."""
+    groups = ["layer.0", "layer.1", "layer.2", "layer.3"]
+    streamed = set(groups)
+    r = simulate(build_plans(groups, streamed, 2), build_prologue(groups, streamed, 2), steps=6,
+                 copy_time=lambda g: 1.0, compute_time=lambda g: 1.0)
+    assert r.step_time < 4 * 2.0 * 0.8
