@@ -36,7 +36,7 @@ class StepExecutor:
     def run(self, plan: StepPlan, compute: ComputeFn, annotate: bool = True) -> None:
         """Issue every op of `plan`; `compute(group, weights)` runs a group's math on the current stream."""
         if not self.cuda:
-            return self._run_serial(plan, compute)
+            return self._run_serial(plan, compute, annotate)
         compute_stream = torch.cuda.current_stream(self.store.device)
         for op in plan.ops:
             stream = compute_stream if op.stream == "compute" else self.copy_stream
@@ -53,11 +53,13 @@ class StepExecutor:
             for ev in op.records:
                 self._event(ev).record(stream)
 
-    def _run_serial(self, plan: StepPlan, compute: ComputeFn) -> None:
+    def _run_serial(self, plan: StepPlan, compute: ComputeFn, annotate: bool) -> None:
+        """CPU: issue order is a valid serialisation of the plan (every wait follows its record)."""
         for op in plan.ops:
             if op.kind == "copy":
                 self.store.copy_to_slot(op.group, op.slot)
             elif op.kind == "compute":
-                compute(op.group, self.store.views(op.group, op.slot))
+                with nvtx.annotate(op.group, color="blue") if annotate else _null():
+                    compute(op.group, self.store.views(op.group, op.slot))
                 if self.poison and op.slot is not None:
                     self.store.ring.poison(op.slot, self.dtype)

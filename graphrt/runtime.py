@@ -87,7 +87,15 @@ class Runtime:
         if self.ring_cold:
             self.executor.run(self.prologue, lambda g, w: None, annotate)
             self.ring_cold, self.ring_step = False, 0
-        plan = self.plans[self.ring_step % len(self.plans)]
+        logits = self.run_plan(self.plans[self.ring_step % len(self.plans)], ids, positions, ctx_len,
+                               last_only, annotate)
+        self.ring_step += 1
+        return logits
+
+    def run_plan(self, plan, ids: torch.Tensor, positions: torch.Tensor, ctx_len: int, last_only: bool,
+                 annotate: bool = True) -> torch.Tensor:
+        """Issue one step plan (eagerly, or into a graph being captured); no ring bookkeeping."""
+        cfg = self.config
         rope = llama.rope_cos_sin(positions, self.inv_freq, self.dtype)
         act: dict[str, torch.Tensor] = {}
 
@@ -107,7 +115,6 @@ class Runtime:
                 act["logits"] = llama.head_forward(h, w, cfg, embed)
 
         self.executor.run(plan, compute, annotate)
-        self.ring_step += 1
         return act["logits"]
 
     def _check_shape(self, batch: int, length: int) -> None:
@@ -176,8 +183,9 @@ class Runtime:
             yield torch.cat(out, dim=1)
 
     def _decode_eager(self, input_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None,
-                      stop_at_eos=False):
-        """Yields each step's tokens [B]: prefill, then one eager streamed step per token."""
+                      stop_at_eos=False, logits_out: list | None = None):
+        """Yields each step's tokens [B]: prefill, then one eager streamed step per token.
+        `logits_out`, if given, receives the [B, vocab] logits each token was sampled from."""
         B, T = input_ids.shape
         self._check_shape(B, T + max_new_tokens)
         params = self.sampling_tensors(B, temperature, top_k, top_p, seed)
@@ -188,6 +196,8 @@ class Runtime:
         for i in range(max_new_tokens):
             pos = T + i
             tok = sample(logits, *params, counter=torch.full((B,), pos, device=self.device), greedy_only=greedy)
+            if logits_out is not None:
+                logits_out.append(logits.clone())
             if eos is not None:
                 tok = torch.where(done, eos[0], tok)
                 done |= torch.isin(tok, eos)
