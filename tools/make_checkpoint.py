@@ -51,17 +51,19 @@ def make_config(arch: str, hidden: int, intermediate: int, layers: int, heads: i
     return cfg
 
 
-def random_tensors(cfg: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+def random_tensors(cfg: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Random weights (drawn on `device`, e.g. "cuda" for speed, returned on the CPU)."""
+    g = torch.Generator(device).manual_seed(seed)
     h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
 
     def w(*shape, scale=None):
-        return (torch.randn(*shape, generator=g) * (scale or shape[-1] ** -0.5)).to(dtype)
+        return (torch.randn(*shape, generator=g, device=device) * (scale or shape[-1] ** -0.5)).to(dtype).cpu()
 
     def norm(n):
-        return (1.0 + 0.1 * torch.randn(n, generator=g)).to(dtype)
+        return (1.0 + 0.1 * torch.randn(n, generator=g, device=device)).to(dtype).cpu()
 
     t = {"model.embed_tokens.weight": w(v, h, scale=1.0), "model.norm.weight": norm(h)}
     if not cfg["tie_word_embeddings"]:
@@ -75,7 +77,7 @@ def random_tensors(cfg: dict, seed: int = 0, dtype: torch.dtype = torch.float32)
                   p + "mlp.down_proj.weight": w(h, f)})
         if cfg["architectures"][0] == "Qwen2ForCausalLM":
             for n, size in (("q", q), ("k", kv), ("v", kv)):
-                t[p + f"self_attn.{n}_proj.bias"] = (0.1 * torch.randn(size, generator=g)).to(dtype)
+                t[p + f"self_attn.{n}_proj.bias"] = (0.1 * torch.randn(size, generator=g, device=device)).to(dtype).cpu()
     return t
 
 
