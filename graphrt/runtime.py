@@ -96,7 +96,7 @@ class Runtime:
                  annotate: bool = True) -> torch.Tensor:
         """Issue one step plan (eagerly, or into a graph being captured); no ring bookkeeping."""
         cfg = self.config
-        rope = llama.rope_cos_sin(positions, self.inv_freq, self.dtype)
+        ctx = llama.step_context(positions, self.inv_freq, self.dtype, cfg.num_heads // cfg.num_kv_heads, ctx_len)
         act: dict[str, torch.Tensor] = {}
 
         def compute(group: str, w: dict) -> None:
@@ -106,7 +106,7 @@ class Runtime:
             elif kind in ("layer", "attn"):
                 i = int(idx)
                 fn = llama.layer_forward if kind == "layer" else llama.attn_forward
-                act["h"] = fn(act["h"], w, cfg, self.kv[i, 0], self.kv[i, 1], positions, rope, ctx_len)
+                act["h"] = fn(act["h"], w, cfg, self.kv[i, 0], self.kv[i, 1], ctx)
             elif kind == "mlp":
                 act["h"] = llama.mlp_forward(act["h"], w, cfg)
             else:

@@ -15,20 +15,30 @@ class PinnedMemoryError(MemoryError):
     """Host memory for streamed weights could not be page-locked."""
 
 
+PAGE = 4096
+
+
 def pinned_empty(nbytes: int) -> torch.Tensor:
     """A uint8 host buffer of exactly `nbytes`, page-locked with cudaHostRegister (the caching host
-    allocator would round large requests up to a power of two)."""
+    allocator would round large requests up to a power of two). The registered pages lie wholly inside
+    this allocation, so two buffers never register the same page. Call `unpin` before dropping it."""
     try:
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        raw = torch.empty(nbytes + 2 * PAGE, dtype=torch.uint8)
     except RuntimeError as e:
         raise PinnedMemoryError(f"cannot allocate {nbytes / 2**30:.2f} GiB of host memory for streamed "
                                 f"weights ({e}); free host RAM or give a larger gpu_budget") from None
-    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
+    offset = -raw.data_ptr() % PAGE
+    buf = raw[offset:offset + nbytes]
+    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), -(-nbytes // PAGE) * PAGE, 0)
     if int(err) != 0:
         raise PinnedMemoryError(
             f"cudaHostRegister of {nbytes / 2**30:.2f} GiB failed (error {int(err)}): page-locked memory is "
             "limited by RAM and by `ulimit -l`; raise the limit, free RAM, or give a larger gpu_budget")
     return buf
+
+
+def unpin(buf: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
 
 
 class RingBuffer:
@@ -88,7 +98,16 @@ class WeightStore:
         self.ring.slots[slot][: src.numel()].copy_(src, non_blocking=True)
 
     def release(self) -> None:
+        """Unregister the pinned host buffers (before their memory goes back to the allocator)."""
         if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no copy may still read them
             for buf in self.host.values():
-                torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+                unpin(buf)
         self.host.clear()
+        self._slot_views = {}
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown
+            pass

@@ -29,7 +29,7 @@ from make_checkpoint import PRESETS, make_config, random_tensors, write_checkpoi
 from graphrt import Runtime  # noqa: E402
 from graphrt.placement import CostModel  # noqa: E402
 from graphrt.simulator import simulate  # noqa: E402
-from graphrt.store import pinned_empty  # noqa: E402
+from graphrt.store import pinned_empty, unpin  # noqa: E402
 
 
 def cuda_time(fn, iters: int) -> float:
@@ -51,7 +51,7 @@ def h2d_bandwidth(nbytes: int = 2**30) -> float:
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst.copy_(src, non_blocking=True)
     t = cuda_time(lambda: dst.copy_(src, non_blocking=True), 10)
-    torch.cuda.cudart().cudaHostUnregister(src.data_ptr())
+    unpin(src)
     return nbytes / t
 
 
@@ -118,6 +118,41 @@ def predicted_step(rt: Runtime, h2d: float, hbm: float, batch: int) -> float:
                     compute_time=lambda n: cost.compute_time(by_name[n]), step_overhead=5e-6).step_time
 
 
+def eager_timeline(rt: Runtime, steps: int = 3) -> dict:
+    """Timing events around every copy and compute of the eager executor (same plan as the graph):
+    per-op start/end in ms for the last step, copy-engine busy fraction and the gaps between copies."""
+    store, executor = rt.store, rt.executor
+    marks: list[tuple[str, str, torch.cuda.Event, torch.cuda.Event]] = []
+    copy_to_slot = store.copy_to_slot
+
+    def timed_copy(group, slot):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        copy_to_slot(group, slot)
+        b.record()
+        marks.append(("copy", group, a, b))
+
+    store.copy_to_slot = timed_copy
+    ids = torch.randint(3, 1000, (1, 8)).cuda()
+    try:
+        gen = rt._decode_eager(ids, steps + 1)
+        next(gen)
+        marks.clear()
+        t0 = torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in gen:
+            pass
+        torch.cuda.synchronize()
+    finally:
+        store.copy_to_slot = copy_to_slot
+    ops = sorted(((k, g, t0.elapsed_time(a), t0.elapsed_time(b)) for k, g, a, b in marks), key=lambda x: x[2])
+    span = ops[-1][3] - ops[0][2]
+    busy = sum(e - s for k, _, s, e in ops if k == "copy")
+    gaps = [ops[i + 1][2] - ops[i][3] for i in range(len(ops) - 1)]
+    return dict(span_ms=span, copy_busy_pct=100 * busy / span, max_gap_ms=max(gaps, default=0.0),
+                copies=[(g, round(s, 3), round(e, 3)) for _, g, s, e in ops[-12:]])
+
+
 def host_step_us(path: Path, steps: int = 30) -> float:
     rt = Runtime.from_pretrained(path, device="cuda", max_seq_len=256)
     g = rt.capture(1)
@@ -155,6 +190,9 @@ def main() -> None:
             g = graph_step_time(rt, batch)
             e = eager_step_time(rt, batch)
             pred = predicted_step(rt, h2d, hbm, batch)
+            if unit == "layer" and batch == 1:
+                res["eager_copy_timeline"] = eager_timeline(rt)
+                print("copy timeline:", res["eager_copy_timeline"], flush=True)
             rows.append(dict(model=f"llama-3.1-8b x{a.layers} layers, all layers streamed", unit=unit, batch=batch,
                              ring_depth=3, streamed_GB=rt.placement.streamed_bytes / 1e9, roofline_ms=roof * 1e3,
                              graph_ms=g * 1e3, eager_ms=e * 1e3, graph_pct_of_h2d=100 * roof / g,

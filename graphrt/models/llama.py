@@ -7,6 +7,7 @@ D head dim, S max sequence length, L attended context length (a static bucket >=
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +41,26 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """positions [B, T] int64 -> cos, sin [B, 1, T, D] in the compute dtype."""
+class StepContext(NamedTuple):
+    """Per-step tensors shared by every layer (computed once per step, not per layer)."""
+    positions: torch.Tensor  # [B, T] int64
+    cos: torch.Tensor        # [B, 1, T, D]
+    sin: torch.Tensor        # [B, 1, T, D]
+    rows: torch.Tensor       # [B, T] batch row of each token, for the KV append
+    mask: torch.Tensor       # [B, 1, G*T, L] bool: key l visible to query row (g, t)
+    ctx_len: int             # L
+
+
+def step_context(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, num_groups: int,
+                 ctx_len: int) -> StepContext:
+    B, T = positions.shape
     freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2] float32
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
+    q_pos = positions.repeat(1, num_groups)  # [B, G*T], row g*T + t has position positions[b, t]
+    keys = torch.arange(ctx_len, device=positions.device)
+    mask = (keys[None, None, :] <= q_pos[:, :, None])[:, None]
+    return StepContext(positions, emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None], rows, mask, ctx_len)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -62,9 +78,9 @@ def embed_forward(ids: torch.Tensor, w: Weights) -> torch.Tensor:
 
 
 def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, positions: torch.Tensor, rope: tuple, ctx_len: int) -> torch.Tensor:
-    """Pre-norm attention with residual. Appends this step's K/V at `positions` into the caches
-    [maxB, Hkv, S, D], then attends over cache[:B, :, :ctx_len] with a causal mask from positions."""
+                 v_cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """Pre-norm attention with residual. Appends this step's K/V at ctx.positions into the caches
+    [maxB, Hkv, S, D], then attends over cache[:B, :, :L] with the causal mask ctx.mask."""
     B, T, _ = h.shape
     H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // Hkv
@@ -72,18 +88,14 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
     q = F.linear(x, w["q"], w.get("q_bias")).view(B, T, H, D).transpose(1, 2)
     k = F.linear(x, w["k"], w.get("k_bias")).view(B, T, Hkv, D).transpose(1, 2)
     v = F.linear(x, w["v"], w.get("v_bias")).view(B, T, Hkv, D).transpose(1, 2)
-    cos, sin = rope
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    rows = torch.arange(B, device=h.device)[:, None].expand(B, T)
-    k_cache[rows, :, positions] = k.transpose(1, 2)  # [B, T, Hkv, D] into [B, Hkv, S, D]
-    v_cache[rows, :, positions] = v.transpose(1, 2)
+    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+    k_cache[ctx.rows, :, ctx.positions] = k.transpose(1, 2)  # [B, T, Hkv, D] into [B, Hkv, S, D]
+    v_cache[ctx.rows, :, ctx.positions] = v.transpose(1, 2)
     # GQA without copying K/V: the G query heads of one kv head become G*T query rows.
     q = q.reshape(B, Hkv, G * T, D)
-    q_pos = positions.repeat(1, G)  # [B, G*T], row g*T + t has position positions[b, t]
-    keys = torch.arange(ctx_len, device=h.device)
-    mask = (keys[None, None, :] <= q_pos[:, :, None])[:, None]  # [B, 1, G*T, L]
-    o = F.scaled_dot_product_attention(q, k_cache[:B, :, :ctx_len], v_cache[:B, :, :ctx_len], attn_mask=mask)
-    o = o.view(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
+    L = ctx.ctx_len
+    o = F.scaled_dot_product_attention(q, k_cache[:B, :, :L], v_cache[:B, :, :L], attn_mask=ctx.mask)
+    o = o.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
     return h + F.linear(o, w["o"])
 
 
@@ -93,8 +105,8 @@ def mlp_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig) -> torch.Tensor:
 
 
 def layer_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, positions: torch.Tensor, rope: tuple, ctx_len: int) -> torch.Tensor:
-    h = attn_forward(h, w, cfg, k_cache, v_cache, positions, rope, ctx_len)
+                  v_cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    h = attn_forward(h, w, cfg, k_cache, v_cache, ctx)
     return mlp_forward(h, w, cfg)
 
 
