@@ -1,6 +1,7 @@
 """Where weights live: resident device buffers, pinned host buffers for streamed groups, the ring."""
 from __future__ import annotations
 
+import mmap
 import sys
 
 import torch
@@ -19,22 +20,22 @@ PAGE = 4096
 
 
 def pinned_empty(nbytes: int) -> torch.Tensor:
-    """A uint8 host buffer of exactly `nbytes`, page-locked with cudaHostRegister (the caching host
-    allocator would round large requests up to a power of two). The registered pages lie wholly inside
-    this allocation, so two buffers never register the same page. Call `unpin` before dropping it."""
+    """A uint8 host buffer of exactly `nbytes`, page-locked with cudaHostRegister. The memory is an
+    anonymous mapping of its own (page-aligned, never shared with another allocation), so the whole
+    storage is registered and torch sees it as pinned; the caching host allocator would instead round
+    large requests up to a power of two. Call `unpin` before dropping it."""
+    size = -(-max(nbytes, 1) // PAGE) * PAGE
     try:
-        raw = torch.empty(nbytes + 2 * PAGE, dtype=torch.uint8)
-    except RuntimeError as e:
+        buf = torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
+    except (OSError, ValueError, RuntimeError) as e:
         raise PinnedMemoryError(f"cannot allocate {nbytes / 2**30:.2f} GiB of host memory for streamed "
                                 f"weights ({e}); free host RAM or give a larger gpu_budget") from None
-    offset = -raw.data_ptr() % PAGE
-    buf = raw[offset:offset + nbytes]
-    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), -(-nbytes // PAGE) * PAGE, 0)
+    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0)
     if int(err) != 0:
         raise PinnedMemoryError(
             f"cudaHostRegister of {nbytes / 2**30:.2f} GiB failed (error {int(err)}): page-locked memory is "
             "limited by RAM and by `ulimit -l`; raise the limit, free RAM, or give a larger gpu_budget")
-    return buf
+    return buf[:nbytes]
 
 
 def unpin(buf: torch.Tensor) -> None:

@@ -3,7 +3,7 @@ import torch
 
 from graphrt import Runtime
 
-MID = dict(arch="LlamaForCausalLM", hidden=256, intermediate=704, layers=6, heads=8, kv_heads=2, vocab=1024)
+MID = dict(arch="LlamaForCausalLM", hidden=256, intermediate=704, layers=16, heads=8, kv_heads=2, vocab=1024)
 
 
 def runtime(path, mode: str, ring_depth: int = 3, **kw) -> Runtime:
