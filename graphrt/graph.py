@@ -159,25 +159,46 @@ class DecodeGraph:
 def stream_with_graph(rt: Runtime, input_ids: torch.Tensor, max_new_tokens: int, chunk: int = 8,
                       temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                       stop_at_eos: bool = False):
-    """Yields the sequence so far (host tensor) every `chunk` tokens; reads back once per chunk."""
+    """Yields the sequence so far (host tensor) every `chunk` tokens. Tokens come back through two
+    pinned host buffers: chunk n is copied asynchronously while the host waits only for chunk n-1,
+    so the GPU always has queued replays and never waits for the host."""
     B, T = input_ids.shape
     rt._check_shape(B, T + max_new_tokens)
-    g = rt.capture(B) if getattr(rt, "_decode_graphs", {}).get(B) is None else rt._decode_graphs[B]
-    rt.__dict__.setdefault("_decode_graphs", {})[B] = g
+    graphs = rt.__dict__.setdefault("_decode_graphs", {})
+    if B not in graphs:
+        graphs[B] = rt.capture(B)
+    g = graphs[B]
     g.prefill(input_ids, temperature, top_k, top_p, seed)
-    eos = rt._eos_tensor() if stop_at_eos else None
+    eos = rt._eos_tensor().cpu() if stop_at_eos and rt._eos_tensor() is not None else None
+    host = [torch.empty(B, T + max_new_tokens, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+    pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []
+
+    def ready():
+        event, out = pending.pop(0)
+        event.synchronize()
+        return _cut_at_eos(out.clone(), T, eos) if eos is not None else (out.clone(), False)
+
+    chunks = 0
     for n in range(1, max_new_tokens + 1):
         if n > 1:
             g.step()
         if n % chunk == 0 or n == max_new_tokens:
-            out = g.tokens().cpu()
-            if eos is not None:
-                out, finished = _cut_at_eos(out, T, eos.cpu())
-                yield out
+            out = host[chunks % 2][:, : g.length]  # chunk - 2 used this buffer and was read already
+            chunks += 1
+            out.copy_(g.tokens(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            pending.append((event, out))
+            if len(pending) == 2:
+                seq, finished = ready()
+                yield seq
                 if finished:
                     return
-            else:
-                yield out
+    while pending:
+        seq, finished = ready()
+        yield seq
+        if finished:
+            return
 
 
 def _cut_at_eos(out: torch.Tensor, T: int, eos: torch.Tensor):
