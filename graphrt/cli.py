@@ -126,9 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--out", type=Path, default=DEFAULT_DIR)
     f.add_argument("--force", action="store_true", help="convert again even if the directory is complete")
     f.set_defaults(fn=_fetch)
-    b = sub.add_parser("bench", help="benchmark decoding on the GPU (tools/bench_decode.py)")
+    b = sub.add_parser("bench", help="benchmark every decode system on the GPU",
+                       description="Measure H2D and HBM bandwidth, then graphrt (graph, eager, sync copies, "
+                       "predecessor scheme) and transformers (resident / accelerate offload) over GPU budgets, "
+                       "batch sizes and ring depths; write bench.json, bench.md, bench.png, timeline.png.")
+    b.add_argument("--model", type=Path, help="checkpoint directory (default: a random Llama-3.1-8B-shaped one)")
+    b.add_argument("--layers", type=int, default=8, help="layers of the default bench model (default 8)")
     b.add_argument("--out", type=Path, default=Path("bench-results"))
-    b.add_argument("--quick", action="store_true")
+    b.add_argument("--quick", action="store_true", help="fewer budgets and steps")
     b.set_defaults(fn=_bench)
     a = ap.parse_args(argv)
     from .checkpoint import CheckpointError

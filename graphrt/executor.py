@@ -1,19 +1,21 @@
-"""Runs step plans: on CUDA with a copy stream and events, on the CPU in plain issue order.
+"""Runs step plans: on CUDA with copy stream(s) and events, on the CPU in plain issue order.
 
 The compute stream is whatever stream is current when `run` is called, so the same code issues an
 eager step or records it into a CUDA graph (where the current stream is the capture stream and the
-copy stream is forked from it and joined back by the plan's begin/end events).
+copy streams are forked from it and joined back by the plan's begin/end events).
+Two baselines for benchmarks reuse the same plans: `sync_copies` issues every copy on the compute
+stream (no overlap); `split_copy_streams` puts attention and MLP copies on two streams (the
+predecessor runtime's scheme).
 """
 from __future__ import annotations
 
-from typing import Callable
-
 from contextlib import nullcontext as _null
+from typing import Callable
 
 import nvtx
 import torch
 
-from .schedule import StepPlan
+from .schedule import Op, StepPlan
 from .store import WeightStore
 
 ComputeFn = Callable[[str, dict], None]
@@ -25,13 +27,29 @@ class StepExecutor:
         self.dtype = dtype
         self.poison = poison_freed_slots
         self.cuda = store.device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(store.device) if self.cuda else None
+        self.copy_streams = [torch.cuda.Stream(store.device)] if self.cuda else []
+        self.sync_copies = False
         self.events: dict[str, torch.cuda.Event] = {}
+        self.trace: list | None = None   # when a list: (op, start, end) timing events per copy/compute
+
+    def split_copy_streams(self, enable: bool) -> None:
+        """Copies of MLP groups on a second copy stream (benchmark baseline)."""
+        if enable and len(self.copy_streams) == 1:
+            self.copy_streams.append(torch.cuda.Stream(self.store.device))
+        elif not enable:
+            self.copy_streams = self.copy_streams[:1]
 
     def _event(self, name: str):
         if name not in self.events:
             self.events[name] = torch.cuda.Event()
         return self.events[name]
+
+    def _streams(self, op: Op, compute_stream) -> list:
+        if op.stream == "compute" or self.sync_copies:
+            return [compute_stream]
+        if op.kind == "copy":
+            return [self.copy_streams[-1] if op.group.startswith("mlp.") else self.copy_streams[0]]
+        return self.copy_streams  # fork/join marks apply to every copy stream
 
     def run(self, plan: StepPlan, compute: ComputeFn, annotate: bool = True) -> None:
         """Issue every op of `plan`; `compute(group, weights)` runs a group's math on the current stream."""
@@ -39,19 +57,34 @@ class StepExecutor:
             return self._run_serial(plan, compute, annotate)
         compute_stream = torch.cuda.current_stream(self.store.device)
         for op in plan.ops:
-            stream = compute_stream if op.stream == "compute" else self.copy_stream
-            for ev in op.waits:
-                stream.wait_event(self._event(ev))
-            if op.kind == "copy":
-                with torch.cuda.stream(stream), nvtx.annotate(f"copy {op.group}", color="green") if annotate else _null():
-                    self.store.copy_to_slot(op.group, op.slot)
-            elif op.kind == "compute":
-                with nvtx.annotate(op.group, color="blue") if annotate else _null():
-                    compute(op.group, self.store.views(op.group, op.slot))
-                    if self.poison and op.slot is not None:
-                        self.store.ring.poison(op.slot, self.dtype)
-            for ev in op.records:
-                self._event(ev).record(stream)
+            for i, stream in enumerate(self._streams(op, compute_stream)):
+                for ev in op.waits:
+                    stream.wait_event(self._event(ev))
+                    if ev == "end" and not self.sync_copies:  # join every copy stream
+                        for j in range(1, len(self.copy_streams)):
+                            stream.wait_event(self._event(f"end@{j}"))
+                self._issue(op, stream, compute, annotate)
+                for ev in op.records:
+                    self._event(ev if i == 0 else f"{ev}@{i}").record(stream)
+
+    def _issue(self, op: Op, stream, compute: ComputeFn, annotate: bool) -> None:
+        if op.kind not in ("copy", "compute"):
+            return
+        timed = self.trace is not None
+        if timed:
+            start, end = (torch.cuda.Event(enable_timing=True, external=True) for _ in range(2))
+            start.record(stream)
+        if op.kind == "copy":
+            with torch.cuda.stream(stream), nvtx.annotate(f"copy {op.group}", color="green") if annotate else _null():
+                self.store.copy_to_slot(op.group, op.slot)
+        else:
+            with nvtx.annotate(op.group, color="blue") if annotate else _null():
+                compute(op.group, self.store.views(op.group, op.slot))
+                if self.poison and op.slot is not None:
+                    self.store.ring.poison(op.slot, self.dtype)
+        if timed:
+            end.record(stream)
+            self.trace.append((op, start, end))
 
     def _run_serial(self, plan: StepPlan, compute: ComputeFn, annotate: bool) -> None:
         """CPU: issue order is a valid serialisation of the plan (every wait follows its record)."""

@@ -74,3 +74,32 @@ def test_budget_errors(make_ckpt):
         Runtime.from_pretrained(path, device="cuda", gpu_budget="4TiB")
     with pytest.raises(ConfigError, match="ring_depth"):
         Runtime.from_pretrained(path, device="cuda", ring_depth=1)
+
+
+def test_baseline_executors_compute_the_same(make_ckpt):
+    """The benchmark's baselines (synchronous copies; attention/MLP copies on two streams) are the same
+    plan issued differently: bit-identical results."""
+    rt = runtime(make_ckpt("mid-llama", **MID), "full", 5, stream_unit="attn_mlp", poison_freed_slots=True)
+    ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    want, want_logits = eager_decode(rt, ids, 32)
+    rt.executor.sync_copies = True
+    got, got_logits = eager_decode(rt, ids, 32)
+    assert torch.equal(got, want) and torch.equal(got_logits, want_logits)
+    rt.executor.sync_copies = False
+    rt.executor.split_copy_streams(True)
+    got, got_logits = eager_decode(rt, ids, 32)
+    assert torch.equal(got, want) and torch.equal(got_logits, want_logits)
+
+
+def test_timeline_inside_graph(make_ckpt):
+    from graphrt.timeline import measure_timeline
+    rt = runtime(make_ckpt("mid-llama", **MID), "full", 3)
+    tl = measure_timeline(rt, 1, 2)
+    steps = [o for o in tl["ops"] if o["kind"] == "step"]
+    copies = [o for o in tl["ops"] if o["kind"] == "copy"]
+    computes = [o for o in tl["ops"] if o["kind"] == "compute"]
+    assert len(steps) == 2 and len(copies) == 2 * len(rt.placement.streamed)
+    assert len(computes) == 2 * len(rt.placement.groups)
+    assert all(s["start"] <= o["start"] <= o["end"] <= s["end"] + 1e-3 for s in steps for o in tl["ops"]
+               if o.get("step") == s["step"] and o["kind"] != "step")
+    assert 0 < tl["copy_busy_pct"] <= 100

@@ -28,3 +28,5 @@ fi
 python3 -m graphrt.cli fetch-default 2>&1 | tail -1
 python3 -m pytest tests -q -rs -m gpu -p no:cacheprovider --durations=15 -s 2>&1 | tee "$OUT/gpu_tests.log" | grep -v "^$" | tail -40
 python3 tools/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30
+# graphrt bench: every system over budgets, batches and ring depths; table, JSON, plot and timeline.
+timeout 420 python3 -m graphrt.cli bench --out "$OUT" 2>&1 | tee "$OUT/graphrt_bench.log" | tail -45
