@@ -101,9 +101,11 @@ def run_hf(path: Path, budget: int | None, batch: int, steps: int) -> tuple[floa
     return per_step, per_step
 
 
-def budgets_for(path: Path, batch: int, ring_depth: int, points: int, prefill_chunk: int) -> list[int]:
+def budgets_for(path: Path, batch: int, ring_depth: int, points: int, prefill_chunk: int,
+                unit: str = "layer") -> list[int]:
+    """From the smallest budget (every layer streams) to the budget that holds every weight."""
     probe = Runtime.from_pretrained(path, device="cpu", dtype="bfloat16", max_batch_size=batch, max_seq_len=256,
-                                    prefill_chunk=prefill_chunk, gpu_budget=1 << 60)
+                                    prefill_chunk=prefill_chunk, gpu_budget=1 << 60, stream_unit=unit)
     mem, groups = probe.placement.memory, probe.placement.groups
     fixed = sum(mem.values()) - mem["weights"]
     slot = max(g.nbytes for g in groups if g.kind not in ("embed", "head"))
@@ -149,9 +151,11 @@ def run_bench(a: argparse.Namespace) -> int:
             rows.append(row(system, rt, budget, 1, 3, *run_graphrt(rt, system, 1, steps), limits))
         placement = rt.placement
         del rt
-        pre = rt_for(budget, ring=5, stream_unit="attn_mlp")
+        # the predecessor's 5 slots of MLP size may need more than the smallest budget: it gets its own minimum
+        pre_budget = max(budget, budgets_for(path, 1, 5, 2, chunk, unit="attn_mlp")[0])
+        pre = rt_for(pre_budget, ring=5, stream_unit="attn_mlp")
         if pre.placement.streamed:
-            rows.append(row("predecessor", pre, budget, 1, 5, *run_graphrt(pre, "predecessor", 1, steps), limits))
+            rows.append(row("predecessor", pre, pre_budget, 1, 5, *run_graphrt(pre, "predecessor", 1, steps), limits))
         del pre
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
