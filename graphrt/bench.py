@@ -9,6 +9,7 @@ bench.md, bench.png (tokens/s against budget) and timeline.png (one fully stream
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -139,6 +140,8 @@ def run_bench(a: argparse.Namespace) -> int:
     rows = []
 
     def rt_for(budget, batch=1, ring=3, **kw):
+        gc.collect()  # runtimes and their graphs reference each other: free the last one first
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         return Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", max_batch_size=batch, max_seq_len=256,
                                        gpu_budget=budget, ring_depth=ring, prefill_chunk=chunk, **kw)

@@ -143,3 +143,17 @@ def test_generate_uses_graph_by_default(make_ckpt):
     out = rt.generate(ids, 30)
     assert getattr(rt, "_graph_state", None) is not None and rt._graph_state.graphs
     assert torch.equal(out, rt.generate(ids, 30, use_graph=False))
+
+
+def test_all_buckets_share_one_pool(make_ckpt):
+    rt = runtime(make_ckpt("mid-llama", **MID), "half", 3, max_batch_size=8)
+    g = rt.capture(2, capture_all_buckets=True)
+    s = rt._graph_state
+    assert s.buckets == [1, 2, 4, 8]
+    assert {k[0] for k in s.graphs} == {1, 2, 4, 8}
+    captured = list(s.graphs)
+    assert captured[0][0] == 8 and captured[-1][0] == 1  # largest first
+    ids = torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(4))
+    e_tok, e_logits = eager_decode(rt, ids, 40)
+    g_tok, g_logits = graph_decode(rt, ids, 40)
+    assert torch.equal(g_tok, e_tok) and torch.equal(g_logits, e_logits)

@@ -98,6 +98,17 @@ def graph_step_time(rt: Runtime, batch: int, steps: int = 20) -> float:
     return (time.perf_counter() - t) / steps
 
 
+def _graph_steps(g, steps: int) -> float:
+    for _ in range(3):
+        g.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        g.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
 def eager_step_time(rt: Runtime, batch: int, steps: int = 20) -> float:
     ids = torch.randint(3, 1000, (batch, 32)).cuda()
     gen = rt._decode_eager(ids, steps + 4)
@@ -222,6 +233,21 @@ def main() -> None:
                                 hbm_roofline_ms=weights / hbm * 1e3, graph_pct_of_hbm=100 * weights / hbm / g)
     print(res["default_model"], flush=True)
     del rt
+    # Attention cost against context: one graph per context bucket, so a short sequence does not pay
+    # for max_seq_len. Step time at ~50 tokens (bucket 64) vs ~3000 (bucket 4096), max_seq_len 4096.
+    rt = Runtime.from_pretrained(a.default_model, device="cuda", dtype="bfloat16", max_seq_len=4096, max_batch_size=8)
+    ctx = {}
+    for batch in (1, 8):
+        for prompt in (40, 3000):
+            g = rt.capture(batch)
+            t = time.perf_counter()
+            g.prefill(torch.randint(3, 1000, (batch, prompt)))
+            torch.cuda.synchronize()
+            prefill_s = time.perf_counter() - t
+            ctx[f"batch{batch}_len{prompt}"] = dict(step_ms=1e3 * _graph_steps(g, 20), prefill_ms=1e3 * prefill_s)
+    res["context_buckets"] = ctx
+    print("context buckets:", ctx, flush=True)
+    del rt
 
     host = {}
     for layers in (8, 80):
@@ -246,7 +272,10 @@ def main() -> None:
     md += ["", f"Default model (SmolLM2-135M, bf16, resident, batch 1): graph {d['graph_ms']:.3f} ms/token, eager "
            f"{d['eager_ms']:.3f} ms/token, speedup {d['speedup']:.1f}x; HBM roofline {d['hbm_roofline_ms']:.3f} ms "
            f"({d['graph_pct_of_hbm']:.0f}% of it).", "",
-           f"Host time per `step()` call (median): 8 layers {host[8]:.1f} us, 80 layers {host[80]:.1f} us."]
+           f"Host time per `step()` call (median): 8 layers {host[8]:.1f} us, 80 layers {host[80]:.1f} us.", "",
+           "Default model, max_seq_len 4096, graph step time by sequence length (context bucket 64 vs 4096), "
+           "and eager streamed prefill time of the prompt:", ""]
+    md += [f"- {k}: step {v['step_ms']:.3f} ms, prefill {v['prefill_ms']:.1f} ms" for k, v in res["context_buckets"].items()]
     (a.out / "bench.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
