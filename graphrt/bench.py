@@ -33,31 +33,40 @@ def _cuda_median(fn, iters: int = 10) -> float:
     return statistics.median(times)
 
 
-def measure_limits() -> dict:
-    n = 2**30
-    src, dst = pinned_empty(n), torch.empty(n, dtype=torch.uint8, device="cuda")
+def measure_limits(nbytes: int = 2**30) -> dict:
+    """Pinned H2D and HBM bandwidth (median of 10 copies each). Called again before every row: the
+    PCIe bandwidth of a shared host drifts by a few percent within one run."""
+    src, dst = pinned_empty(nbytes), torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     src.random_(0, 255)
-    h2d = n / _cuda_median(lambda: dst.copy_(src, non_blocking=True))
+    dst.copy_(src, non_blocking=True)
+    h2d = nbytes / _cuda_median(lambda: dst.copy_(src, non_blocking=True))
     unpin(src)
-    a = torch.randint(0, 255, (2 * n,), dtype=torch.uint8, device="cuda")
+    del dst
+    a = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    hbm = 4 * n / _cuda_median(lambda: b.copy_(a))
+    hbm = 2 * nbytes / _cuda_median(lambda: b.copy_(a))
     return {"h2d_GBps": h2d / 1e9, "hbm_GBps": hbm / 1e9}
 
 
+REPEATS = 3
+
+
 def _time_tokens(step, steps: int) -> tuple[float, float]:
-    """(seconds per step, median host seconds per call) for `steps` calls after 3 warm-up calls."""
+    """(seconds per step, median host seconds per call): median over REPEATS windows of `steps`
+    back-to-back calls, after 3 warm-up calls."""
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    host = []
-    t = time.perf_counter()
-    for _ in range(steps):
-        h = time.perf_counter()
-        step()
-        host.append(time.perf_counter() - h)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps, statistics.median(host)
+    host, windows = [], []
+    for _ in range(REPEATS):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            h = time.perf_counter()
+            step()
+            host.append(time.perf_counter() - h)
+        torch.cuda.synchronize()
+        windows.append((time.perf_counter() - t) / steps)
+    return statistics.median(windows), statistics.median(host)
 
 
 def run_graphrt(rt: Runtime, system: str, batch: int, steps: int) -> tuple[float, float]:
@@ -68,7 +77,7 @@ def run_graphrt(rt: Runtime, system: str, batch: int, steps: int) -> tuple[float
         return _time_tokens(g.step, steps)
     rt.executor.sync_copies = system == "eager-sync"
     rt.executor.split_copy_streams(system == "predecessor")
-    gen = rt._decode_eager(ids.cuda(), steps + 4)
+    gen = rt._decode_eager(ids.cuda(), REPEATS * steps + 4)
     try:
         return _time_tokens(lambda: next(gen), steps)
     finally:
@@ -117,9 +126,11 @@ def budgets_for(path: Path, batch: int, ring_depth: int, points: int, prefill_ch
 
 def row(system, rt_or_none, budget, batch, ring, per_step, host, limits, placement=None) -> dict:
     p = placement or (rt_or_none.placement if rt_or_none is not None else None)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    limits = measure_limits()  # right after the measurement it is compared with
     r = dict(system=system, budget_GiB=budget / 2**30 if budget else None, batch=batch, ring_depth=ring,
-             ms_per_step=per_step * 1e3, tokens_per_s=batch / per_step, host_us_per_token=host * 1e6 / batch,
-             peak_gpu_GiB=torch.cuda.max_memory_allocated() / 2**30)
+             h2d_GBps=limits["h2d_GBps"], ms_per_step=per_step * 1e3, tokens_per_s=batch / per_step, host_us_per_token=host * 1e6 / batch,
+             peak_gpu_GiB=peak)
     if p is not None:
         stream_s = p.streamed_bytes / (limits["h2d_GBps"] * 1e9)
         hbm_s = p.resident_bytes / (limits["hbm_GBps"] * 1e9)
@@ -136,7 +147,7 @@ def run_bench(a: argparse.Namespace) -> int:
     limits = measure_limits()
     print(f"limits: {limits}", flush=True)
     path = a.model or _make_default_bench_model(Path("/tmp/graphrt-bench/llama8b"), a.layers)
-    steps, chunk = (6 if a.quick else 16), 64
+    steps, chunk = (6 if a.quick else 12), 64
     rows = []
 
     def rt_for(budget, batch=1, ring=3, **kw):
@@ -208,13 +219,14 @@ def _make_default_bench_model(out: Path, layers: int) -> Path:
 def markdown(res: dict) -> str:
     L = res["limits"]
     lines = [f"# graphrt bench: {res['device']}, torch {res['torch']}", "",
-             f"Model: `{res['model']}`. Measured: pinned H2D {L['h2d_GBps']:.1f} GB/s, HBM {L['hbm_GBps']:.0f} GB/s.", "",
-             "| system | budget GiB | batch | N | streamed GB | ms/step | tokens/s | % stream roofline | % HBM roofline | host us/token | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Model: `{res['model']}`. Measured at the start: pinned H2D {L['h2d_GBps']:.1f} GB/s, HBM "
+             f"{L['hbm_GBps']:.0f} GB/s; each row's roofline uses the H2D bandwidth measured right after it.", "",
+             "| system | budget GiB | batch | N | streamed GB | H2D GB/s | ms/step | tokens/s | % stream roofline | % HBM roofline | host us/token | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "-")  # noqa: E731
         lines.append(f"| {r['system']} | {f('budget_GiB', '{:.1f}')} | {r['batch']} | {f('ring_depth', '{}')} | "
-                     f"{f('streamed_GB', '{:.2f}')} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.1f} | "
+                     f"{f('streamed_GB', '{:.2f}')} | {r['h2d_GBps']:.1f} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.1f} | "
                      f"{f('pct_stream_roofline', '{:.1f}')} | {f('pct_hbm_roofline', '{:.1f}')} | "
                      f"{r['host_us_per_token']:.0f} | {r['peak_gpu_GiB']:.1f} |")
     t = res["timeline"]

@@ -45,14 +45,21 @@ def cuda_time(fn, iters: int) -> float:
     return statistics.median(times)
 
 
-def h2d_bandwidth(nbytes: int = 2**30) -> float:
-    src = pinned_empty(nbytes)
-    src.random_(0, 255)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst.copy_(src, non_blocking=True)
-    t = cuda_time(lambda: dst.copy_(src, non_blocking=True), 10)
-    unpin(src)
-    return nbytes / t
+class H2DProbe:
+    """Pinned host-to-device bandwidth, measured again right before each configuration: the PCIe
+    bandwidth of a shared host drifts by a few percent within one run."""
+
+    def __init__(self, nbytes: int = 2**30):
+        self.src = pinned_empty(nbytes)
+        self.src.random_(0, 255)
+        self.dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+
+    def __call__(self) -> float:
+        self.dst.copy_(self.src, non_blocking=True)
+        return self.src.numel() / cuda_time(lambda: self.dst.copy_(self.src, non_blocking=True), 10)
+
+    def close(self) -> None:
+        unpin(self.src)
 
 
 def hbm_bandwidth(nbytes: int = 2**31) -> float:
@@ -85,17 +92,11 @@ def streamed_runtime(path: Path, ring_depth: int, batch: int, unit: str = "layer
                                    stream_unit=unit)
 
 
-def graph_step_time(rt: Runtime, batch: int, steps: int = 20) -> float:
+def graph_step_time(rt: Runtime, batch: int, steps: int = 20, repeats: int = 3) -> float:
+    """Median over `repeats` runs of the mean step time of `steps` back-to-back replays."""
     g = rt.capture(batch)
     g.prefill(torch.randint(3, 1000, (batch, 32)))
-    for _ in range(3):
-        g.step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        g.step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps
+    return statistics.median(_graph_steps(g, steps) for _ in range(repeats))
 
 
 def _graph_steps(g, steps: int) -> float:
@@ -169,9 +170,9 @@ def host_step_us(path: Path, steps: int = 30) -> float:
     g = rt.capture(1)
     g.prefill(torch.randint(3, 200, (1, 8)))
     g.step()
-    torch.cuda.synchronize()
     times = []
     for _ in range(steps):
+        torch.cuda.synchronize()  # the GPU has caught up: the call cannot block on a full queue
         t = time.perf_counter()
         g.step()
         times.append(time.perf_counter() - t)
@@ -188,7 +189,8 @@ def main() -> None:
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    h2d, hbm = h2d_bandwidth(), hbm_bandwidth()
+    probe = H2DProbe()
+    h2d, hbm = probe(), hbm_bandwidth()
     res["h2d_GBps"], res["hbm_GBps"] = h2d / 1e9, hbm / 1e9
     print(f"pinned H2D {h2d / 1e9:.1f} GB/s, HBM {hbm / 1e9:.0f} GB/s", flush=True)
 
@@ -197,6 +199,7 @@ def main() -> None:
     for unit in ("layer", "attn_mlp"):
         for batch in ((1, 16) if unit == "layer" else (1,)):
             rt = streamed_runtime(path, 3, batch, unit)
+            h2d = probe()
             roof = rt.placement.streamed_bytes / h2d
             g = graph_step_time(rt, batch)
             e = eager_step_time(rt, batch)
@@ -206,7 +209,7 @@ def main() -> None:
                 print("copy timeline:", res["eager_copy_timeline"], flush=True)
             rows.append(dict(model=f"llama-3.1-8b x{a.layers} layers, all layers streamed", unit=unit, batch=batch,
                              ring_depth=3, streamed_GB=rt.placement.streamed_bytes / 1e9, roofline_ms=roof * 1e3,
-                             graph_ms=g * 1e3, eager_ms=e * 1e3, graph_pct_of_h2d=100 * roof / g,
+                             h2d_GBps=h2d / 1e9, graph_ms=g * 1e3, eager_ms=e * 1e3, graph_pct_of_h2d=100 * roof / g,
                              eager_pct_of_h2d=100 * roof / e, graph_over_roofline=g / roof,
                              predicted_ms=pred * 1e3, prediction_error_pct=100 * (pred - g) / g))
             print(rows[-1], flush=True)
@@ -215,16 +218,19 @@ def main() -> None:
             torch.cuda.empty_cache()
     for n in (2, 4, 6):
         rt = streamed_runtime(path, n, 1)
+        h2d = probe()
         roof = rt.placement.streamed_bytes / h2d
         g = graph_step_time(rt, 1)
         rows.append(dict(model=f"llama-3.1-8b x{a.layers} layers, all layers streamed", unit="layer", batch=1,
                          ring_depth=n, streamed_GB=rt.placement.streamed_bytes / 1e9, roofline_ms=roof * 1e3,
+                         h2d_GBps=h2d / 1e9,
                          graph_ms=g * 1e3, graph_pct_of_h2d=100 * roof / g, graph_over_roofline=g / roof))
         print(rows[-1], flush=True)
         rt.store.release()
         del rt
         torch.cuda.empty_cache()
     res["streaming"] = rows
+    probe.close()
 
     rt = Runtime.from_pretrained(a.default_model, device="cuda", dtype="bfloat16", max_seq_len=256)
     g, e = graph_step_time(rt, 1, 100), eager_step_time(rt, 1, 100)
@@ -261,12 +267,12 @@ def main() -> None:
     (a.out / "bench.json").write_text(json.dumps(res, indent=2))
     md = [f"# graphrt decode benchmark on {res['device']} (torch {res['torch']})", "",
           f"Measured limits: pinned H2D {res['h2d_GBps']:.1f} GB/s, HBM {res['hbm_GBps']:.0f} GB/s (read+write).", "",
-          "| groups | batch | ring N | streamed GB/step | roofline ms | graph ms | % of H2D | eager ms | eager % | simulator ms (err) |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "| groups | batch | ring N | streamed GB/step | H2D GB/s (just before) | roofline ms | graph ms | % of H2D | eager ms | eager % | simulator ms (err) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         eager = f"{r['eager_ms']:.2f} | {r['eager_pct_of_h2d']:.1f}" if "eager_ms" in r else "- | -"
         pred = f"{r['predicted_ms']:.2f} ({r['prediction_error_pct']:+.1f}%)" if "predicted_ms" in r else "-"
-        md.append(f"| {r['unit']} | {r['batch']} | {r['ring_depth']} | {r['streamed_GB']:.2f} | {r['roofline_ms']:.2f} | "
+        md.append(f"| {r['unit']} | {r['batch']} | {r['ring_depth']} | {r['streamed_GB']:.2f} | {r['h2d_GBps']:.1f} | {r['roofline_ms']:.2f} | "
                   f"{r['graph_ms']:.2f} | {r['graph_pct_of_h2d']:.1f} | {eager} | {pred} |")
     d = res["default_model"]
     md += ["", f"Default model (SmolLM2-135M, bf16, resident, batch 1): graph {d['graph_ms']:.3f} ms/token, eager "
