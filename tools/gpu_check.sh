@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one GPU session script, run on the lent GPU from the repository root:
-#   tools/gpu_check.sh [all|tests|bench]   (default all; a part fits one 10-minute device call)
+#   tools/gpu_check.sh [all|tests|benches|bench]   (default all; tests or benches fits one 10-minute call)
 # tests: every GPU test, then tools/bench_decode.py (streaming/graph acceptance numbers);
 # bench: `graphrt bench` (every system over budgets, batches and ring depths; table, JSON, plot, timeline).
 # Writes everything under $OUT. Carry .whl (nvtx, gguf wheels); the SmolLM2 GGUF is larger than one call
@@ -30,7 +30,7 @@ if [ "$part" != bench ]; then
     fi
   fi
   python3 -m graphrt.cli fetch-default 2>&1 | tail -1
-  python3 -m pytest tests -q -rs -m gpu -p no:cacheprovider --durations=15 -s 2>&1 | tee "$OUT/gpu_tests.log" \
+  [ "$part" = benches ] || python3 -m pytest tests -q -rs -m gpu -p no:cacheprovider --durations=15 -s 2>&1 | tee "$OUT/gpu_tests.log" \
     | grep -v -E "^$|Loading weights" | tail -25
   python3 tools/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30
 fi
