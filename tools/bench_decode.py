@@ -7,7 +7,7 @@
    bandwidth, and the simulator's prediction from the measured bandwidths; layer vs attn/mlp groups.
 3. The default model fully resident: graph vs eager time per token.
 4. Host time to issue one `DecodeGraph.step()` for 8 and 80 layers.
-Writes bench.json and bench.md under --out and prints the table.
+Writes decode.json and decode.md under --out and prints the table.
 """
 from __future__ import annotations
 
@@ -264,7 +264,7 @@ def main() -> None:
     res["host_step_us"] = host
     print(f"host us per step(): {host}", flush=True)
 
-    (a.out / "bench.json").write_text(json.dumps(res, indent=2))
+    (a.out / "decode.json").write_text(json.dumps(res, indent=2))
     md = [f"# graphrt decode benchmark on {res['device']} (torch {res['torch']})", "",
           f"Measured limits: pinned H2D {res['h2d_GBps']:.1f} GB/s, HBM {res['hbm_GBps']:.0f} GB/s (read+write).", "",
           "| groups | batch | ring N | streamed GB/step | H2D GB/s (just before) | roofline ms | graph ms | % of H2D | eager ms | eager % | simulator ms (err) |",
@@ -282,7 +282,7 @@ def main() -> None:
            "Default model, max_seq_len 4096, graph step time by sequence length (context bucket 64 vs 4096), "
            "and eager streamed prefill time of the prompt:", ""]
     md += [f"- {k}: step {v['step_ms']:.3f} ms, prefill {v['prefill_ms']:.1f} ms" for k, v in res["context_buckets"].items()]
-    (a.out / "bench.md").write_text("\n".join(md) + "\n")
+    (a.out / "decode.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
