@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", help="default: the checkpoint's")
     p.add_argument("--bandwidth", type=float, default=55.0, help="host-to-device GB/s (default 55)")
     p.add_argument("--hbm-bandwidth", type=float, default=3000.0, help="device memory GB/s (default 3000)")
-    p.add_argument("--stream-unit", choices=["layer", "attn_mlp"], default="layer")
+    p.add_argument("--stream-unit", choices=["auto", "layer", "attn_mlp"], default="auto",
+                   help="streamed group: whole layers, attention/MLP halves, or the faster of both (default)")
     p.set_defaults(fn=_plan)
     f = sub.add_parser("fetch-default", help="install and convert the default model (SmolLM2-135M-Instruct)")
     f.add_argument("--out", type=Path, default=DEFAULT_DIR)

@@ -165,7 +165,7 @@ class RuntimeOptions:
     max_seq_len: int = 2048
     gpu_budget: int | str | None = None     # bytes, "12GiB"; None: all free device memory minus a margin
     ring_depth: int = 3                     # N static weight slots for streamed groups
-    stream_unit: str = "layer"              # "layer" or "attn_mlp" (predecessor's split)
+    stream_unit: str = "auto"               # "layer", "attn_mlp" (predecessor's split) or "auto"
     placement: str = "auto"                 # "auto" | "first" | "last" | "spread"
     prefill_chunk: int = 256                # prompt tokens per streamed prefill step
     progress: bool | None = None            # progress bar on loads; None: when stderr is a terminal
@@ -184,8 +184,8 @@ class RuntimeOptions:
                               f"got {self.ring_depth}")
         if self.prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
-        if self.stream_unit not in ("layer", "attn_mlp"):
-            raise ConfigError(f"stream_unit must be 'layer' or 'attn_mlp', got {self.stream_unit!r}")
+        if self.stream_unit not in ("auto", "layer", "attn_mlp"):
+            raise ConfigError(f"stream_unit must be 'auto', 'layer' or 'attn_mlp', got {self.stream_unit!r}")
         if self.placement not in ("auto", "first", "last", "spread"):
             raise ConfigError(f"placement must be auto, first, last or spread, got {self.placement!r}")
         if self.gpu_budget is not None:

@@ -95,3 +95,14 @@ def test_chooses_by_predicted_time_not_first_layers():
     for strategy in ("first", "last", "spread"):
         other = plan_placement(cfg, 14 * GiB, 3, 16, 512, torch.bfloat16, cost=cost, strategy=strategy)
         assert best.prediction.step_time <= other.prediction.step_time + 1e-12
+
+
+def test_auto_unit_picks_the_faster_prediction():
+    cfg = cfg70b()
+    kw = dict(gpu_budget=40 * GiB, ring_depth=3, max_batch_size=1, max_seq_len=4096, dtype=torch.bfloat16)
+    auto = plan_placement(cfg, **kw, stream_unit="auto")
+    layer = plan_placement(cfg, **kw, stream_unit="layer")
+    split = plan_placement(cfg, **kw, stream_unit="attn_mlp")
+    assert auto.prediction.step_time <= min(layer.prediction.step_time, split.prediction.step_time) * 1.01
+    assert auto.stream_unit in ("layer", "attn_mlp")
+    assert ("attn_mlp" if any(n.startswith("mlp.") for n in auto.streamed) else "layer") == auto.stream_unit
