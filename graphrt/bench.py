@@ -21,7 +21,7 @@ from . import Runtime
 from .store import pinned_empty, unpin
 
 
-def _cuda_median(fn, iters: int = 10) -> float:
+def cuda_median(fn, iters: int = 10) -> float:
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -39,12 +39,12 @@ def measure_limits(nbytes: int = 2**30) -> dict:
     src, dst = pinned_empty(nbytes), torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     src.random_(0, 255)
     dst.copy_(src, non_blocking=True)
-    h2d = nbytes / _cuda_median(lambda: dst.copy_(src, non_blocking=True))
+    h2d = nbytes / cuda_median(lambda: dst.copy_(src, non_blocking=True))
     unpin(src)
-    del dst
+    dst = None  # free the device buffer before the HBM copy
     a = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    hbm = 2 * nbytes / _cuda_median(lambda: b.copy_(a))
+    hbm = 2 * nbytes / cuda_median(lambda: b.copy_(a))
     return {"h2d_GBps": h2d / 1e9, "hbm_GBps": hbm / 1e9}
 
 
@@ -146,7 +146,7 @@ def run_bench(a: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     limits = measure_limits()
     print(f"limits: {limits}", flush=True)
-    path = a.model or _make_default_bench_model(Path("/tmp/graphrt-bench/llama8b"), a.layers)
+    path = a.model or make_bench_model(Path("/tmp/graphrt-bench/llama8b"), a.layers)
     steps, chunk = (6 if a.quick else 12), 64
     rows = []
 
@@ -206,7 +206,7 @@ def run_bench(a: argparse.Namespace) -> int:
     return 0
 
 
-def _make_default_bench_model(out: Path, layers: int) -> Path:
+def make_bench_model(out: Path, layers: int) -> Path:
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     from make_checkpoint import PRESETS, make_config, random_tensors, write_checkpoint

@@ -7,7 +7,7 @@ import nvtx
 import torch
 
 from .checkpoint import Checkpoint
-from .config import ConfigError, ModelConfig, RuntimeOptions, parse_dtype
+from .config import ConfigError, RuntimeOptions, parse_dtype
 from .executor import StepExecutor
 from .models import llama
 from .placement import CostModel, Placement, plan_placement
@@ -83,7 +83,6 @@ class Runtime:
     def forward_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx_len: int,
                      last_only: bool, annotate: bool = True) -> torch.Tensor:
         """ids, positions [B, T] on the device -> float32 logits [B, 1 or T, vocab]. Appends K/V."""
-        cfg = self.config
         if self.ring_cold:
             self.executor.run(self.prologue, lambda g, w: None, annotate)
             self.ring_cold, self.ring_step = False, 0

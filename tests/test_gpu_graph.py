@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gpu_util import MID, eager_decode, graph_decode, runtime
-from graphrt import ConfigError, Runtime
+from graphrt import ConfigError
 from graphrt.schedule import slot_of
 from test_gpu_streaming import model_path
 
@@ -147,7 +147,7 @@ def test_generate_uses_graph_by_default(make_ckpt):
 
 def test_all_buckets_share_one_pool(make_ckpt):
     rt = runtime(make_ckpt("mid-llama", **MID), "half", 3, max_batch_size=8)
-    g = rt.capture(2, capture_all_buckets=True)
+    rt.capture(2, capture_all_buckets=True)
     s = rt._graph_state
     assert s.buckets == [1, 2, 4, 8]
     assert {k[0] for k in s.graphs} == {1, 2, 4, 8}

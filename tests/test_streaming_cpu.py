@@ -26,7 +26,6 @@ def test_streamed_matches_resident(make_ckpt, arch, ring_depth, unit):
 
 
 def test_all_groups_streamed(make_ckpt):
-    from graphrt.placement import plan_placement
     path = make_ckpt()
     rt = Runtime.from_pretrained(path, device="cpu", max_seq_len=64)
     fixed = sum(rt.placement.memory.values()) - rt.placement.memory["weights"]

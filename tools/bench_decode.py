@@ -24,57 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from make_checkpoint import PRESETS, make_config, random_tensors, write_checkpoint  # noqa: E402
+from make_checkpoint import make_config, random_tensors, write_checkpoint  # noqa: E402
 
 from graphrt import Runtime  # noqa: E402
+from graphrt.bench import make_bench_model, measure_limits  # noqa: E402
 from graphrt.placement import CostModel  # noqa: E402
 from graphrt.simulator import simulate  # noqa: E402
-from graphrt.store import pinned_empty, unpin  # noqa: E402
-
-
-def cuda_time(fn, iters: int) -> float:
-    """Median seconds per call, timed with CUDA events."""
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
-
-
-class H2DProbe:
-    """Pinned host-to-device bandwidth, measured again right before each configuration: the PCIe
-    bandwidth of a shared host drifts by a few percent within one run."""
-
-    def __init__(self, nbytes: int = 2**30):
-        self.src = pinned_empty(nbytes)
-        self.src.random_(0, 255)
-        self.dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-
-    def __call__(self) -> float:
-        self.dst.copy_(self.src, non_blocking=True)
-        return self.src.numel() / cuda_time(lambda: self.dst.copy_(self.src, non_blocking=True), 10)
-
-    def close(self) -> None:
-        unpin(self.src)
-
-
-def hbm_bandwidth(nbytes: int = 2**31) -> float:
-    a = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    return 2 * nbytes / cuda_time(lambda: b.copy_(a), 10)  # bytes read + written
-
-
-def make_8b(out: Path, layers: int) -> Path:
-    if (out / "config.json").is_file():
-        return out
-    p = dict(PRESETS["llama-3.1-8b"], layers=layers)
-    cfg = make_config(**p, dtype="bfloat16", max_pos=8192)
-    write_checkpoint(out, cfg, random_tensors(cfg, 0, torch.bfloat16, device="cuda"))
-    return out
 
 
 def streamed_runtime(path: Path, ring_depth: int, batch: int, unit: str = "layer") -> Runtime:
@@ -133,7 +88,7 @@ def predicted_step(rt: Runtime, h2d: float, hbm: float, batch: int) -> float:
 def eager_timeline(rt: Runtime, steps: int = 3) -> dict:
     """Timing events around every copy and compute of the eager executor (same plan as the graph):
     per-op start/end in ms for the last step, copy-engine busy fraction and the gaps between copies."""
-    store, executor = rt.store, rt.executor
+    store = rt.store
     marks: list[tuple[str, str, torch.cuda.Event, torch.cuda.Event]] = []
     copy_to_slot = store.copy_to_slot
 
@@ -189,17 +144,17 @@ def main() -> None:
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    probe = H2DProbe()
-    h2d, hbm = probe(), hbm_bandwidth()
+    limits = measure_limits()
+    h2d, hbm = limits["h2d_GBps"] * 1e9, limits["hbm_GBps"] * 1e9
     res["h2d_GBps"], res["hbm_GBps"] = h2d / 1e9, hbm / 1e9
     print(f"pinned H2D {h2d / 1e9:.1f} GB/s, HBM {hbm / 1e9:.0f} GB/s", flush=True)
 
-    path = make_8b(a.work / "llama8b", a.layers)
+    path = make_bench_model(a.work / "llama8b", a.layers)
     rows = []
     for unit in ("layer", "attn_mlp"):
         for batch in ((1, 16) if unit == "layer" else (1,)):
             rt = streamed_runtime(path, 3, batch, unit)
-            h2d = probe()
+            h2d = measure_limits()["h2d_GBps"] * 1e9  # re-measured: the host's bandwidth drifts
             roof = rt.placement.streamed_bytes / h2d
             g = graph_step_time(rt, batch)
             e = eager_step_time(rt, batch)
@@ -218,7 +173,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     for n in (2, 4, 6):
         rt = streamed_runtime(path, n, 1)
-        h2d = probe()
+        h2d = measure_limits()["h2d_GBps"] * 1e9
         roof = rt.placement.streamed_bytes / h2d
         g = graph_step_time(rt, 1)
         rows.append(dict(model=f"llama-3.1-8b x{a.layers} layers, all layers streamed", unit="layer", batch=1,
@@ -230,7 +185,6 @@ def main() -> None:
         del rt
         torch.cuda.empty_cache()
     res["streaming"] = rows
-    probe.close()
 
     rt = Runtime.from_pretrained(a.default_model, device="cuda", dtype="bfloat16", max_seq_len=512)
     g, e = graph_step_time(rt, 1, 50), eager_step_time(rt, 1, 100)
