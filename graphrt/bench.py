@@ -39,7 +39,8 @@ def measure_limits(nbytes: int = 2**30) -> dict:
     src, dst = pinned_empty(nbytes), torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     src.random_(0, 255)
     dst.copy_(src, non_blocking=True)
-    h2d = nbytes / cuda_median(lambda: dst.copy_(src, non_blocking=True))
+    # the limit is the best of three medians: a single probe of a shared host's PCIe link reads low at times
+    h2d = max(nbytes / cuda_median(lambda: dst.copy_(src, non_blocking=True)) for _ in range(3))
     unpin(src)
     dst = None  # free the device buffer before the HBM copy
     a = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
