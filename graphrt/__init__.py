@@ -1,9 +1,10 @@
 """graphrt: decode LLMs whose weights do not all fit on one GPU, one CUDA graph replay per token."""
-from .checkpoint import Checkpoint, CheckpointError
 from .config import ConfigError, ModelConfig, RuntimeOptions
-from .placement import BudgetError, CostModel, Placement, plan_placement
+from .plan.placement import BudgetError, CostModel, Placement, plan_placement
 from .runtime import Runtime
+from .sampling import SamplingParams
+from .weights.checkpoint import Checkpoint, CheckpointError
 
 __all__ = ["Runtime", "Checkpoint", "CheckpointError", "ConfigError", "ModelConfig", "RuntimeOptions",
-           "BudgetError", "CostModel", "Placement", "plan_placement"]
-__version__ = "0.1.0"
+           "BudgetError", "CostModel", "Placement", "SamplingParams", "plan_placement"]
+__version__ = "0.2.0"

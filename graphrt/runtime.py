@@ -1,218 +1,250 @@
-"""`Runtime`: load a checkpoint under a GPU budget and run eager forward passes and generation."""
+"""`Runtime`, the facade: load a checkpoint under a GPU budget, then decode token ids or text.
+
+The data flows once down the package: a weight source (weights/) -> a placement and step plans
+(plan/) -> the weight store and ring (weights/store.py) -> the engine, eager or captured (exec/) ->
+sampling -> tokens and text (text.py, chat.py). The runtime wires these together and owns nothing
+else: every piece keeps its own state.
+"""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import nvtx
 import torch
 
-from .checkpoint import Checkpoint
-from .config import ConfigError, RuntimeOptions, parse_dtype
-from .executor import StepExecutor
-from .models import llama
-from .placement import CostModel, Placement, plan_placement
-from .sampling import sample
-from .schedule import build_plans, build_prologue
-from .store import WeightStore
-from .tokenizer import load_tokenizer
+from . import text
+from .config import ConfigError, ModelConfig, RuntimeOptions, parse_dtype
+from .exec.decode import Rows, decode_eager, decode_graph
+from .exec.engine import Engine
+from .exec.graph import DecodeGraph, GraphCache, pad_prompts
+from .plan.placement import CostModel, Placement, plan_placement
+from .plan.schedule import build_plans, build_prologue
+from .sampling import SamplingParams
+from .weights.sources import open_source, weight_policy
+from .weights.store import WeightStore
 
+DEFAULT_MAX_SEQ_LEN = 2048
 DEVICE_MARGIN = 2**30  # left free by the default budget (CUDA context, cuBLAS workspaces)
+Prompts = "torch.Tensor | Sequence[Sequence[int]]"
 
 
-def context_bucket(length: int, max_seq_len: int) -> int:
-    """Attended context length for a step whose last position is length - 1: a power of two >= 64."""
-    return min(max_seq_len, max(64, 1 << (max(length, 1) - 1).bit_length()))
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'cuda', 'cuda:1', 'cpu' or None (CUDA when available); anything else is a ConfigError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use 'cuda', 'cuda:N' or 'cpu'") from None
+    if dev.type not in ("cuda", "cpu"):
+        raise ConfigError(f"device {device!r} is not supported; graphrt runs on 'cuda' or 'cpu'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r} was asked for but CUDA is not available; use device='cpu'")
+        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+        if dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
+def resolve_max_seq_len(opts: RuntimeOptions, cfg: ModelConfig) -> RuntimeOptions:
+    """max_seq_len None -> min(2048, the model's positions); larger than the model's positions: error."""
+    if opts.max_seq_len is None:
+        return replace(opts, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings))
+    if opts.max_seq_len > cfg.max_position_embeddings:
+        raise ConfigError(f"max_seq_len={opts.max_seq_len} exceeds the model's {cfg.max_position_embeddings} "
+                          "positions (max_position_embeddings in its config); use at most that")
+    return opts
 
 
 class Runtime:
-    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, opts: RuntimeOptions):
-        self.checkpoint, self.config, self.device, self.dtype, self.options = ckpt, ckpt.config, device, dtype, opts
-        cfg = self.config
+    def __init__(self, path: str | Path, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, options: RuntimeOptions | None = None):
+        opts = options or RuntimeOptions()
+        self.device = resolve_device(device)
+        # validates config, tensors and formats before any weight loads; an opened source is taken as is
+        self.source = open_source(path) if isinstance(path, (str, Path)) else path
+        self.config = cfg = self.source.config
+        self.options = opts = resolve_max_seq_len(opts, cfg)
+        self.dtype = parse_dtype(dtype) or (cfg.torch_dtype if self.device.type == "cuda" else torch.float32)
         if cfg.sliding_window is not None and opts.max_seq_len > cfg.sliding_window:
-            raise ConfigError(f"{ckpt.path}: sliding-window attention ({cfg.sliding_window}) is not supported; "
+            raise ConfigError(f"{path}: sliding-window attention ({cfg.sliding_window}) is not supported; "
                               f"use max_seq_len <= {cfg.sliding_window}")
+        self.policy = weight_policy(self.source, opts.quantization, self.dtype, self.device)
+        self.tokenizer = self.source.tokenizer
+        self.chat_template = self.source.chat_template
+        self.eos_ids = self.source.eos_ids
         with nvtx.annotate("graphrt.plan", color="purple"):
             self.placement: Placement = self._plan()
+        p = self.placement
         with nvtx.annotate("graphrt.load", color="purple"):
-            self.store = WeightStore(ckpt, self.placement, device, opts.progress)
-        names = [g.name for g in self.placement.groups]
-        streamed = set(self.placement.streamed)
-        self.plans = build_plans(names, streamed, opts.ring_depth)
-        self.prologue = build_prologue(names, streamed, opts.ring_depth)
-        self.executor = StepExecutor(self.store, dtype, opts.poison_freed_slots)
-        self.kv = torch.zeros(cfg.num_layers, 2, opts.max_batch_size, cfg.num_kv_heads, opts.max_seq_len,
-                              cfg.head_dim, dtype=dtype, device=device)
-        self.inv_freq = llama.rope_inv_freq(cfg).to(device)
-        self.tokenizer = load_tokenizer(ckpt.tokenizer_path)
-        self.ring_step = 0          # steps run since the last prologue; selects the ring phase
-        self.ring_cold = True       # the prologue must run before the next step
+            store = WeightStore(self.source, p.groups, p.resident, p.ring_depth, p.slot_bytes, self.device,
+                                opts.progress)
+        names, streamed = [g.name for g in p.groups], set(p.streamed)
+        self.engine = Engine(cfg, opts, store, build_plans(names, streamed, opts.ring_depth),
+                             build_prologue(names, streamed, opts.ring_depth), self.dtype)
+        self.graph_cache: GraphCache | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, max_batch_size: int = 1,
-                        max_seq_len: int = 2048, **options) -> "Runtime":
-        opts = RuntimeOptions.from_kwargs(max_batch_size=max_batch_size, max_seq_len=max_seq_len, **options)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device='cuda' was asked for but CUDA is not available; use device='cpu'")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        ckpt = Checkpoint(path)
-        dtype = parse_dtype(dtype) or (ckpt.config.torch_dtype if device.type == "cuda" else torch.float32)
-        return cls(ckpt, device, dtype, opts)
+                        dtype: str | torch.dtype | None = None, **options) -> "Runtime":
+        """A Hugging Face directory or a .gguf file; options: see RuntimeOptions (unknown names raise)."""
+        return cls(path, device, dtype, RuntimeOptions.from_kwargs(**options))
 
     def _plan(self) -> Placement:
         o, cfg = self.options, self.config
-        device_memory = None
-        budget = o.gpu_budget
+        device_memory, budget = None, o.gpu_budget
         if self.device.type == "cuda":
             free, device_memory = torch.cuda.mem_get_info(self.device)
             budget = budget if budget is not None else max(free - DEVICE_MARGIN, 0)
         elif budget is None:
             budget = 1 << 62  # CPU: everything resident unless a budget asks for streaming
-        cost = CostModel(o.h2d_bandwidth, o.hbm_bandwidth)
-        return plan_placement(cfg, budget, o.ring_depth, o.max_batch_size, o.max_seq_len, self.dtype,
+        return plan_placement(cfg, budget, o.ring_depth, o.max_batch_size, o.max_seq_len, self.policy,
                               stream_unit=o.stream_unit, strategy=o.placement, prefill_chunk=o.prefill_chunk,
-                              cost=cost, device_memory=device_memory)
+                              cost=CostModel(o.h2d_bandwidth, o.hbm_bandwidth), device_memory=device_memory)
 
-    # ---- one streamed step: embedding, every layer, head --------------------------------------
-    def reset(self) -> None:
-        """Forget the ring's prefetched groups; the next step starts with the prologue."""
-        self.ring_cold, self.ring_step = True, 0
-
-    def forward_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx_len: int,
-                     last_only: bool, annotate: bool = True) -> torch.Tensor:
-        """ids, positions [B, T] on the device -> float32 logits [B, 1 or T, vocab]. Appends K/V."""
-        if self.ring_cold:
-            self.executor.run(self.prologue, lambda g, w: None, annotate)
-            self.ring_cold, self.ring_step = False, 0
-        logits = self.run_plan(self.plans[self.ring_step % len(self.plans)], ids, positions, ctx_len,
-                               last_only, annotate)
-        self.ring_step += 1
-        return logits
-
-    def run_plan(self, plan, ids: torch.Tensor, positions: torch.Tensor, ctx_len: int, last_only: bool,
-                 annotate: bool = True) -> torch.Tensor:
-        """Issue one step plan (eagerly, or into a graph being captured); no ring bookkeeping."""
-        cfg = self.config
-        ctx = llama.step_context(positions, self.inv_freq, self.dtype, cfg.num_heads // cfg.num_kv_heads, ctx_len)
-        act: dict[str, torch.Tensor] = {}
-
-        def compute(group: str, w: dict) -> None:
-            kind, _, idx = group.partition(".")
-            if kind == "embed":
-                act["h"] = llama.embed_forward(ids, w)
-            elif kind in ("layer", "attn"):
-                i = int(idx)
-                fn = llama.layer_forward if kind == "layer" else llama.attn_forward
-                act["h"] = fn(act["h"], w, cfg, self.kv[i, 0], self.kv[i, 1], ctx)
-            elif kind == "mlp":
-                act["h"] = llama.mlp_forward(act["h"], w, cfg)
-            else:
-                h = act["h"][:, -1:] if last_only else act["h"]
-                embed = self.store.views("embed") if cfg.tie_word_embeddings else None
-                act["logits"] = llama.head_forward(h, w, cfg, embed)
-
-        self.executor.run(plan, compute, annotate)
-        return act["logits"]
-
-    def _check_shape(self, batch: int, length: int) -> None:
-        o = self.options
-        if batch > o.max_batch_size:
-            raise ConfigError(f"batch of {batch} sequences exceeds max_batch_size={o.max_batch_size}; "
-                              "load the runtime with a larger max_batch_size")
-        if length > o.max_seq_len:
-            raise ConfigError(f"sequence length {length} exceeds max_seq_len={o.max_seq_len}; load the "
-                              "runtime with a larger max_seq_len or generate fewer tokens")
-
-    def prefill(self, ids: torch.Tensor, last_only: bool = True) -> torch.Tensor:
-        """Run the prompt [B, T] in chunks from position 0; returns logits of the last chunk."""
-        B, T = ids.shape
-        self._check_shape(B, T)
-        ids = ids.to(self.device)
-        out = []
-        with nvtx.annotate("graphrt.prefill", color="orange"):
-            for start in range(0, T, self.options.prefill_chunk):
-                chunk = ids[:, start:start + self.options.prefill_chunk]
-                n = chunk.shape[1]
-                pos = torch.arange(start, start + n, device=self.device).expand(B, n)
-                ctx = context_bucket(start + n, self.options.max_seq_len)
-                out.append(self.forward_step(chunk, pos, ctx, last_only and start + n == T))
-        return out[-1] if last_only else torch.cat(out, dim=1)
-
+    # ---- token ids in, token ids out ------------------------------------------------------------
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Stateless full forward: float32 logits [B, T, vocab] on the runtime's device."""
-        return self.prefill(input_ids, last_only=False)
+        ids, _ = self._prompts(input_ids)
+        return self.engine.logits(ids)
 
-    def sampling_tensors(self, batch: int, temperature: float, top_k: int, top_p: float, seed: int | None):
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ConfigError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
-        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
-        d = self.device
-        rows = torch.arange(batch, device=d, dtype=torch.int64)
-        return (torch.full((batch,), float(temperature), device=d), torch.full((batch,), int(top_k), device=d),
-                torch.full((batch,), float(top_p), device=d), seed + rows * 0x632BE5AB)
-
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, stop_at_eos: bool = False,
-                 use_graph: bool | None = None) -> torch.Tensor:
-        """[B, T] prompt -> [B, T + max_new_tokens] (shorter when stop_at_eos ends every row early)."""
-        B, T = input_ids.shape
-        self._check_shape(B, T + max_new_tokens)
-        if use_graph is None:
-            use_graph = self.device.type == "cuda"
-        if use_graph:
-            if self.device.type != "cuda":
-                raise ConfigError("use_graph=True needs device='cuda'; CUDA graphs do not exist on the CPU")
-            from .graph import generate_with_graph
-            return generate_with_graph(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos)
-        tokens = list(self._decode_eager(input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos))
-        ids = input_ids.to(self.device)
-        return torch.cat([ids, torch.stack(tokens, dim=1)], dim=1) if tokens else ids
+    def capture(self, batch_size: int, **kwargs) -> DecodeGraph:
+        """The captured decode step for `batch_size` sequences (CUDA graphs; see exec/graph.py)."""
+        if self.device.type != "cuda":
+            raise ConfigError("CUDA graphs need device='cuda'; on the CPU use Runtime.generate (eager)")
+        if self.graph_cache is None:
+            self.graph_cache = GraphCache(self.engine)
+        return self.graph_cache.decode_graph(batch_size, **kwargs)
 
     @torch.inference_mode()
-    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, **sampling):
-        """Eager generation that yields the sequence so far ([B, T + n], prompt included) per token."""
-        ids = input_ids.to(self.device)
-        out = [ids]
-        for tok in self._decode_eager(ids, max_new_tokens, **sampling):
-            out.append(tok[:, None])
-            yield torch.cat(out, dim=1)
-
-    def _decode_eager(self, input_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None,
-                      stop_at_eos=False, logits_out: list | None = None):
-        """Yields each step's tokens [B]: prefill, then one eager streamed step per token.
-        `logits_out`, if given, receives the [B, vocab] logits each token was sampled from."""
-        B, T = input_ids.shape
-        self._check_shape(B, T + max_new_tokens)
-        params = self.sampling_tensors(B, temperature, top_k, top_p, seed)
-        greedy = temperature == 0
-        logits = self.prefill(input_ids.to(self.device))[:, -1]
-        eos = self._eos_tensor() if stop_at_eos else None
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        for i in range(max_new_tokens):
-            pos = T + i
-            tok = sample(logits, *params, counter=torch.full((B,), pos, device=self.device), greedy_only=greedy)
-            if logits_out is not None:
-                logits_out.append(logits.clone())
-            if eos is not None:
-                tok = torch.where(done, eos[0], tok)
-                done |= torch.isin(tok, eos)
-            yield tok
-            if i + 1 == max_new_tokens or (eos is not None and bool(done.all())):
+    def stream(self, prompts: Prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int | Sequence[int] | None = None, stop_at_eos: bool = False,
+               use_graph: bool | None = None, chunk: int = 8, start: int = 0,
+               logits_out: list | None = None) -> Iterator[list[list[int]]]:
+        """Yields, as they come, the new token ids of each row (one list per prompt; a row that has
+        ended at its EOS gains nothing more). Graph path: blocks of `chunk` tokens. `start` > 0
+        continues after positions already in the KV cache (batch 1: a chat's earlier turns)."""
+        ids, lengths = self._prompts(prompts)
+        _check_count("max_new_tokens", max_new_tokens, 1)
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        self.engine.check_shape(len(lengths), start + max(lengths) + max_new_tokens)
+        if self._use_graph(use_graph):
+            blocks = decode_graph(self.capture(len(lengths)), ids, lengths, max_new_tokens, params, chunk, start)
+        else:
+            blocks = decode_eager(self.engine, ids, lengths, max_new_tokens, params, start, logits_out)
+        rows = Rows(len(lengths), self.eos_ids if stop_at_eos else ())
+        for block in blocks:
+            yield rows.add(block)
+            if rows.all_finished:
+                blocks.close()
                 return
-            with nvtx.annotate("graphrt.step", color="red"):
-                p = torch.full((B, 1), pos, device=self.device)
-                logits = self.forward_step(tok[:, None], p, context_bucket(pos + 1, self.options.max_seq_len),
-                                           True)[:, -1]
 
-    def _eos_tensor(self) -> torch.Tensor | None:
-        ids = self.config.eos_token_ids
-        return torch.tensor(ids, device=self.device) if ids else None
+    @torch.inference_mode()
+    def generate(self, prompts: Prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | Sequence[int] | None = None, stop_at_eos: bool = False,
+                 use_graph: bool | None = None) -> torch.Tensor | list[list[int]]:
+        """Prompts as a [B, T] tensor -> [B, T + n] on the device (rows that ended at EOS are filled
+        with it); as B lists of ids of any lengths -> B lists (prompt + new tokens, each up to and
+        including its own EOS when stop_at_eos). Each row decodes as it would alone."""
+        chunk = 32 if stop_at_eos else max_new_tokens
+        rows = Rows(len(self._prompts(prompts)[1]))
+        for gained in self.stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos,
+                                  use_graph, chunk=chunk):
+            for r, got in enumerate(gained):
+                rows.new[r] += got
+        if isinstance(prompts, torch.Tensor):
+            rows.finished = [bool(r) and r[-1] in self.eos_ids and stop_at_eos for r in rows.new]
+            return rows.as_tensor(prompts).to(self.device)
+        return [list(p) + r for p, r in zip(prompts, rows.new)]
 
-    def capture(self, batch_size: int, **kwargs):
-        """Capture the decode step for `batch_size` sequences as CUDA graphs (see graph.py)."""
-        from .graph import DecodeGraph
-        return DecodeGraph(self, batch_size, **kwargs)
+    def decode_eager(self, input_ids: torch.Tensor, max_new_tokens: int, logits_out: list | None = None,
+                     **sampling) -> Iterator[torch.Tensor]:
+        """The eager executor's per-step tokens [B, 1] (host), for tests and benchmarks."""
+        ids, lengths = self._prompts(input_ids)
+        return decode_eager(self.engine, ids, lengths, max_new_tokens, SamplingParams(**sampling),
+                            logits_out=logits_out)
+
+    def close(self) -> None:
+        """Give back the pinned host memory of streamed weights now (also done when collected)."""
+        self.engine.store.release()
+
+    def _use_graph(self, use_graph: bool | None) -> bool:
+        if use_graph and self.device.type != "cuda":
+            raise ConfigError("use_graph=True needs device='cuda'; CUDA graphs do not exist on the CPU")
+        return self.device.type == "cuda" if use_graph is None else use_graph
+
+    def _prompts(self, prompts) -> tuple[torch.Tensor, list[int]]:
+        """Validate prompts: a [B, T] int tensor, or a non-empty list of non-empty lists of ids."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts are token ids; for text use generate_text([...]) or chat(messages)")
+        if isinstance(prompts, torch.Tensor):
+            if prompts.dim() != 2 or prompts.dtype not in (torch.int64, torch.int32) or prompts.numel() == 0:
+                raise TypeError(f"a prompt tensor must be [B, T] int64 with T >= 1, got {list(prompts.shape)} "
+                                f"{prompts.dtype}; for one prompt of ids use ids[None]")
+            bad = bool(((prompts < 0) | (prompts >= self.config.vocab_size)).any())
+        else:
+            if not isinstance(prompts, Sequence) or not prompts or \
+                    not all(isinstance(p, Sequence) and not isinstance(p, str) for p in prompts):
+                raise TypeError("prompts must be a [B, T] tensor or a list of token-id lists "
+                                "(for one prompt: [ids]); for text use generate_text")
+            if any(len(p) == 0 for p in prompts):
+                raise ValueError("a prompt is empty; every prompt needs at least one token")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for p in prompts for t in p):
+                raise TypeError("token ids must be ints")
+            bad = any(not 0 <= t < self.config.vocab_size for p in prompts for t in p)
+        if bad:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}) (the model's vocab_size)")
+        return pad_prompts(prompts if isinstance(prompts, torch.Tensor) else [list(p) for p in prompts])
+
+    # ---- text in, text out ----------------------------------------------------------------------
+    def _tok(self):
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.source.path} has no tokenizer (tokenizer.json); text needs one")
+        return self.tokenizer
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        """The checkpoint's own chat template (ChatML when it has none), rendered with jinja2."""
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **extra)
+
+    def encode(self, prompt: str) -> list[int]:
+        """Text -> ids as the chat template and the model expect (special tokens written in the text
+        are parsed; no BOS is added: templates add their own)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"expected a str prompt, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError("the prompt is empty; give at least one character")
+        return self._tok().encode(prompt, add_special_tokens=False).ids
+
+    def generate_text(self, prompts: str | list[str], max_new_tokens: int = 64, **sampling) -> list[str]:
+        """Texts -> the new text of each (decoding stops at each row's EOS)."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        sampling.setdefault("stop_at_eos", True)
+        ids = [self.encode(p) for p in prompts]
+        out = self.generate(ids, max_new_tokens, **sampling)
+        return [self._tok().decode(o[len(i):]) for o, i in zip(out, ids)]
+
+    def stream_text(self, prompt: str, max_new_tokens: int = 64, **sampling) -> Iterator[str]:
+        """One prompt's new text, piece by piece, incrementally detokenized (never a split character)."""
+        ids = self.encode(prompt)
+        sampling.setdefault("stop_at_eos", True)
+        pieces = text.TextStream(self._tok(), prompt_ids=ids)
+        for gained in self.stream([ids], max_new_tokens, **sampling):
+            piece = pieces.push_many(gained[0])
+            if piece:
+                yield piece
+        rest = pieces.finish()  # a character cut off by the end of generation
+        if rest:
+            yield rest
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, **sampling) -> str:
+        """One assistant reply to a conversation, rendered with the checkpoint's chat template."""
+        return self.generate_text(self.apply_chat_template(messages), max_new_tokens, **sampling)[0]
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -5,6 +5,10 @@ given position with a given seed is the same in eager code, in a replayed CUDA g
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -47,3 +51,43 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     choice = (sorted_logits + gumbel).argmax(dim=-1, keepdim=True)
     sampled = sorted_idx.gather(-1, choice).squeeze(-1)
     return torch.where(temperature > 0, sampled, greedy)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. seed: one int for the batch
+    (row b draws with seed + b * 0x632BE5AB), one int per row (a row then draws exactly as it would
+    alone with that seed), or None (a fresh random seed)."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
+        seeds = [self.seed] if self.seed is None or isinstance(self.seed, int) else list(self.seed)
+        if any(s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0) for s in seeds):
+            raise ValueError(f"seed must be a non-negative integer or a list of them, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def tensors(self, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(temperature, top_k, top_p, seed), each [batch] on `device`."""
+        if self.seed is None or isinstance(self.seed, int):
+            base = int(torch.randint(0, 2**31 - 1, ()).item()) if self.seed is None else self.seed
+            seeds = torch.arange(batch, dtype=torch.int64) * 0x632BE5AB + base
+        else:
+            if len(self.seed) != batch:
+                raise ValueError(f"got {len(self.seed)} seeds for {batch} prompts; give one per prompt or one int")
+            seeds = torch.tensor(list(self.seed), dtype=torch.int64)
+        return (torch.full((batch,), float(self.temperature), device=device),
+                torch.full((batch,), int(self.top_k), device=device),
+                torch.full((batch,), float(self.top_p), device=device), seeds.to(device))

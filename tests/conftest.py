@@ -1,13 +1,7 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-
-from make_checkpoint import make_config, random_tensors, write_checkpoint  # noqa: E402
+from graphrt.weights.synthetic import make_config, random_tensors, write_checkpoint
 
 
 def pytest_collection_modifyitems(config, items):

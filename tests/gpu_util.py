@@ -31,8 +31,8 @@ def runtime(path, mode: str, ring_depth: int = 3, **kw) -> Runtime:
 
 def eager_decode(rt: Runtime, ids: torch.Tensor, steps: int, **sampling):
     logits = []
-    toks = list(rt._decode_eager(ids.cuda(), steps, logits_out=logits, **sampling))
-    return torch.stack(toks, 1), torch.stack(logits)
+    toks = list(rt.decode_eager(ids, steps, logits_out=logits, **sampling))
+    return torch.cat(toks, 1).cuda(), torch.stack(logits)
 
 
 def graph_decode(rt: Runtime, ids: torch.Tensor, steps: int, between=None, **sampling):

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from graphrt import Runtime
-from graphrt.default_model import find_gguf
-from graphrt.tokenizer import chat_prompt, default_system_prompt
+from graphrt.default_model import fetch_gguf
 
 QUESTION = "What is the capital of France?"
 
@@ -16,7 +15,7 @@ QUESTION = "What is the capital of France?"
 @pytest.fixture(scope="module")
 def hf_gguf():
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    g = find_gguf()
+    g = fetch_gguf()  # the GGUF in the weights root (downloaded if missing), or $GRAPHRT_DEFAULT_GGUF
     model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     return model, AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
@@ -25,8 +24,8 @@ def hf_gguf():
 def test_conversion_matches_transformers_on_gguf(default_model, hf_gguf):
     model, tok = hf_gguf
     rt = Runtime.from_pretrained(default_model, device="cpu", max_seq_len=512)
-    text = chat_prompt([{"role": "user", "content": QUESTION}], default_system_prompt(default_model))
-    ids = torch.tensor([rt.tokenizer.encode(text).ids])
+    text = rt.apply_chat_template([{"role": "user", "content": QUESTION}])
+    ids = torch.tensor([rt.encode(text)])
     hf_ids = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
                                      return_tensors="pt")
     hf_ids = hf_ids if isinstance(hf_ids, torch.Tensor) else hf_ids["input_ids"]

@@ -4,7 +4,7 @@ import torch
 
 from gpu_util import MID, eager_decode, graph_decode, runtime
 from graphrt import ConfigError
-from graphrt.schedule import slot_of
+from graphrt.plan.schedule import slot_of
 from test_gpu_streaming import model_path
 
 pytestmark = pytest.mark.gpu
@@ -35,20 +35,20 @@ def test_padded_batch_matches_eager_and_never_touches_real_rows(make_ckpt):
     g_tok, _ = graph_decode(rt, ids, 64)
     assert torch.equal(g_tok, e_tok)
     # the padded row's KV lives in cache row 3, which no live sequence owns
-    kv_real = rt.kv[:, :, :3].clone()
-    rt.kv[:, :, 3:].fill_(float("nan"))
+    kv_real = rt.engine.kv[:, :, :3].clone()
+    rt.engine.kv[:, :, 3:].fill_(float("nan"))
     g.prefill(ids)
     for _ in range(10):
         g.step()
-    assert not rt.kv[:, :, :3, :, :40].isnan().any()
-    assert torch.equal(rt.kv[:, :, :3, :, :26], kv_real[:, :, :, :, :26])
+    assert not rt.engine.kv[:, :, :3, :, :40].isnan().any()
+    assert torch.equal(rt.engine.kv[:, :, :3, :, :26], kv_real[:, :, :, :, :26])
 
 
 def idle_slots(rt):
     """Slots that hold no prefetched group of the next step (safe to poison between steps)."""
-    plan = rt.plans[0]
+    plan = rt.engine.plans[0]
     S, N, P = plan.num_streamed, plan.ring_depth, plan.prefetch
-    busy = {slot_of(rt.ring_step, k, S, N) for k in range(P)}
+    busy = {slot_of(rt.engine.ring_step, k, S, N) for k in range(P)}
     return [s for s in range(N) if s not in busy]
 
 
@@ -59,7 +59,7 @@ def test_poisoning_idle_slots_between_replays_changes_nothing(make_ckpt):
 
     def poison(rt):
         for s in idle_slots(rt):
-            rt.store.ring.poison(s, rt.dtype)
+            rt.engine.store.ring.poison(s)
 
     got, got_logits = graph_decode(rt, ids, 80, between=poison)
     assert torch.equal(got, want) and torch.equal(got_logits, want_logits)
@@ -86,7 +86,7 @@ def test_1000_replays_identical_and_memory_flat(make_ckpt):
 
 def broken_runtime(path, event: str, **kw):
     rt = runtime(path, "full", 3, poison_freed_slots=True, **kw)
-    rt.plans = [p.without_wait(event) for p in rt.plans]
+    rt.engine.plans = [p.without_wait(event) for p in rt.engine.plans]
     return rt
 
 
@@ -141,14 +141,14 @@ def test_generate_uses_graph_by_default(make_ckpt):
     rt = runtime(make_ckpt("mid-llama", **MID), "half", 3)
     ids = torch.randint(3, 1000, (1, 10))
     out = rt.generate(ids, 30)
-    assert getattr(rt, "_graph_state", None) is not None and rt._graph_state.graphs
+    assert rt.graph_cache is not None and rt.graph_cache.graphs
     assert torch.equal(out, rt.generate(ids, 30, use_graph=False))
 
 
 def test_all_buckets_share_one_pool(make_ckpt):
     rt = runtime(make_ckpt("mid-llama", **MID), "half", 3, max_batch_size=8)
     rt.capture(2, capture_all_buckets=True)
-    s = rt._graph_state
+    s = rt.graph_cache
     assert s.buckets == [1, 2, 4, 8]
     assert {k[0] for k in s.graphs} == {1, 2, 4, 8}
     captured = list(s.graphs)

@@ -28,10 +28,9 @@ def test_transformers_parity_cuda_fp32(make_ckpt):
 
 
 def test_default_model_bf16_is_coherent(default_model):
-    from graphrt.tokenizer import chat_prompt, default_system_prompt
     rt = Runtime.from_pretrained(default_model, device="cuda", dtype="bfloat16", max_seq_len=256)
-    text = chat_prompt([{"role": "user", "content": "What is the capital of France?"}], default_system_prompt(default_model))
-    ids = torch.tensor([rt.tokenizer.encode(text).ids])
+    text = rt.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    ids = torch.tensor([rt.encode(text)])
     for use_graph in (False, True):
         out = rt.generate(ids, 40, use_graph=use_graph, stop_at_eos=True)
         answer = rt.tokenizer.decode(out[0, ids.shape[1]:].tolist())
@@ -82,17 +81,17 @@ def test_baseline_executors_compute_the_same(make_ckpt):
     rt = runtime(make_ckpt("mid-llama", **MID), "full", 5, stream_unit="attn_mlp", poison_freed_slots=True)
     ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     want, want_logits = eager_decode(rt, ids, 32)
-    rt.executor.sync_copies = True
+    rt.engine.executor.sync_copies = True
     got, got_logits = eager_decode(rt, ids, 32)
     assert torch.equal(got, want) and torch.equal(got_logits, want_logits)
-    rt.executor.sync_copies = False
-    rt.executor.split_copy_streams(True)
+    rt.engine.executor.sync_copies = False
+    rt.engine.executor.split_copy_streams({g.name for g in rt.placement.groups if g.kind == "mlp"})
     got, got_logits = eager_decode(rt, ids, 32)
     assert torch.equal(got, want) and torch.equal(got_logits, want_logits)
 
 
 def test_timeline_inside_graph(make_ckpt):
-    from graphrt.timeline import measure_timeline
+    from graphrt.bench.timeline import measure_timeline
     rt = runtime(make_ckpt("mid-llama", **MID), "full", 3)
     tl = measure_timeline(rt, 1, 2)
     steps = [o for o in tl["ops"] if o["kind"] == "step"]

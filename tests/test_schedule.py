@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from graphrt.schedule import build_plans, build_prologue, num_phases
-from graphrt.simulator import simulate
+from graphrt.plan.schedule import build_plans, build_prologue, num_phases
+from graphrt.plan.simulator import simulate
 
 
 def names(num_layers):

@@ -14,22 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
-from make_checkpoint import make_config, random_tensors, write_checkpoint  # noqa: E402
 
-from graphrt import Runtime  # noqa: E402
-from graphrt.bench import make_bench_model, measure_limits  # noqa: E402
-from graphrt.placement import CostModel  # noqa: E402
-from graphrt.simulator import simulate  # noqa: E402
+from graphrt import Runtime
+from graphrt.bench.run import make_bench_model, measure_limits
+from graphrt.plan.placement import CostModel
+from graphrt.plan.simulator import simulate
+from graphrt.weights.synthetic import make_config, random_tensors, write_checkpoint
 
 
 def streamed_runtime(path: Path, ring_depth: int, batch: int, unit: str = "layer") -> Runtime:
@@ -67,7 +64,7 @@ def _graph_steps(g, steps: int) -> float:
 
 def eager_step_time(rt: Runtime, batch: int, steps: int = 20) -> float:
     ids = torch.randint(3, 1000, (batch, 32)).cuda()
-    gen = rt._decode_eager(ids, steps + 4)
+    gen = rt.decode_eager(ids, steps + 4)
     for _ in range(4):
         next(gen)
     torch.cuda.synchronize()
@@ -81,14 +78,14 @@ def eager_step_time(rt: Runtime, batch: int, steps: int = 20) -> float:
 def predicted_step(rt: Runtime, h2d: float, hbm: float, batch: int) -> float:
     cost = CostModel(h2d_bandwidth=h2d, hbm_bandwidth=hbm, batch_size=batch)
     by_name = {g.name: g for g in rt.placement.groups}
-    return simulate(rt.plans, rt.prologue, copy_time=lambda n: cost.copy_time(by_name[n]),
+    return simulate(rt.engine.plans, rt.engine.prologue, copy_time=lambda n: cost.copy_time(by_name[n]),
                     compute_time=lambda n: cost.compute_time(by_name[n]), step_overhead=5e-6).step_time
 
 
 def eager_timeline(rt: Runtime, steps: int = 3) -> dict:
     """Timing events around every copy and compute of the eager executor (same plan as the graph):
     per-op start/end in ms for the last step, copy-engine busy fraction and the gaps between copies."""
-    store = rt.store
+    store = rt.engine.store
     marks: list[tuple[str, str, torch.cuda.Event, torch.cuda.Event]] = []
     copy_to_slot = store.copy_to_slot
 
@@ -102,7 +99,7 @@ def eager_timeline(rt: Runtime, steps: int = 3) -> dict:
     store.copy_to_slot = timed_copy
     ids = torch.randint(3, 1000, (1, 8)).cuda()
     try:
-        gen = rt._decode_eager(ids, steps + 1)
+        gen = rt.decode_eager(ids, steps + 1)
         next(gen)
         marks.clear()
         t0 = torch.cuda.Event(enable_timing=True)
@@ -168,7 +165,7 @@ def main() -> None:
                              eager_pct_of_h2d=100 * roof / e, graph_over_roofline=g / roof,
                              predicted_ms=pred * 1e3, prediction_error_pct=100 * (pred - g) / g))
             print(rows[-1], flush=True)
-            rt.store.release()
+            rt.close()
             del rt
             torch.cuda.empty_cache()
     for n in (2, 4, 6):
@@ -181,7 +178,7 @@ def main() -> None:
                          h2d_GBps=h2d / 1e9,
                          graph_ms=g * 1e3, graph_pct_of_h2d=100 * roof / g, graph_over_roofline=g / roof))
         print(rows[-1], flush=True)
-        rt.store.release()
+        rt.close()
         del rt
         torch.cuda.empty_cache()
     res["streaming"] = rows

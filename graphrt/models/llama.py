@@ -1,7 +1,9 @@
 """Llama-family math (Llama 2/3, Mistral, Qwen2) as pure functions of activations and weights.
 
-Weights come in as dicts of tensors (views of a resident buffer or of a ring slot); nothing here knows
-about streams, graphs or where the weights live. Shapes: B batch, T tokens, H heads, Hkv kv heads,
+Weights come in as dicts (views of a resident buffer or of a ring slot): a `Weight` (format + stored
+parts) for each matrix, a tensor for each vector. Nothing here knows about streams, graphs, where the
+weights live or how they are stored: `linear` and `embedding` ask the weight's own format.
+Shapes: B batch, T tokens, H heads, Hkv kv heads,
 D head dim, S max sequence length, L attended context length (a static bucket >= every position + 1).
 """
 from __future__ import annotations
@@ -13,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..weights.formats import Weight, embedding, linear
 
-Weights = dict[str, torch.Tensor]
+Weights = dict[str, torch.Tensor | Weight]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -72,9 +75,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
-def embed_forward(ids: torch.Tensor, w: Weights) -> torch.Tensor:
-    """ids [B, T] -> hidden [B, T, hidden]."""
-    return F.embedding(ids, w["embed"])
+def embed_forward(ids: torch.Tensor, w: Weights, dtype: torch.dtype) -> torch.Tensor:
+    """ids [B, T] -> hidden [B, T, hidden] in the compute dtype."""
+    return embedding(ids, w["embed"], dtype)
 
 
 def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,
@@ -85,9 +88,9 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
     H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // Hkv
     x = rms_norm(h, w["input_norm"], cfg.rms_norm_eps)
-    q = F.linear(x, w["q"], w.get("q_bias")).view(B, T, H, D).transpose(1, 2)
-    k = F.linear(x, w["k"], w.get("k_bias")).view(B, T, Hkv, D).transpose(1, 2)
-    v = F.linear(x, w["v"], w.get("v_bias")).view(B, T, Hkv, D).transpose(1, 2)
+    q = linear(x, w["q"], w.get("q_bias")).view(B, T, H, D).transpose(1, 2)
+    k = linear(x, w["k"], w.get("k_bias")).view(B, T, Hkv, D).transpose(1, 2)
+    v = linear(x, w["v"], w.get("v_bias")).view(B, T, Hkv, D).transpose(1, 2)
     q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
     k_cache[ctx.rows, :, ctx.positions] = k.transpose(1, 2)  # [B, T, Hkv, D] into [B, Hkv, S, D]
     v_cache[ctx.rows, :, ctx.positions] = v.transpose(1, 2)
@@ -96,12 +99,12 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
     L = ctx.ctx_len
     o = F.scaled_dot_product_attention(q, k_cache[:B, :, :L], v_cache[:B, :, :L], attn_mask=ctx.mask)
     o = o.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
-    return h + F.linear(o, w["o"])
+    return h + linear(o, w["o"])
 
 
 def mlp_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig) -> torch.Tensor:
     x = rms_norm(h, w["post_norm"], cfg.rms_norm_eps)
-    return h + F.linear(F.silu(F.linear(x, w["gate"])) * F.linear(x, w["up"]), w["down"])
+    return h + linear(F.silu(linear(x, w["gate"])) * linear(x, w["up"]), w["down"])
 
 
 def layer_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,
@@ -114,4 +117,4 @@ def head_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, embed: Weights |
     """hidden [B, T, hidden] -> float32 logits [B, T, vocab]. Tied models read the embedding."""
     x = rms_norm(h, w["norm"], cfg.rms_norm_eps)
     lm_head = embed["embed"] if cfg.tie_word_embeddings else w["lm_head"]
-    return F.linear(x, lm_head).float()
+    return linear(x, lm_head).float()

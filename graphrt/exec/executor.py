@@ -4,8 +4,8 @@ The compute stream is whatever stream is current when `run` is called, so the sa
 eager step or records it into a CUDA graph (where the current stream is the capture stream and the
 copy streams are forked from it and joined back by the plan's begin/end events).
 Two baselines for benchmarks reuse the same plans: `sync_copies` issues every copy on the compute
-stream (no overlap); `split_copy_streams` puts attention and MLP copies on two streams (the
-predecessor runtime's scheme).
+stream (no overlap); `split_copy_streams(groups)` puts the copies of those groups on a second copy
+stream (the predecessor runtime's scheme: attention and MLP halves on two streams).
 """
 from __future__ import annotations
 
@@ -15,28 +15,29 @@ from typing import Callable
 import nvtx
 import torch
 
-from .schedule import Op, StepPlan
-from .store import WeightStore
+from ..plan.schedule import Op, StepPlan
+from ..weights.store import WeightStore
 
 ComputeFn = Callable[[str, dict], None]
 
 
 class StepExecutor:
-    def __init__(self, store: WeightStore, dtype: torch.dtype, poison_freed_slots: bool = False):
+    def __init__(self, store: WeightStore, poison_freed_slots: bool = False):
         self.store = store
-        self.dtype = dtype
         self.poison = poison_freed_slots
         self.cuda = store.device.type == "cuda"
         self.copy_streams = [torch.cuda.Stream(store.device)] if self.cuda else []
         self.sync_copies = False
+        self.second_stream_groups: frozenset[str] = frozenset()
         self.events: dict[str, torch.cuda.Event] = {}
         self.trace: list | None = None   # when a list: (op, start, end) timing events per copy/compute
 
-    def split_copy_streams(self, enable: bool) -> None:
-        """Copies of MLP groups on a second copy stream (benchmark baseline)."""
-        if enable and len(self.copy_streams) == 1:
+    def split_copy_streams(self, groups: frozenset[str] | set[str]) -> None:
+        """Copies of `groups` go on a second copy stream (benchmark baseline); empty: one stream."""
+        self.second_stream_groups = frozenset(groups)
+        if groups and len(self.copy_streams) == 1:
             self.copy_streams.append(torch.cuda.Stream(self.store.device))
-        elif not enable:
+        elif not groups:
             self.copy_streams = self.copy_streams[:1]
 
     def _event(self, name: str):
@@ -48,7 +49,7 @@ class StepExecutor:
         if op.stream == "compute" or self.sync_copies:
             return [compute_stream]
         if op.kind == "copy":
-            return [self.copy_streams[-1] if op.group.startswith("mlp.") else self.copy_streams[0]]
+            return [self.copy_streams[-1] if op.group in self.second_stream_groups else self.copy_streams[0]]
         return self.copy_streams  # fork/join marks apply to every copy stream
 
     def run(self, plan: StepPlan, compute: ComputeFn, annotate: bool = True) -> None:
@@ -81,7 +82,7 @@ class StepExecutor:
             with nvtx.annotate(op.group, color="blue") if annotate else _null():
                 compute(op.group, self.store.views(op.group, op.slot))
                 if self.poison and op.slot is not None:
-                    self.store.ring.poison(op.slot, self.dtype)
+                    self.store.ring.poison(op.slot)
         if timed:
             end.record(stream)
             self.trace.append((op, start, end))
@@ -95,4 +96,4 @@ class StepExecutor:
                 with nvtx.annotate(op.group, color="blue") if annotate else _null():
                     compute(op.group, self.store.views(op.group, op.slot))
                 if self.poison and op.slot is not None:
-                    self.store.ring.poison(op.slot, self.dtype)
+                    self.store.ring.poison(op.slot)

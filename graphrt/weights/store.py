@@ -8,8 +8,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
-from .placement import Placement
-from .weights import GroupLayout
+from .layout import GroupLayout
 
 
 class PinnedMemoryError(MemoryError):
@@ -51,38 +50,38 @@ class RingBuffer:
     def __len__(self) -> int:
         return len(self.slots)
 
-    def poison(self, slot: int, dtype: torch.dtype) -> None:
-        """Fill a slot with NaN (debugging: a read that does not wait for its copy then shows)."""
-        s = self.slots[slot]
-        s[: s.numel() // dtype.itemsize * dtype.itemsize].view(dtype).fill_(float("nan"))
+    def poison(self, slot: int) -> None:
+        """Fill a slot with 0xFF bytes: NaN in every float dtype and scale (debugging: a read that does
+        not wait for its copy then shows)."""
+        self.slots[slot].fill_(255)
 
 
 class WeightStore:
     """Typed views of every group: resident ones on the device, streamed ones in ring slots."""
 
-    def __init__(self, ckpt: Checkpoint, placement: Placement, device: torch.device, progress: bool | None):
-        self.placement = placement
+    def __init__(self, ckpt: Checkpoint, groups: tuple[GroupLayout, ...], resident: frozenset[str],
+                 ring_depth: int, slot_bytes: int, device: torch.device, progress: bool | None):
         self.device = device
-        self.layouts: dict[str, GroupLayout] = {g.name: g for g in placement.groups}
+        self.layouts: dict[str, GroupLayout] = {g.name: g for g in groups}
         self.resident: dict[str, torch.Tensor] = {}
         self.host: dict[str, torch.Tensor] = {}
-        streamed = [g for g in placement.groups if g.name not in placement.resident]
-        self.ring = RingBuffer(placement.ring_depth, placement.slot_bytes, device) if streamed else None
+        streamed = [g for g in groups if g.name not in resident]
+        self.ring = RingBuffer(ring_depth, slot_bytes, device) if streamed else None
         staging: dict[str, torch.Tensor] = {}
 
         def buffer_for(g: GroupLayout) -> torch.Tensor:
-            if g.name in placement.resident:
+            if g.name in resident:
                 staging[g.name] = torch.empty(g.nbytes, dtype=torch.uint8)
                 return staging[g.name]
             host = pinned_empty(g.nbytes) if device.type == "cuda" else torch.empty(g.nbytes, dtype=torch.uint8)
             self.host[g.name] = host
             return host
 
-        total = sum(g.nbytes for g in placement.groups)
+        total = sum(g.nbytes for g in groups)
         show = sys.stderr.isatty() and total > 2**30 if progress is None else progress
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show)
-        for g in ckpt.fill_groups(list(placement.groups), buffer_for):
-            if g.name in placement.resident:
+        for g in ckpt.fill_groups(list(groups), buffer_for, device):
+            if g.name in resident:
                 self.resident[g.name] = staging.pop(g.name).to(device)
             bar.update(g.nbytes)
         bar.close()

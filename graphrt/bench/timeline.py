@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import Runtime, context_bucket
+from ..runtime import Runtime
 
 
 def measure_timeline(rt: Runtime, batch_size: int = 1, num_steps: int = 2, prompt_len: int = 16) -> dict:
@@ -16,22 +16,22 @@ def measure_timeline(rt: Runtime, batch_size: int = 1, num_steps: int = 2, promp
     g = rt.capture(batch_size)
     g.prefill(torch.randint(3, rt.config.vocab_size, (batch_size, prompt_len)))
     g.step()  # the ring is now in steady state
-    s, graphs = g.s, []
+    engine, cache, graphs = rt.engine, rt.graph_cache, []
     for i in range(num_steps):
-        phase = (rt.ring_step + i) % len(rt.plans)
-        ctx = context_bucket(g.length + i, rt.options.max_seq_len)
-        rt.executor.trace = []
+        phase = (engine.ring_step + i) % len(engine.plans)
+        ctx = engine.context(g.length + i)
+        engine.executor.trace = []
         begin, end = (torch.cuda.Event(enable_timing=True, external=True) for _ in range(2))
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=s.pool, stream=s.stream, capture_error_mode="global"):
+        with torch.cuda.graph(graph, pool=cache.pool, stream=cache.stream, capture_error_mode="global"):
             begin.record()
-            g._body(g.bucket, phase, ctx, g.greedy)
+            cache.step_body(g.bucket, phase, ctx, g.greedy)
             end.record()
-        graphs.append((graph, begin, end, rt.executor.trace))
-        rt.executor.trace = None
+        graphs.append((graph, begin, end, engine.executor.trace))
+        engine.executor.trace = None
     for graph, *_ in graphs:
         graph.replay()
-        rt.ring_step += 1
+        engine.ring_step += 1
         g.length += 1
     torch.cuda.synchronize()
     t0 = graphs[0][1]

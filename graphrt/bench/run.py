@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import Runtime
-from .store import pinned_empty, unpin
+from ..runtime import Runtime
+from ..weights.store import pinned_empty, unpin
+from ..weights.synthetic import PRESETS, make_config, random_tensors, write_checkpoint
 
 
 def cuda_median(fn, iters: int = 10) -> float:
@@ -76,14 +77,16 @@ def run_graphrt(rt: Runtime, system: str, batch: int, steps: int) -> tuple[float
         g = rt.capture(batch)
         g.prefill(ids)
         return _time_tokens(g.step, steps)
-    rt.executor.sync_copies = system == "eager-sync"
-    rt.executor.split_copy_streams(system == "predecessor")
-    gen = rt._decode_eager(ids.cuda(), REPEATS * steps + 4)
+    executor = rt.engine.executor
+    executor.sync_copies = system == "eager-sync"
+    if system == "predecessor":  # attention and MLP halves on two copy streams
+        executor.split_copy_streams({g.name for g in rt.placement.groups if g.kind == "mlp"})
+    gen = rt.decode_eager(ids, REPEATS * steps + 4)
     try:
         return _time_tokens(lambda: next(gen), steps)
     finally:
-        rt.executor.sync_copies = False
-        rt.executor.split_copy_streams(False)
+        executor.sync_copies = False
+        executor.split_copy_streams(set())
 
 
 def run_hf(path: Path, budget: int | None, batch: int, steps: int) -> tuple[float, float]:
@@ -208,9 +211,6 @@ def run_bench(a: argparse.Namespace) -> int:
 
 
 def make_bench_model(out: Path, layers: int) -> Path:
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-    from make_checkpoint import PRESETS, make_config, random_tensors, write_checkpoint
     if not (out / "config.json").is_file():
         cfg = make_config(**dict(PRESETS["llama-3.1-8b"], layers=layers), dtype="bfloat16", max_pos=8192)
         write_checkpoint(out, cfg, random_tensors(cfg, 0, torch.bfloat16, device="cuda"))

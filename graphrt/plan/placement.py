@@ -5,10 +5,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig
+from ..weights.layout import FormatPolicy, GroupLayout, model_groups
 from .schedule import build_plans, build_prologue
 from .simulator import SimResult, simulate
-from .weights import GroupLayout, model_groups
 
 MARGIN = 256 * 2**20  # allocator fragmentation and library workspaces
 
@@ -31,7 +31,8 @@ class CostModel:
 
     def compute_time(self, g: GroupLayout) -> float:
         params = g.num_params if g.kind != "embed" else 0  # the embedding reads B rows
-        return max(params * g.dtype.itemsize / self.hbm_bandwidth,
+        nbytes = g.nbytes if g.kind != "embed" else 0
+        return max(nbytes / self.hbm_bandwidth,
                    2 * self.batch_size * params / self.flops) + self.group_overhead
 
 
@@ -95,7 +96,7 @@ def essentials(cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int, max_se
 
 
 def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_batch_size: int = 1,
-                   max_seq_len: int = 2048, dtype: torch.dtype = torch.bfloat16, *,
+                   max_seq_len: int = 2048, dtype: torch.dtype | FormatPolicy = torch.bfloat16, *,
                    stream_unit: str = "auto", strategy: str = "auto", prefill_chunk: int = 256,
                    cost: CostModel | None = None, device_memory: int | None = None) -> Placement:
     """Choose resident groups that minimise the predicted step time within `gpu_budget` bytes.
@@ -119,8 +120,9 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
         raise BudgetError(f"gpu_budget {gpu_budget / 2**30:.2f} GiB is larger than the device's "
                           f"{device_memory / 2**30:.2f} GiB; give a smaller budget or leave it unset")
     cost = cost or CostModel()
-    groups = model_groups(cfg, dtype, stream_unit)
-    fixed = essentials(cfg, dtype, max_batch_size, max_seq_len, prefill_chunk)
+    policy = dtype if isinstance(dtype, FormatPolicy) else FormatPolicy(dtype)
+    groups = model_groups(cfg, policy, stream_unit)
+    fixed = essentials(cfg, policy.compute_dtype, max_batch_size, max_seq_len, prefill_chunk)
     total = sum(g.nbytes for g in groups)
     base = sum(fixed.values())
     if base + total <= gpu_budget:

@@ -9,8 +9,9 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from .config import ConfigError, ModelConfig
-from .weights import GroupLayout, expected_tensors
+from ..config import ConfigError, ModelConfig
+from ..text import generation_eos_ids, load_chat_template, load_tokenizer
+from .layout import GroupLayout, expected_tensors
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -34,7 +35,13 @@ class Checkpoint:
         self.tensor_files = self._index()
         self._check_tensors()
         tok = self.path / "tokenizer.json"
-        self.tokenizer_path = tok if tok.is_file() else None
+        self.tokenizer = load_tokenizer(tok if tok.is_file() else None)
+        self.chat_template = load_chat_template(self.path)
+        self.eos_ids = generation_eos_ids(self.path, self.config.eos_token_ids)
+
+    def tensor_formats(self, compute_dtype: torch.dtype) -> tuple:
+        """Formats of tensors stored pre-quantized (none for float checkpoints)."""
+        return ()
 
     def _index(self) -> dict[str, Path]:
         index = self.path / "model.safetensors.index.json"
@@ -107,16 +114,20 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}; graphrt reads "
                                       "F32, F16 and BF16 checkpoints")
 
-    def fill_groups(self, groups: list[GroupLayout], buffer_for) -> Iterator[GroupLayout]:
-        """For each group, read its tensors (one at a time, converted to the group dtype) into
-        `buffer_for(group)` (a uint8 tensor), yielding the group when it is complete."""
+    def fill_groups(self, groups: list[GroupLayout], buffer_for, device: torch.device) -> Iterator[GroupLayout]:
+        """For each group, read its tensors (one at a time) into `buffer_for(group)` (a uint8 tensor),
+        each stored in its format (`encode`: a cast, or quantization on load), yielding the group
+        when it is complete."""
         with ExitStack() as stack:
             handles: dict[Path, object] = {}
             for g in groups:
-                views = g.views(buffer_for(g))
+                buffer = buffer_for(g)
                 for t in g.tensors:
                     file = self.tensor_files[t.checkpoint_name]
                     if file not in handles:
                         handles[file] = stack.enter_context(self._open(file))
-                    views[t.key].copy_(handles[file].get_tensor(t.checkpoint_name))
+                    value = handles[file].get_tensor(t.checkpoint_name)
+                    stored = t.format.encode(value, device) if t.is_matrix else {"w": value}
+                    for part, offset in t.parts:
+                        buffer[offset:offset + part.nbytes].view(part.dtype).view(part.shape).copy_(stored[part.name])
                 yield g

@@ -1,0 +1,70 @@
+"""`graphrt plan`: placement and predicted decode speed of a model under a GPU budget, without a GPU."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .config import DTYPES, ModelConfig, parse_bytes, parse_dtype
+from .plan.placement import CostModel, plan_placement
+from .runtime import DEFAULT_MAX_SEQ_LEN
+
+
+def add_plan_flags(p: argparse.ArgumentParser, positive, number, size) -> None:
+    p.add_argument("model", type=Path, help="model directory, config.json or .gguf file")
+    p.add_argument("--gpu-budget", required=True, type=size, help="e.g. 80GB or 12GiB")
+    p.add_argument("--ring-depth", type=positive(2), default=3)
+    p.add_argument("--batch", type=positive(), default=1)
+    p.add_argument("--max-seq-len", type=positive(), default=None,
+                   help=f"default: {DEFAULT_MAX_SEQ_LEN} or the model's positions, whichever is smaller "
+                   "(the same default as generate)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--quantization", choices=["int8", "fp8", "int4"], help="plan quantized weights")
+    p.add_argument("--bandwidth", type=number(0, low_open=True), default=55.0,
+                   help="host-to-device GB/s (default 55)")
+    p.add_argument("--hbm-bandwidth", type=number(0, low_open=True), default=3000.0,
+                   help="device memory GB/s (default 3000)")
+    p.add_argument("--stream-unit", choices=["auto", "layer", "attn_mlp"], default="auto",
+                   help="streamed group: whole layers, attention/MLP halves, or the faster of both (default)")
+
+
+def _model(path: Path, dtype: torch.dtype | None, quantization: str | None):
+    """(config, format policy) of a config.json, a model directory or a GGUF file (no weights read)."""
+    from .weights.sources import open_source, weight_policy
+    if path.is_file() and path.suffix == ".json":
+        cfg = ModelConfig.from_file(path)
+        source = None
+    else:
+        source = open_source(path)
+        cfg = source.config
+    dtype = dtype or cfg.torch_dtype
+    if source is None:
+        from .weights.formats.policy import quantization_policy
+        from .weights.layout import FormatPolicy
+        policy = quantization_policy(quantization, dtype, torch.device("cuda")) if quantization else FormatPolicy(dtype)
+    else:
+        policy = weight_policy(source, quantization, dtype, torch.device("cuda"))
+    return cfg, policy
+
+
+def run_plan(a: argparse.Namespace) -> int:
+    if not a.model.exists():
+        raise FileNotFoundError(f"{a.model}: no such file or directory (a config.json, model directory or .gguf)")
+    cfg, policy = _model(a.model, parse_dtype(a.dtype), a.quantization)
+    max_seq_len = a.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings)
+    cost = CostModel(h2d_bandwidth=a.bandwidth * 1e9, hbm_bandwidth=a.hbm_bandwidth * 1e9, batch_size=a.batch)
+    p = plan_placement(cfg, parse_bytes(a.gpu_budget), a.ring_depth, a.batch, max_seq_len, policy,
+                       stream_unit=a.stream_unit, cost=cost)
+    weights = a.quantization or ("stored formats" if policy.per_tensor else str(policy.compute_dtype).replace("torch.", ""))
+    print(f"{cfg.architecture}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, weights {weights}, "
+          f"batch {a.batch}, max_seq_len {max_seq_len}, ring depth {a.ring_depth}, H2D {a.bandwidth:g} GB/s")
+    print(p.describe())
+    if p.prediction is not None:
+        print(f"predicted decode: {a.batch / p.prediction.step_time:.1f} tokens/s at batch {a.batch}")
+    else:
+        step = sum(CostModel(hbm_bandwidth=a.hbm_bandwidth * 1e9, batch_size=a.batch).compute_time(g)
+                   for g in p.groups)
+        print(f"everything is resident: predicted decode {a.batch / step:.1f} tokens/s at batch {a.batch} "
+              "(HBM-bound estimate, launch overhead included)")
+    return 0

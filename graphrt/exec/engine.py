@@ -1,0 +1,131 @@
+"""`Engine`: one model step (embedding, every group of the plan, head) over the KV cache and the ring.
+
+The engine owns the per-runtime decode state: the KV cache [layers, 2, maxB, Hkv, S, D], the RoPE
+frequencies, and the ring phase (which of the N / gcd(S, N) step plans comes next). The same
+`run_plan` issues a step eagerly or into a CUDA graph being captured (exec/graph.py). Rows of a batch
+may have different lengths (a ragged batch): each row carries its own positions, and a row's padding
+only writes KV positions past its own end, which its later steps overwrite before they read them.
+"""
+from __future__ import annotations
+
+import nvtx
+import torch
+
+from ..config import ConfigError, ModelConfig, RuntimeOptions, context_bucket
+from ..models import llama
+from ..plan.schedule import StepPlan
+from ..weights.store import WeightStore
+from .executor import StepExecutor
+
+
+class Engine:
+    def __init__(self, config: ModelConfig, options: RuntimeOptions, store: WeightStore, plans: list[StepPlan],
+                 prologue: StepPlan, dtype: torch.dtype):
+        self.config, self.options, self.store, self.dtype = config, options, store, dtype
+        self.device = store.device
+        self.plans, self.prologue = plans, prologue
+        self.executor = StepExecutor(store, options.poison_freed_slots)
+        cfg = config
+        self.kv = torch.zeros(cfg.num_layers, 2, options.max_batch_size, cfg.num_kv_heads, options.max_seq_len,
+                              cfg.head_dim, dtype=dtype, device=self.device)
+        self.inv_freq = llama.rope_inv_freq(cfg).to(self.device)
+        self.ring_step = 0          # steps run since the last prologue; selects the ring phase
+        self.ring_cold = True       # the prologue must run before the next step
+
+    # ---- limits --------------------------------------------------------------------------------
+    def check_shape(self, batch: int, length: int) -> None:
+        """Refuse a batch or a total length (prompt + new tokens) the runtime cannot hold."""
+        o, cfg = self.options, self.config
+        if batch > o.max_batch_size:
+            raise ConfigError(f"batch of {batch} sequences exceeds max_batch_size={o.max_batch_size}; "
+                              "load the runtime with a larger max_batch_size")
+        if length > cfg.max_position_embeddings:
+            raise ConfigError(f"prompt + new tokens = {length} exceeds the model's "
+                              f"{cfg.max_position_embeddings} positions (max_position_embeddings); "
+                              "shorten the prompt or generate fewer tokens")
+        if length > o.max_seq_len:
+            raise ConfigError(f"prompt + new tokens = {length} exceeds max_seq_len={o.max_seq_len}; load the "
+                              "runtime with a larger max_seq_len (--max-seq-len) or generate fewer tokens")
+
+    def phase(self) -> int:
+        return self.ring_step % len(self.plans)
+
+    def context(self, length: int) -> int:
+        return context_bucket(length, self.options.max_seq_len)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the ring's prefetched groups; the next step starts with the prologue."""
+        self.ring_cold, self.ring_step = True, 0
+
+    def forward_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx_len: int,
+                     pick: torch.Tensor | None, annotate: bool = True) -> torch.Tensor:
+        """ids, positions [B, T] on the device -> float32 logits [B, T or 1, vocab]; appends K/V.
+        pick [B] (token index per row) asks for one position per row; None for every position."""
+        if self.ring_cold:
+            self.executor.run(self.prologue, lambda g, w: None, annotate)
+            self.ring_cold, self.ring_step = False, 0
+        logits = self.run_plan(self.plans[self.phase()], ids, positions, ctx_len, pick, annotate)
+        self.ring_step += 1
+        return logits
+
+    def run_plan(self, plan: StepPlan, ids: torch.Tensor, positions: torch.Tensor, ctx_len: int,
+                 pick: torch.Tensor | None, annotate: bool = True) -> torch.Tensor:
+        """Issue one step plan (eagerly, or into a graph being captured); no ring bookkeeping."""
+        cfg = self.config
+        ctx = llama.step_context(positions, self.inv_freq, self.dtype, cfg.num_heads // cfg.num_kv_heads, ctx_len)
+        act: dict[str, torch.Tensor] = {}
+
+        def compute(group: str, w: dict) -> None:
+            layout = self.store.layouts[group]
+            if layout.kind == "embed":
+                act["h"] = llama.embed_forward(ids, w, self.dtype)
+            elif layout.kind in ("layer", "attn"):
+                fn = llama.layer_forward if layout.kind == "layer" else llama.attn_forward
+                kv = self.kv[layout.layer]
+                act["h"] = fn(act["h"], w, cfg, kv[0], kv[1], ctx)
+            elif layout.kind == "mlp":
+                act["h"] = llama.mlp_forward(act["h"], w, cfg)
+            else:
+                h = act["h"]
+                if pick is not None:  # [B, T, hidden] -> [B, 1, hidden]
+                    h = h.gather(1, pick.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))
+                embed = self.store.views("embed") if cfg.tie_word_embeddings else None
+                act["logits"] = llama.head_forward(h, w, cfg, embed)
+
+        self.executor.run(plan, compute, annotate)
+        return act["logits"]
+
+    # ---- prompts -------------------------------------------------------------------------------
+    def prefill(self, ids: torch.Tensor, lengths: list[int], start: int = 0) -> torch.Tensor:
+        """Run prompts (right-padded ids [B, T]; row b has lengths[b] tokens) in chunks from position
+        `start`; returns float32 logits [B, vocab] of each row's last token."""
+        B, T = ids.shape
+        self.check_shape(B, start + T)
+        ids = ids.to(self.device)
+        last = torch.tensor([n - 1 for n in lengths], device=self.device)
+        out = None
+        chunk = self.options.prefill_chunk
+        with nvtx.annotate("graphrt.prefill", color="orange"):
+            for c0 in range(0, T, chunk):
+                part = ids[:, c0:c0 + chunk]
+                n = part.shape[1]
+                pos = torch.arange(start + c0, start + c0 + n, device=self.device).expand(B, n)
+                logits = self.forward_step(part, pos, self.context(start + c0 + n),
+                                           (last - c0).clamp(0, n - 1))[:, 0]
+                ends_here = ((last >= c0) & (last < c0 + n))[:, None]
+                out = logits if out is None else torch.where(ends_here, logits, out)
+        return out
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Every position's float32 logits [B, T, vocab] of prompts [B, T] from position 0."""
+        B, T = ids.shape
+        self.check_shape(B, T)
+        ids = ids.to(self.device)
+        out = []
+        for c0 in range(0, T, self.options.prefill_chunk):
+            part = ids[:, c0:c0 + self.options.prefill_chunk]
+            n = part.shape[1]
+            pos = torch.arange(c0, c0 + n, device=self.device).expand(B, n)
+            out.append(self.forward_step(part, pos, self.context(c0 + n), None))
+        return torch.cat(out, dim=1)

@@ -1,0 +1,69 @@
+"""What a weight format is: how a matrix is stored in a group buffer, and the linear that reads it.
+
+A format is data the model math receives with the weight (`Weight(format, parts)`); the math calls
+`linear(x, w)` and never asks which format it has. Every part of every format lives inside the one
+contiguous group buffer, so one copy moves a quantized group (data and scales together) into a slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """One stored tensor of a weight: `name` ("w", "scale", "zero", ...), shape and dtype."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class WeightFormat(Protocol):
+    """A storage format for a [out_features, in_features] matrix (or an [vocab, hidden] embedding).
+    Implementations are frozen dataclasses (hashable, comparable, printable)."""
+    name: str
+
+    def parts(self, shape: tuple[int, int]) -> tuple[PartSpec, ...]:
+        """The tensors that store a matrix of this logical shape."""
+        ...
+
+    def encode(self, dense: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """Float matrix [out, in] -> stored parts (on the CPU; `device` is where they will be used,
+        for formats whose packed layout depends on it)."""
+        ...
+
+    def linear(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        """x [..., in] in the compute dtype -> [..., out] in the compute dtype."""
+        ...
+
+    def embedding(self, ids: torch.Tensor, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """ids [B, T] -> rows [B, T, in] in `dtype` (only formats whose rows can be gathered)."""
+        ...
+
+    def dense(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """Stored parts -> the matrix [out, in] in `dtype` (reference and CPU paths)."""
+        ...
+
+
+class Weight(NamedTuple):
+    """A matrix as the model math receives it: its format and typed views of its parts."""
+    format: WeightFormat
+    parts: dict[str, torch.Tensor]
+    shape: tuple[int, int]
+
+
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return w.format.linear(x, w.parts, bias)
+
+
+def embedding(ids: torch.Tensor, w: Weight, dtype: torch.dtype) -> torch.Tensor:
+    return w.format.embedding(ids, w.parts, dtype)

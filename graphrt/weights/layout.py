@@ -1,0 +1,145 @@
+"""Weight groups: which checkpoint tensors form a group, and how a group is packed into one buffer.
+
+A group (the embedding, a layer, or a layer's attention / MLP half, the head) is the unit that stays
+resident or streams. Its tensors are packed into one contiguous byte buffer with a fixed layout, so a
+resident GPU buffer, a pinned host buffer and a ring slot all expose the same typed views. Each matrix
+is stored in a weight format (dense, or quantized: data and scales side by side in the same buffer);
+vectors (norms, biases) are dense in the compute dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import ModelConfig
+from .formats import Dense, PartSpec, Weight, WeightFormat
+
+ALIGN = 256  # bytes; every stored tensor in a group buffer starts on this boundary
+
+
+@dataclass(frozen=True)
+class FormatPolicy:
+    """Which format each matrix is stored in. `matrix` covers the linear layers, `embedding` the token
+    table (also the LM head when tied), `lm_head` an untied head; `per_tensor` (checkpoint name ->
+    format) wins over all three (a GGUF file states each tensor's type). None means dense."""
+    compute_dtype: torch.dtype
+    matrix: WeightFormat | None = None
+    embedding: WeightFormat | None = None
+    lm_head: WeightFormat | None = None
+    per_tensor: tuple[tuple[str, WeightFormat], ...] = field(default=(), repr=False)
+
+    def format_of(self, checkpoint_name: str) -> WeightFormat:
+        for name, fmt in self.per_tensor:
+            if name == checkpoint_name:
+                return fmt
+        if checkpoint_name == "model.embed_tokens.weight":
+            chosen = self.embedding
+        elif checkpoint_name == "lm_head.weight":
+            chosen = self.lm_head
+        else:
+            chosen = self.matrix
+        return chosen or Dense(self.compute_dtype)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    key: str                              # short name inside the group, e.g. "q" or "gate"
+    checkpoint_name: str                  # Hugging Face tensor name
+    shape: tuple[int, ...]                # logical shape ([out, in] for a matrix)
+    format: WeightFormat
+    parts: tuple[tuple[PartSpec, int], ...]  # stored tensors and their byte offsets in the buffer
+
+    @property
+    def is_matrix(self) -> bool:
+        return len(self.shape) == 2
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    name: str                # "embed", "layer.3", "attn.3", "mlp.3", "head"
+    kind: str                # "embed" | "layer" | "attn" | "mlp" | "head"
+    layer: int | None
+    tensors: tuple[TensorSpec, ...]
+    nbytes: int
+
+    def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor | Weight]:
+        """Typed views over a uint8 buffer of at least `nbytes` (host, device or ring slot): a `Weight`
+        for each matrix, a plain tensor for each vector."""
+        out: dict[str, torch.Tensor | Weight] = {}
+        for t in self.tensors:
+            parts = {p.name: buffer[o:o + p.nbytes].view(p.dtype).view(p.shape) for p, o in t.parts}
+            out[t.key] = Weight(t.format, parts, t.shape) if t.is_matrix else parts["w"]
+        return out
+
+    @property
+    def num_params(self) -> int:
+        return sum(_numel(t.shape) for t in self.tensors)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _layout(name: str, kind: str, layer: int | None, policy: FormatPolicy,
+            entries: list[tuple[str, str, tuple[int, ...]]]) -> GroupLayout:
+    specs, offset = [], 0
+    for key, ckpt, shape in entries:
+        fmt = policy.format_of(ckpt) if len(shape) == 2 else Dense(policy.compute_dtype)
+        parts = []
+        for p in (fmt.parts(shape) if len(shape) == 2 else (PartSpec("w", shape, policy.compute_dtype),)):
+            parts.append((p, offset))
+            offset += -(-p.nbytes // ALIGN) * ALIGN
+        specs.append(TensorSpec(key, ckpt, shape, fmt, tuple(parts)))
+    return GroupLayout(name, kind, layer, tuple(specs), offset)
+
+
+def _attn_entries(cfg: ModelConfig, i: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    p, h = f"model.layers.{i}.", cfg.hidden_size
+    e = [("input_norm", p + "input_layernorm.weight", (h,)),
+         ("q", p + "self_attn.q_proj.weight", (cfg.q_size, h)),
+         ("k", p + "self_attn.k_proj.weight", (cfg.kv_size, h)),
+         ("v", p + "self_attn.v_proj.weight", (cfg.kv_size, h))]
+    if cfg.qkv_bias:
+        e += [("q_bias", p + "self_attn.q_proj.bias", (cfg.q_size,)),
+              ("k_bias", p + "self_attn.k_proj.bias", (cfg.kv_size,)),
+              ("v_bias", p + "self_attn.v_proj.bias", (cfg.kv_size,))]
+    e.append(("o", p + "self_attn.o_proj.weight", (h, cfg.q_size)))
+    return e
+
+
+def _mlp_entries(cfg: ModelConfig, i: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    p, h, f = f"model.layers.{i}.", cfg.hidden_size, cfg.intermediate_size
+    return [("post_norm", p + "post_attention_layernorm.weight", (h,)),
+            ("gate", p + "mlp.gate_proj.weight", (f, h)),
+            ("up", p + "mlp.up_proj.weight", (f, h)),
+            ("down", p + "mlp.down_proj.weight", (h, f))]
+
+
+def model_groups(cfg: ModelConfig, policy: FormatPolicy | torch.dtype,
+                 stream_unit: str = "layer") -> list[GroupLayout]:
+    """All groups in execution order: embed, layers (whole or attn/mlp halves), head.
+    `policy` may be a plain dtype: every matrix dense in it."""
+    if isinstance(policy, torch.dtype):
+        policy = FormatPolicy(policy)
+    v, h = cfg.vocab_size, cfg.hidden_size
+    groups = [_layout("embed", "embed", None, policy, [("embed", "model.embed_tokens.weight", (v, h))])]
+    for i in range(cfg.num_layers):
+        if stream_unit == "layer":
+            groups.append(_layout(f"layer.{i}", "layer", i, policy, _attn_entries(cfg, i) + _mlp_entries(cfg, i)))
+        else:
+            groups.append(_layout(f"attn.{i}", "attn", i, policy, _attn_entries(cfg, i)))
+            groups.append(_layout(f"mlp.{i}", "mlp", i, policy, _mlp_entries(cfg, i)))
+    head = [("norm", "model.norm.weight", (h,))]
+    if not cfg.tie_word_embeddings:
+        head.append(("lm_head", "lm_head.weight", (v, h)))
+    groups.append(_layout("head", "head", None, policy, head))
+    return groups
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape, for validation."""
+    return {t.checkpoint_name: t.shape for g in model_groups(cfg, torch.float32) for t in g.tensors}
