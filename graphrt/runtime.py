@@ -21,7 +21,7 @@ from .exec.engine import Engine
 from .exec.graph import DecodeGraph, GraphCache, pad_prompts
 from .plan.placement import CostModel, Placement, plan_placement
 from .plan.schedule import build_plans, build_prologue
-from .sampling import SamplingParams
+from .sampling import SEED_STRIDE, SamplingParams
 from .weights.sources import open_source, weight_policy
 from .weights.store import WeightStore
 
@@ -149,9 +149,17 @@ class Runtime:
                  use_graph: bool | None = None) -> torch.Tensor | list[list[int]]:
         """Prompts as a [B, T] tensor -> [B, T + n] on the device (rows that ended at EOS are filled
         with it); as B lists of ids of any lengths -> B lists (prompt + new tokens, each up to and
-        including its own EOS when stop_at_eos). Each row decodes as it would alone."""
+        including its own EOS when stop_at_eos). Each row decodes as it would alone; a list longer
+        than max_batch_size runs in batches of that size."""
         chunk = 32 if stop_at_eos else max_new_tokens
-        rows = Rows(len(self._prompts(prompts)[1]))
+        n, most = len(self._prompts(prompts)[1]), self.options.max_batch_size
+        if not isinstance(prompts, torch.Tensor) and n > most:
+            if isinstance(seed, int):  # the seeds the rows would have in one batch
+                seed = [seed + b * SEED_STRIDE for b in range(n)]
+            return [row for i in range(0, n, most) for row in self.generate(
+                prompts[i:i + most], max_new_tokens, temperature, top_k, top_p,
+                seed[i:i + most] if seed is not None else None, stop_at_eos, use_graph)]
+        rows = Rows(n)
         for gained in self.stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos,
                                   use_graph, chunk=chunk):
             for r, got in enumerate(gained):

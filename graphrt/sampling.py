@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 _M32 = 0xFFFFFFFF
+SEED_STRIDE = 0x632BE5AB  # row b of a batch seeded with s draws with seed s + b * SEED_STRIDE
 
 
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
 @dataclass(frozen=True)
 class SamplingParams:
     """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters. seed: one int for the batch
-    (row b draws with seed + b * 0x632BE5AB), one int per row (a row then draws exactly as it would
+    (row b draws with seed + b * SEED_STRIDE), one int per row (a row then draws exactly as it would
     alone with that seed), or None (a fresh random seed)."""
     temperature: float = 0.0
     top_k: int = 0
@@ -83,7 +84,7 @@ class SamplingParams:
         """(temperature, top_k, top_p, seed), each [batch] on `device`."""
         if self.seed is None or isinstance(self.seed, int):
             base = int(torch.randint(0, 2**31 - 1, ()).item()) if self.seed is None else self.seed
-            seeds = torch.arange(batch, dtype=torch.int64) * 0x632BE5AB + base
+            seeds = torch.arange(batch, dtype=torch.int64) * SEED_STRIDE + base
         else:
             if len(self.seed) != batch:
                 raise ValueError(f"got {len(self.seed)} seeds for {batch} prompts; give one per prompt or one int")
