@@ -12,8 +12,8 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "default"])
 @pytest.mark.parametrize("mode", ["resident", "half", "full"])
-def test_graph_equals_eager(name, mode, make_ckpt, default_model):
-    path = model_path(name, make_ckpt, default_model)
+def test_graph_equals_eager(name, mode, make_ckpt, request):
+    path = model_path(name, make_ckpt, request)
     dtype = "bfloat16" if name == "default" else "float32"
     for n in ((3,) if mode == "resident" else (2, 3, 5)):
         rt = runtime(path, mode, n, dtype=dtype, max_batch_size=8, max_seq_len=160)

@@ -41,16 +41,16 @@ def test_default_model_bf16_is_coherent(default_model):
 MODELS = ["llama", "qwen2", "default"]
 
 
-def model_path(name, make_ckpt, default_model):
-    if name == "default":
-        return default_model
+def model_path(name, make_ckpt, request):
+    if name == "default":  # only these cases need the default model (its GGUF travels separately)
+        return request.getfixturevalue("default_model")
     arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[name]
     return make_ckpt(f"mid-{name}", **{**MID, "arch": arch})
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_streamed_equals_resident_64_steps(name, make_ckpt, default_model):
-    path = model_path(name, make_ckpt, default_model)
+def test_streamed_equals_resident_64_steps(name, make_ckpt, request):
+    path = model_path(name, make_ckpt, request)
     dtype = "bfloat16" if name == "default" else "float32"
     ids = torch.randint(3, 1000, (2, 20), generator=torch.Generator().manual_seed(3))
     ref = runtime(path, "resident", dtype=dtype, max_batch_size=2)

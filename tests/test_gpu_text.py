@@ -36,7 +36,7 @@ def test_ragged_streamed_equals_resident_graph(make_ckpt):
     assert runtime(path, "full", 3, max_batch_size=4, poison_freed_slots=True).generate(ps, 40) == want
 
 
-def test_chat_session_on_graph_matches_eager(default_model):
+def test_chat_session_default_model_graph_matches_eager(default_model):
     from graphrt import Runtime
     rt = Runtime.from_pretrained(default_model, device="cuda", dtype="float32", max_seq_len=512)
     replies = {}
