@@ -10,6 +10,8 @@ sequence owns. Rows may have different lengths: positions live on the device, on
 """
 from __future__ import annotations
 
+import gc
+
 import nvtx
 import torch
 
@@ -78,11 +80,18 @@ class GraphCache:
                     self.step_body(*key)
                     self.positions.zero_()
             torch.cuda.current_stream().wait_stream(self.stream)
-            for key in todo:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="global"):
-                    self.step_body(*key)
-                self.graphs[key] = graph
+            # A runtime collected mid-capture would synchronize and unpin its host buffers, which a
+            # capture forbids: collect first, and not during the capture.
+            gc.collect()
+            gc.disable()
+            try:
+                for key in todo:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="global"):
+                        self.step_body(*key)
+                    self.graphs[key] = graph
+            finally:
+                gc.enable()
             torch.cuda.synchronize()
         e.reset()
 

@@ -1,10 +1,49 @@
-"""Quantization on load (the quantized formats land in the next commit)."""
+"""Quantization on load: which format each matrix of a float checkpoint is stored in.
+
+`quantization_policy(name, compute_dtype, device)`:
+  "int8"  every linear layer Int8 (per-channel int8, see int8.py)
+  "fp8"   every linear layer FP8 (e4m3 + per-channel scale, see fp8.py); CUDA devices need compute
+          capability >= 8.9 (ConfigError otherwise)
+  "int4"  every linear layer Int4 (groups of 128 along `in`, fewer where `in` needs it; see int4.py), packed for
+          the device it will run on ("cuda" tinygemm layout on a CUDA device, "cpu" layout otherwise)
+  None    nothing quantized (every matrix dense in the compute dtype)
+The token embedding stays dense in the compute dtype: decode reads only B rows of it per step, so quantizing
+it saves memory but no time, and a dense table is exact. The LM head, when untied, is quantized like the other
+matrices (it is the largest matrix and is read whole every step). A tied LM head *is* the embedding table, so
+it stays dense with it.
+"""
 from __future__ import annotations
 
 import torch
 
-QUANTIZATIONS: tuple[str, ...] = ()
+from ...config import ConfigError
+from ..layout import FormatPolicy
+from .fp8 import FP8, fp8_supported
+from .int4 import Int4
+from .int8 import Int8
+
+QUANTIZATIONS: tuple[str, ...] = ("int8", "fp8", "int4")
 
 
-def quantization_policy(quantization: str, compute_dtype: torch.dtype, device: torch.device):
-    raise ValueError(f"unknown quantization {quantization!r}")
+def quantization_policy(quantization: str | None, compute_dtype: torch.dtype,
+                        device: torch.device | str) -> FormatPolicy:
+    device = torch.device(device)
+    if quantization is None:
+        return FormatPolicy(compute_dtype)
+    if quantization == "int8":
+        fmt = Int8(compute_dtype)
+    elif quantization == "fp8":
+        if not fp8_supported(device):
+            what = device
+            if device.type == "cuda" and torch.cuda.is_available():
+                major, minor = torch.cuda.get_device_capability(device)
+                what = f"{device} ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor})"
+            raise ConfigError(f"quantization='fp8' needs a GPU of compute capability 8.9 or newer (Ada, Hopper, "
+                              f"Blackwell) or the CPU; {what} has no FP8 GEMM. Use quantization='int8' or 'int4'")
+        fmt = FP8(compute_dtype)
+    elif quantization == "int4":
+        fmt = Int4(compute_dtype, group_size=128, packing="cuda" if device.type == "cuda" else "cpu")
+    else:
+        raise ConfigError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)} "
+                          "(or None for unquantized weights)")
+    return FormatPolicy(compute_dtype, matrix=fmt, embedding=None, lm_head=fmt)

@@ -1,0 +1,235 @@
+"""Int4 weight-only quantization, asymmetric, in groups along `in` (the tinygemm format of ATen).
+
+Quantization of an [out, in] matrix W, for each row o and group g (columns g*G .. g*G+G-1):
+    scale = bf16((max - min) / 15)          zero = bf16(min + 8 * scale)
+    q     = clamp(round((W - zero) / scale) + 8, 0, 15)          (q = 8 where scale == 0)
+Dequantized value, as both ATen kernels compute it (verified exactly on the CPU against
+`_weight_int4pack_mm_for_cpu` with an identity input, and read in aten/src/ATen/native/cuda/int4mm.cu):
+    W'[o, i] = (q[o, i] - 8) * scale[g, o] + zero[g, o]          g = i // G
+  CPU kernel: in float32 (one fma; (q - 8) * scale is exact in float32), so `dense(parts, float32)` is exactly
+  the kernel's matrix. CUDA kernel: one bfloat16 fma (`__hfma2`), i.e. the same value rounded once to bfloat16,
+  which equals `dense(parts, bfloat16)` except where the float32 sum itself was inexact (double rounding).
+
+Parts (`G` = the group size actually used, `T` = inner k-tiles, see `_geometry`):
+    packing "cpu":   w                 uint8    [out, in/2]      `_convert_weight_to_int4pack_for_cpu(q int32, T)`
+    packing "cuda":  w                 int32    [out/8, in/(T*16), 32, T/2]
+                                                                 `_convert_weight_to_int4pack(q uint8 [out, in/2], T)`
+                                                                 (byte = q[2j] << 4 | q[2j+1]); shape checked
+                                                                 against torch's Meta kernel in the tests
+    both:            scales_and_zeros  bfloat16 [in/G, out, 2]   [..., 0] = scale, [..., 1] = zero
+
+The group size: `group_size` (default 128) when it divides `in`, else the largest of 64, 32 that does (e.g. 576
+columns use groups of 64). The packed layout needs `out` % 16 == 0 ("cpu") / % 8 == 0 ("cuda") and `in` % 32 == 0;
+other shapes raise a ValueError from `parts`. T is the largest of 8, 4, 2 with `in` % (16 T) == 0 (the CPU
+kernel ignores it; the CUDA layout depends on it).
+
+linear:
+  CPU   `torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, G, scales_and_zeros)`: bfloat16 activations go in as
+        they are; float32 / float16 activations run the kernel in float32 (scales converted to float32, which
+        the kernel wants in the activation dtype) and the result is cast back.
+  CUDA  `torch.ops.aten._weight_int4pack_mm(x_bf16, w, G, scales_and_zeros)` (needs sm80+, bfloat16 only: other
+        compute dtypes are cast to bfloat16 and back).
+The CPU packed layout depends on the CPU's vector ISA (AVX512: blocks of 64 rows, AVX2 / default: 32, ...), so
+parts packed for "cpu" belong to the machine that packed them; `dense` recovers q by probing the pack op once
+per row count (see `_cpu_nibble_index`). The CUDA layout is unpacked by its formula (`_tinygemm_index`).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .base import PartSpec
+
+PACKINGS = ("cpu", "cuda")
+_ROW_ALIGN = {"cpu": 16, "cuda": 8}
+
+
+def _geometry(shape: tuple[int, int], group_size: int, packing: str) -> tuple[int, int]:
+    """(group size, inner k-tiles) for an [out, in] matrix; ValueError for shapes the kernels cannot take."""
+    out, inp = shape
+    if inp % 32 or out % _ROW_ALIGN[packing]:
+        raise ValueError(f"int4 ({packing} packing) needs in_features % 32 == 0 and out_features % "
+                         f"{_ROW_ALIGN[packing]} == 0; a [{out}, {inp}] matrix does not fit: use int8 or fp8")
+    group = next(g for g in (group_size, 128, 64, 32) if g <= group_size and inp % g == 0)
+    tiles = next(t for t in (8, 4, 2) if inp % (16 * t) == 0)
+    return group, tiles
+
+
+@dataclass(frozen=True)
+class Int4:
+    compute_dtype: torch.dtype
+    group_size: int = 128
+    packing: str = "cpu"
+    name: str = field(default="int4", init=False)
+
+    def __post_init__(self) -> None:
+        if self.packing not in PACKINGS:
+            raise ValueError(f"int4 packing must be one of {PACKINGS}, got {self.packing!r}")
+        if self.group_size not in (32, 64, 128, 256):
+            raise ValueError(f"int4 group_size must be 32, 64, 128 or 256, got {self.group_size}")
+
+    def parts(self, shape: tuple[int, int]) -> tuple[PartSpec, ...]:
+        out, inp = (int(s) for s in shape)
+        group, tiles = _geometry((out, inp), self.group_size, self.packing)
+        if self.packing == "cpu":
+            w = PartSpec("w", (out, inp // 2), torch.uint8)
+        else:
+            w = PartSpec("w", (out // 8, inp // (tiles * 16), 32, tiles // 2), torch.int32)
+        return (w, PartSpec("scales_and_zeros", (inp // group, out, 2), torch.bfloat16))
+
+    # ---- quantization --------------------------------------------------------------------------
+    def quantize(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """W [out, in] -> (q int32 [out, in] in 0..15, scales_and_zeros bf16 [in/G, out, 2])."""
+        w = dense.detach().to("cpu", torch.float32)
+        out, inp = w.shape
+        group, _ = _geometry((out, inp), self.group_size, self.packing)
+        wg = w.view(out, inp // group, group)
+        lo, hi = wg.amin(dim=2), wg.amax(dim=2)
+        scale = ((hi - lo) / 15.0).to(torch.bfloat16).to(torch.float32)
+        zero = (lo + 8.0 * scale).to(torch.bfloat16).to(torch.float32)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round((wg - zero[..., None]) / safe[..., None]) + 8.0
+        q = torch.where(scale[..., None] > 0, q, torch.full_like(q, 8.0)).clamp_(0, 15)
+        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        return q.view(out, inp).to(torch.int32), sz
+
+    def encode(self, dense: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        q, sz = self.quantize(dense)
+        group, tiles = _geometry(tuple(q.shape), self.group_size, self.packing)
+        if self.packing == "cpu":
+            w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, tiles)
+        elif torch.device(device).type == "cuda":
+            w = torch.ops.aten._convert_weight_to_int4pack(_to_uint8_pairs(q).to(device), tiles).cpu()
+        else:  # the same layout, built on the CPU (tests, or packing ahead of time)
+            w = pack_tinygemm(q, tiles)
+        return {"w": w, "scales_and_zeros": sz}
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def unpack(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The int32 codes q [out, in] (0..15) back from the packed part."""
+        w = parts["w"]
+        if self.packing == "cpu":
+            n, kh = w.shape
+            nib = torch.stack([w & 15, w >> 4], dim=-1).reshape(-1)
+            return nib[_cpu_nibble_index(n, 2 * kh, w.device)].to(torch.int32)
+        return unpack_tinygemm(w)
+
+    def dense(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        q = self.unpack(parts)
+        sz = parts["scales_and_zeros"].to(torch.float32)
+        out, inp = q.shape
+        group = inp // sz.shape[0]
+        scale = sz[..., 0].t().repeat_interleave(group, dim=1)
+        zero = sz[..., 1].t().repeat_interleave(group, dim=1)
+        return ((q.to(torch.float32) - 8.0) * scale + zero).to(dtype)
+
+    def linear(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        w, sz = parts["w"], parts["scales_and_zeros"]
+        inp = x.shape[-1]
+        group = inp // sz.shape[0]
+        out = sz.shape[1]
+        x2 = x.reshape(-1, inp)
+        if self.packing != x.device.type:  # parts packed for the other device: reference path
+            return F.linear(x, self.dense(parts, x.dtype), bias)
+        if x.device.type == "cpu":
+            if x.dtype == torch.bfloat16:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w, group, sz)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.float32), w, group, sz.to(torch.float32))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), w, group, sz)
+        y = y.to(x.dtype).view(*x.shape[:-1], out)
+        return y + bias if bias is not None else y
+
+    def embedding(self, ids: torch.Tensor, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """Reference only (dequantizes the whole matrix): policies keep the token table dense."""
+        return F.embedding(ids, self.dense(parts, dtype))
+
+
+# ---- the CUDA (tinygemm, m16n8k16) layout -----------------------------------------------------------
+def _to_uint8_pairs(q: torch.Tensor) -> torch.Tensor:
+    """int32 codes [n, k] -> uint8 [n, k/2], byte j = q[2j] << 4 | q[2j+1] (the CUDA pack op's input)."""
+    return ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8)
+
+
+def _tinygemm_index(n: int, k: int, tiles: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """For the packed int32 tensor [n/8, k/(16T), 32, T/2] and its 8 nibbles (slot s = bits 4s..4s+3), the flat
+    index n_idx * k + k_idx of the weight each nibble holds: [n/8, k/(16T), 32, T/2, 8] int64.
+
+    From matrix_to_m16n8k16_Bint4_layout (aten/src/ATen/native/cuda/int4mm.cu): lane t of n-tile nt, outer
+    k-tile ko, inner pair j reads row nt*8 + t//4 and the bytes kb(s') = (ko*T + 2j)*8 + 4*s' + t%4, s' = 0..3;
+    slot s' holds the byte's high nibble (even k = 2*kb), slot s'+4 its low nibble (odd k = 2*kb + 1)."""
+    kt = k // (16 * tiles)
+    ar = functools.partial(torch.arange, device=device)
+    nt = ar(n // 8).view(-1, 1, 1, 1, 1)
+    ko = ar(kt).view(1, -1, 1, 1, 1)
+    lane = ar(32).view(1, 1, -1, 1, 1)
+    j = ar(tiles // 2).view(1, 1, 1, -1, 1)
+    s = ar(8).view(1, 1, 1, 1, -1)
+    row = nt * 8 + lane // 4
+    byte = (ko * tiles + 2 * j) * 8 + 4 * (s % 4) + lane % 4
+    col = 2 * byte + (s >= 4).long()
+    return row * k + col
+
+
+def pack_tinygemm(q: torch.Tensor, tiles: int) -> torch.Tensor:
+    """Pure-torch equivalent of `_convert_weight_to_int4pack(_to_uint8_pairs(q), tiles)` (int32 codes in)."""
+    n, k = q.shape
+    nib = q.reshape(-1).to(torch.int64)[_tinygemm_index(n, k, tiles, q.device)]
+    shifts = 4 * torch.arange(8, dtype=torch.int64, device=q.device)
+    word = (nib << shifts).sum(dim=-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def unpack_tinygemm(w: torch.Tensor) -> torch.Tensor:
+    """Packed int32 [n/8, k/(16T), 32, T/2] -> int32 codes [n, k]."""
+    nt, kt, _, half = w.shape
+    tiles = 2 * half
+    n, k = nt * 8, kt * 16 * tiles
+    shifts = 4 * torch.arange(8, dtype=torch.int32, device=w.device)
+    nib = (w.unsqueeze(-1) >> shifts) & 15
+    q = torch.empty(n * k, dtype=torch.int32, device=w.device)
+    q[_tinygemm_index(n, k, tiles, w.device).reshape(-1)] = nib.reshape(-1)
+    return q.view(n, k)
+
+
+# ---- the CPU layout -----------------------------------------------------------------------------
+def _probe_positions(n: int, k: int) -> torch.Tensor:
+    """Nibble position (2 * byte + (1 if high nibble)) in `_convert_weight_to_int4pack_for_cpu`'s output of every
+    weight (n_idx, k_idx) of an [n, k] matrix, found by packing the flat index 4 bits at a time."""
+    total = n * k
+    flat = torch.arange(total, dtype=torch.int64).view(n, k)
+    source = torch.zeros(total, dtype=torch.int64)
+    for p in range((max(total - 1, 1).bit_length() + 3) // 4):
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(((flat >> (4 * p)) & 15).to(torch.int32), 2)
+        source |= torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1).to(torch.int64) << (4 * p)
+    position = torch.empty(total, dtype=torch.int64)
+    position[source] = torch.arange(total)
+    return position.view(n, k)
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_row_model(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CPU layout packs rows in blocks: nibble position of (row, col) in an [n, k] matrix is
+    block_start[row] * k + 2 * col * block_rows_half[row] + offset[row]. Measured from the op at k = 2 and
+    k = 4, then checked at k = 6 (a layout that does not follow this model raises rather than misreads)."""
+    p2, p4, p6 = _probe_positions(n, 2), _probe_positions(n, 4), _probe_positions(n, 6)
+    start = (p4[:, 0] - p2[:, 0]) // 2          # block_start (rows before this row's block)
+    stride = p2[:, 1] - p2[:, 0]                # nibbles per column within the block
+    offset = p2[:, 0] - 2 * start
+    cols = torch.arange(6)
+    model = start[:, None] * 6 + cols[None, :] * stride[:, None] + offset[:, None]
+    if not torch.equal(model, p6):
+        raise RuntimeError("this torch build packs int4 weights for the CPU in a layout graphrt does not know; "
+                           "use quantization='int8' on the CPU")
+    return start, stride, offset
+
+
+def _cpu_nibble_index(n: int, k: int, device: torch.device) -> torch.Tensor:
+    """[n, k] int64: position of each weight's nibble in the flattened nibbles of the CPU-packed [n, k/2] bytes."""
+    start, stride, offset = _cpu_row_model(n)
+    cols = torch.arange(k, dtype=torch.int64)
+    return (start[:, None] * k + cols[None, :] * stride[:, None] + offset[:, None]).to(device)
