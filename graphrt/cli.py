@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import DTYPES, ConfigError, parse_bytes
+from .weights.formats.policy import QUANTIZATIONS
 from .default_model import FetchError, default_model_dir, describe_default_location
 
 OPTION_FLAGS = ("max_seq_len", "max_batch_size", "gpu_budget", "ring_depth", "max_new_tokens", "temperature",
@@ -203,7 +204,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the checkpoint's on CUDA, "
                    "float32 on the CPU)")
-    p.add_argument("--quantization", choices=["int8", "fp8", "int4"], help="quantize the weights on load")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, help="quantize the weights on load")
     p.add_argument("--gpu-budget", type=_size, help="GPU memory for graphrt, e.g. 12GiB (default: free memory "
                    "minus 1 GiB)")
     p.add_argument("--ring-depth", type=_positive(2), default=3, help="streamed weight slots")

@@ -9,6 +9,7 @@ import torch
 from .config import DTYPES, ModelConfig, parse_bytes, parse_dtype
 from .plan.placement import CostModel, plan_placement
 from .runtime import DEFAULT_MAX_SEQ_LEN
+from .weights.formats.policy import QUANTIZATIONS
 
 
 def add_plan_flags(p: argparse.ArgumentParser, positive, number, size) -> None:
@@ -20,7 +21,7 @@ def add_plan_flags(p: argparse.ArgumentParser, positive, number, size) -> None:
                    help=f"default: {DEFAULT_MAX_SEQ_LEN} or the model's positions, whichever is smaller "
                    "(the same default as generate)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--quantization", choices=["int8", "fp8", "int4"], help="plan quantized weights")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, help="plan quantized weights")
     p.add_argument("--bandwidth", type=number(0, low_open=True), default=55.0,
                    help="host-to-device GB/s (default 55)")
     p.add_argument("--hbm-bandwidth", type=number(0, low_open=True), default=3000.0,

@@ -12,6 +12,12 @@ from typing import NamedTuple, Protocol
 import torch
 
 
+# Rows (tokens) up to which weight-only kernels (int8/int4 GEMV) run; above it (prefill) a format
+# dequantizes once and runs a dense GEMM. The choice depends on shapes only, so eager and captured
+# steps of the same shape take the same path.
+GEMV_MAX_ROWS = 16
+
+
 @dataclass(frozen=True)
 class PartSpec:
     """One stored tensor of a weight: `name` ("w", "scale", "zero", ...), shape and dtype."""

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .base import PartSpec
+from .base import GEMV_MAX_ROWS, PartSpec
 
 PACKINGS = ("cpu", "cuda")
 _ROW_ALIGN = {"cpu": 16, "cuda": 8}
@@ -56,6 +56,24 @@ def _geometry(shape: tuple[int, int], group_size: int, packing: str) -> tuple[in
     group = next(g for g in (group_size, 128, 64, 32) if g <= group_size and inp % g == 0)
     tiles = next(t for t in (8, 4, 2) if inp % (16 * t) == 0)
     return group, tiles
+
+
+CLIP_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8)  # candidate group ranges [lo, hi] * shrink
+
+
+def _affine_codes(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """Groups wg [out, n, G] with ranges lo, hi [out, n] -> (q in 0..15 as float, scale, zero), scale and
+    zero rounded to bfloat16 as stored."""
+    scale = ((hi - lo) / 15.0).to(torch.bfloat16).to(torch.float32)
+    zero = (lo + 8.0 * scale).to(torch.bfloat16).to(torch.float32)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((wg - zero[..., None]) / safe[..., None]) + 8.0
+    q = torch.where(scale[..., None] > 0, q, torch.full_like(q, 8.0)).clamp_(0, 15)
+    return q, scale, zero
+
+
+def _affine_values(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q - 8.0) * scale[..., None] + zero[..., None]
 
 
 @dataclass(frozen=True)
@@ -81,23 +99,31 @@ class Int4:
         return (w, PartSpec("scales_and_zeros", (inp // group, out, 2), torch.bfloat16))
 
     # ---- quantization --------------------------------------------------------------------------
-    def quantize(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """W [out, in] -> (q int32 [out, in] in 0..15, scales_and_zeros bf16 [in/G, out, 2])."""
-        w = dense.detach().to("cpu", torch.float32)
+    def quantize(self, dense: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """W [out, in] -> (q int32 [out, in] in 0..15, scales_and_zeros bf16 [in/G, out, 2]), on the CPU;
+        the range search runs on `device` (a GPU makes quantizing a large model on load quick)."""
+        w = dense.detach().to(device, torch.float32)
         out, inp = w.shape
         group, _ = _geometry((out, inp), self.group_size, self.packing)
         wg = w.view(out, inp // group, group)
         lo, hi = wg.amin(dim=2), wg.amax(dim=2)
-        scale = ((hi - lo) / 15.0).to(torch.bfloat16).to(torch.float32)
-        zero = (lo + 8.0 * scale).to(torch.bfloat16).to(torch.float32)
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round((wg - zero[..., None]) / safe[..., None]) + 8.0
-        q = torch.where(scale[..., None] > 0, q, torch.full_like(q, 8.0)).clamp_(0, 15)
+        best = None
+        for shrink in CLIP_SHRINKS:  # clip the range where that lowers the group's squared error
+            cand = _affine_codes(wg, lo * shrink, hi * shrink)
+            err = (_affine_values(*cand) - wg).pow(2).sum(dim=2)
+            if best is None:
+                best, best_err = cand, err
+            else:
+                better = err < best_err
+                best = tuple(torch.where(better[..., None] if t.dim() == 3 else better, t, b)
+                             for t, b in zip(cand, best))
+                best_err = torch.minimum(err, best_err)
+        q, scale, zero = best
         sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        return q.view(out, inp).to(torch.int32), sz
+        return q.view(out, inp).to(torch.int32).cpu(), sz.cpu()
 
     def encode(self, dense: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        q, sz = self.quantize(dense)
+        q, sz = self.quantize(dense, device if torch.device(device).type == "cuda" else "cpu")
         group, tiles = _geometry(tuple(q.shape), self.group_size, self.packing)
         if self.packing == "cpu":
             w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, tiles)
@@ -132,7 +158,9 @@ class Int4:
         group = inp // sz.shape[0]
         out = sz.shape[1]
         x2 = x.reshape(-1, inp)
-        if self.packing != x.device.type:  # parts packed for the other device: reference path
+        if self.packing != x.device.type or x2.shape[0] > GEMV_MAX_ROWS:
+            # parts packed for the other device (reference path), or many rows (prefill), where one
+            # dequantization and a dense GEMM beat the GEMV-shaped kernel (measured 50x on the CPU)
             return F.linear(x, self.dense(parts, x.dtype), bias)
         if x.device.type == "cpu":
             if x.dtype == torch.bfloat16:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .base import PartSpec
+from .base import GEMV_MAX_ROWS, PartSpec
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Int8:
 
     def linear(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
         w, scale = parts["w"], parts["scale"]
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and x.numel() // x.shape[-1] <= GEMV_MAX_ROWS:
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), w, scale.to(x.dtype))
             y = y.view(*x.shape[:-1], w.shape[0])
             return y + bias if bias is not None else y

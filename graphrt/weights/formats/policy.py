@@ -5,7 +5,10 @@
   "fp8"   every linear layer FP8 (e4m3 + per-channel scale, see fp8.py); CUDA devices need compute
           capability >= 8.9 (ConfigError otherwise)
   "int4"  every linear layer Int4 (groups of 128 along `in`, fewer where `in` needs it; see int4.py), packed for
-          the device it will run on ("cuda" tinygemm layout on a CUDA device, "cpu" layout otherwise)
+          the device it will run on ("cuda" tinygemm layout on a CUDA device, "cpu" layout otherwise);
+          "int4-g64" / "int4-g32": smaller groups, 0.25 / 0.75 bits per weight more, closer to the original (a
+          checkpoint that was itself 4-bit in blocks of 32, as GGUF Q4_0/Q4_1 are, survives groups of 32 almost
+          exactly)
   None    nothing quantized (every matrix dense in the compute dtype)
 The token embedding stays dense in the compute dtype: decode reads only B rows of it per step, so quantizing
 it saves memory but no time, and a dense table is exact. The LM head, when untied, is quantized like the other
@@ -22,7 +25,7 @@ from .fp8 import FP8, fp8_supported
 from .int4 import Int4
 from .int8 import Int8
 
-QUANTIZATIONS: tuple[str, ...] = ("int8", "fp8", "int4")
+QUANTIZATIONS: tuple[str, ...] = ("int8", "fp8", "int4", "int4-g64", "int4-g32")
 
 
 def quantization_policy(quantization: str | None, compute_dtype: torch.dtype,
@@ -30,6 +33,9 @@ def quantization_policy(quantization: str | None, compute_dtype: torch.dtype,
     device = torch.device(device)
     if quantization is None:
         return FormatPolicy(compute_dtype)
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)} "
+                          "(or None for unquantized weights)")
     if quantization == "int8":
         fmt = Int8(compute_dtype)
     elif quantization == "fp8":
@@ -41,9 +47,7 @@ def quantization_policy(quantization: str | None, compute_dtype: torch.dtype,
             raise ConfigError(f"quantization='fp8' needs a GPU of compute capability 8.9 or newer (Ada, Hopper, "
                               f"Blackwell) or the CPU; {what} has no FP8 GEMM. Use quantization='int8' or 'int4'")
         fmt = FP8(compute_dtype)
-    elif quantization == "int4":
-        fmt = Int4(compute_dtype, group_size=128, packing="cuda" if device.type == "cuda" else "cpu")
-    else:
-        raise ConfigError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)} "
-                          "(or None for unquantized weights)")
+    elif quantization.startswith("int4"):
+        group = 128 if quantization == "int4" else int(quantization.split("-g")[1])
+        fmt = Int4(compute_dtype, group_size=group, packing="cuda" if device.type == "cuda" else "cpu")
     return FormatPolicy(compute_dtype, matrix=fmt, embedding=None, lm_head=fmt)
