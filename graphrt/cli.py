@@ -194,6 +194,10 @@ def _bench(a: argparse.Namespace) -> int:
     import torch
     if not torch.cuda.is_available():
         raise UsageError("graphrt bench measures GPU decoding and needs a CUDA device; none is available here")
+    if a.only == "quant":
+        from .bench.quant import run_quant_bench
+        run_quant_bench(a.out, a.layers, a.model)
+        return 0
     from .bench.run import run_bench
     return run_bench(a)
 
@@ -254,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=_positive(), default=8, help="layers of the default bench model")
     b.add_argument("--out", type=Path, default=Path("bench-results"))
     b.add_argument("--quick", action="store_true", help="fewer budgets and steps")
+    b.add_argument("--only", choices=["quant"], help="quant: bf16/int8/fp8/int4, resident and streamed "
+                   "(quant.json, quant.md)")
     b.set_defaults(fn=_bench)
     return ap
 

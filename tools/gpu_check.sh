@@ -42,8 +42,9 @@ if has model; then
   fi
 fi
 if has quant; then
-  pytest_gpu gpu_quant_tests tests/test_gpu_quant.py
-  python3 tools/bench_quant.py --out "$OUT" 2>&1 | tee "$OUT/bench_quant.log" | tail -30
+  pytest_gpu gpu_quant_tests tests/test_gpu_quant.py -k "not default"
+  timeout 400 python3 -m graphrt.cli bench --only quant --out "$OUT" 2>&1 | grep -v "Loading weights" \
+    | tee "$OUT/bench_quant.log" | tail -22
 fi
 if has decode; then
   python3 tools/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" | tail -30

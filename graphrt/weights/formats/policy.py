@@ -39,7 +39,8 @@ def quantization_policy(quantization: str | None, compute_dtype: torch.dtype,
     if quantization == "int8":
         fmt = Int8(compute_dtype)
     elif quantization == "fp8":
-        if not fp8_supported(device):
+        # (a CUDA device that is not here: planning only, nothing to check)
+        if not fp8_supported(device) and not (device.type == "cuda" and not torch.cuda.is_available()):
             what = device
             if device.type == "cuda" and torch.cuda.is_available():
                 major, minor = torch.cuda.get_device_capability(device)
