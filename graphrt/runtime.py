@@ -37,15 +37,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r}; use 'cuda', 'cuda:N' or 'cpu'") from None
+        raise ConfigError(f"unknown device={device!r}; use 'cuda', 'cuda:N' or 'cpu'") from None
     if dev.type not in ("cuda", "cpu"):
-        raise ConfigError(f"device {device!r} is not supported; graphrt runs on 'cuda' or 'cpu'")
+        raise ConfigError(f"device={device!r} is not supported; graphrt runs on 'cuda' or 'cpu'")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device={device!r} was asked for but CUDA is not available; use device='cpu'")
         dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
         if dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise ConfigError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) exist")
     return dev
 
 

@@ -13,6 +13,10 @@ from .simulator import SimResult, simulate
 MARGIN = 256 * 2**20  # allocator fragmentation and library workspaces
 
 
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**27 else f"{nbytes / 2**20:.1f} MiB"
+
+
 class BudgetError(ConfigError):
     """The GPU budget cannot hold what graphrt needs; the message gives the minimum."""
 
@@ -130,13 +134,18 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
                          {"weights": total, **fixed})
     # Tied embeddings serve the first and the last compute: they stay resident.
     must = [g for g in groups if g.kind == "embed" and cfg.tie_word_embeddings]
-    minimum = base + sum(g.nbytes for g in must) + 2 * max(g.nbytes for g in groups if g not in must)
+    others = [g for g in groups if g not in must]
+    layers = [g.nbytes for g in others if g.kind not in ("embed", "head")]
+    ends = sum(g.nbytes for g in others if g.kind in ("embed", "head"))
+    # the smallest placement: everything streams through 2 slots, or the ends stay and layers stream
+    minimum = base + sum(g.nbytes for g in must) + min(2 * max(g.nbytes for g in others),
+                                                       ends + 2 * max(layers, default=0))
     if gpu_budget < minimum:
         raise BudgetError(
-            f"gpu_budget {gpu_budget / 2**30:.2f} GiB is too small: at least {minimum / 2**30:.2f} GiB is "
+            f"gpu_budget {_gib(gpu_budget)} is too small: at least {minimum / 2**30:.2f} GiB is "
             f"needed (KV cache {fixed['kv_cache'] / 2**30:.2f}, activations and logits "
             f"{(fixed['activations'] + fixed['logits']) / 2**30:.2f}, 2 ring slots, margin); raise gpu_budget "
-            "or lower max_seq_len / max_batch_size")
+            "or lower max_seq_len / the batch size")
     best: Placement | None = None
     for candidate in _candidates(groups, must, gpu_budget - base, ring_depth, strategy):
         resident, kind = candidate
