@@ -54,3 +54,18 @@ def test_default_gguf_on_gpu_graph_equals_eager(default_model):
     h_tok, h_logits = graph_decode(half, ids, 24)
     assert torch.equal(h_tok, want_tok) and torch.equal(h_logits, want_logits)
     assert "Paris" in rt.chat(messages, max_new_tokens=30)
+
+
+def test_fp8_checkpoint_graph_equals_eager_streamed_equals_resident(tmp_path):
+    from graphrt.weights.synthetic import fp8_compressed_tensors, make_config, random_tensors, write_checkpoint
+    cfg = make_config(**MID, dtype="bfloat16")
+    cfg, tensors = fp8_compressed_tensors(cfg, random_tensors(cfg, 0, torch.bfloat16))
+    path = write_checkpoint(tmp_path / "fp8", cfg, tensors)
+    ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(2))
+    rt = runtime(path, "resident", dtype="bfloat16")
+    want_tok, want_logits = eager_decode(rt, ids, 32)
+    g_tok, g_logits = graph_decode(rt, ids, 32)
+    assert torch.equal(g_tok, want_tok) and torch.equal(g_logits, want_logits)
+    half = runtime(path, "half", 3, dtype="bfloat16", poison_freed_slots=True)
+    h_tok, h_logits = graph_decode(half, ids, 32)
+    assert torch.equal(h_tok, want_tok) and torch.equal(h_logits, want_logits)

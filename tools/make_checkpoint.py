@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from graphrt.weights.synthetic import DTYPES, PRESETS, make_config, random_tensors, write_checkpoint
+from graphrt.weights.synthetic import DTYPES, PRESETS, fp8_compressed_tensors, make_config, random_tensors, write_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layout", choices=["v4", "v5"], default="v4", help="config.json layout (transformers 4.x/5.x)")
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fp8", choices=["channel", "tensor"], help="write the compressed-tensors FP8 layout")
     a = ap.parse_args(argv)
     p = dict(PRESETS[a.preset])
     for key, val in (("arch", a.arch), ("hidden", a.hidden), ("intermediate", a.intermediate),
@@ -34,7 +35,10 @@ def main(argv: list[str] | None = None) -> None:
         if val is not None:
             p[key] = val
     cfg = make_config(**p, tied=a.tied, dtype=a.dtype, layout=a.layout)
-    write_checkpoint(a.out, cfg, random_tensors(cfg, a.seed, DTYPES[a.dtype]), a.shards)
+    tensors = random_tensors(cfg, a.seed, DTYPES[a.dtype])
+    if a.fp8:
+        cfg, tensors = fp8_compressed_tensors(cfg, tensors, a.fp8)
+    write_checkpoint(a.out, cfg, tensors, a.shards)
     print(f"wrote {a.out} ({p['arch']}, {p['layers']} layers, hidden {p['hidden']}, {a.dtype})")
 
 

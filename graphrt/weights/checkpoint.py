@@ -11,6 +11,8 @@ from safetensors import safe_open
 
 from ..config import ConfigError, ModelConfig
 from ..text import generation_eos_ids, load_chat_template, load_tokenizer
+from .compressed_tensors import SchemeError, fp8_scheme
+from .formats.fp8 import FP8
 from .layout import GroupLayout, expected_tensors
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -30,8 +32,9 @@ class Checkpoint:
                                   "(config.json + model.safetensors or shards with an index)")
         try:
             self.config = ModelConfig.from_file(self.path)
-        except ConfigError as e:
-            raise CheckpointError(str(e)) from None
+            self.fp8 = fp8_scheme(json.loads((self.path / "config.json").read_text()))
+        except (ConfigError, SchemeError) as e:
+            raise CheckpointError(f"{self.path / 'config.json'}: {e}" if isinstance(e, SchemeError) else str(e)) from None
         self.tensor_files = self._index()
         self._check_tensors()
         tok = self.path / "tokenizer.json"
@@ -40,8 +43,8 @@ class Checkpoint:
         self.eos_ids = generation_eos_ids(self.path, self.config.eos_token_ids)
 
     def tensor_formats(self, compute_dtype: torch.dtype) -> tuple:
-        """Formats of tensors stored pre-quantized (none for float checkpoints)."""
-        return ()
+        """Formats of tensors stored pre-quantized: FP8 for the e4m3 matrices of a compressed-tensors file."""
+        return tuple((name, FP8(compute_dtype)) for name in self.fp8_tensors)
 
     def _index(self) -> dict[str, Path]:
         index = self.path / "model.safetensors.index.json"
@@ -95,6 +98,7 @@ class Checkpoint:
         for name, file in self.tensor_files.items():
             by_file.setdefault(file, []).append(name)
         shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+        self.fp8_tensors: list[str] = []
         for file, names in by_file.items():
             with self._open(file) as f:
                 present = set(f.keys())
@@ -110,24 +114,37 @@ class Checkpoint:
             if found != shape:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has shape {list(found)}, expected "
                                       f"{list(shape)} from config.json; the checkpoint and its config disagree")
-            if dtype not in _ST_DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}; graphrt reads "
-                                      "F32, F16 and BF16 checkpoints")
+            if dtype == "F8_E4M3" and self.fp8 is not None and len(shape) == 2:
+                scale = name.removesuffix("weight") + "weight_scale"
+                if scale not in shapes:
+                    raise CheckpointError(f"{self.path}: FP8 tensor {name!r} has no {scale!r}; the "
+                                          "compressed-tensors checkpoint is incomplete")
+                self.fp8_tensors.append(name)
+            elif dtype not in _ST_DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}; graphrt reads F32, F16 and "
+                                      "BF16 checkpoints, and F8_E4M3 ones with a compressed-tensors config")
 
     def fill_groups(self, groups: list[GroupLayout], buffer_for, device: torch.device) -> Iterator[GroupLayout]:
         """For each group, read its tensors (one at a time) into `buffer_for(group)` (a uint8 tensor),
-        each stored in its format (`encode`: a cast, or quantization on load), yielding the group
-        when it is complete."""
+        each stored in its format (`encode`: a cast, or quantization on load; FP8 files as stored),
+        yielding the group when it is complete."""
         with ExitStack() as stack:
             handles: dict[Path, object] = {}
+
+            def read(name: str) -> torch.Tensor:
+                file = self.tensor_files[name]
+                if file not in handles:
+                    handles[file] = stack.enter_context(self._open(file))
+                return handles[file].get_tensor(name)
+
             for g in groups:
                 buffer = buffer_for(g)
                 for t in g.tensors:
-                    file = self.tensor_files[t.checkpoint_name]
-                    if file not in handles:
-                        handles[file] = stack.enter_context(self._open(file))
-                    value = handles[file].get_tensor(t.checkpoint_name)
-                    stored = t.format.encode(value, device) if t.is_matrix else {"w": value}
+                    value = read(t.checkpoint_name)
+                    if value.dtype == torch.float8_e4m3fn:  # compressed-tensors: weight and weight_scale
+                        stored = FP8.from_stored(value, read(t.checkpoint_name.removesuffix("weight") + "weight_scale"))
+                    else:
+                        stored = t.format.encode(value, device) if t.is_matrix else {"w": value}
                     for part, offset in t.parts:
                         buffer[offset:offset + part.nbytes].view(part.dtype).view(part.shape).copy_(stored[part.name])
                 yield g

@@ -97,3 +97,28 @@ def write_checkpoint(out: Path, cfg: dict, tensors: dict[str, torch.Tensor], num
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return out
+
+
+def fp8_compressed_tensors(cfg: dict, tensors: dict[str, torch.Tensor], strategy: str = "channel",
+                           ignore: tuple[str, ...] = ("lm_head",)) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The compressed-tensors FP8 layout of the published `*-FP8` checkpoints: every linear weight
+    (except `ignore`) as float8_e4m3fn `weight` + float32 `weight_scale` ([out, 1] for the channel
+    strategy, [1] for tensor), and the matching `quantization_config` in the config."""
+    out = {}
+    for name, w in tensors.items():
+        layer = name.removesuffix(".weight")
+        if w.dim() != 2 or "embed_tokens" in name or any(layer.endswith(i) for i in ignore):
+            out[name] = w
+            continue
+        w32 = w.float()
+        amax = w32.abs().amax(dim=1, keepdim=True) if strategy == "channel" else w32.abs().amax().view(1)
+        scale = (amax / 448.0).clamp(min=1e-12)
+        q = (w32 / (scale if strategy == "channel" else scale[0])).clamp(-448, 448).to(torch.float8_e4m3fn)
+        out[name], out[layer + ".weight_scale"] = q, scale.float()
+    qc = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": list(ignore),
+          "config_groups": {"group_0": {"targets": ["Linear"],
+                                        "weights": {"num_bits": 8, "type": "float", "symmetric": True,
+                                                    "strategy": strategy, "dynamic": False},
+                                        "input_activations": {"num_bits": 8, "type": "float", "symmetric": True,
+                                                              "strategy": "token", "dynamic": True}}}}
+    return {**cfg, "quantization_config": qc}, out
