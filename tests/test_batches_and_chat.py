@@ -121,3 +121,18 @@ def test_chat_session_prefills_only_the_new_turn(smol):
 def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
     assert common_prefix([], [1]) == 0 and common_prefix([1, 2], [1, 2]) == 2
+
+
+def test_cli_chat_reuses_the_kv_cache(default_model):
+    import re
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "graphrt.cli", "chat", "--device", "cpu", "--max-new-tokens", "30"],
+                       input="What is the capital of France?\nAnd of Germany?\n/exit\n", capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    turns = [tuple(map(int, m)) for m in re.findall(r"prefilled (\d+) tokens, reused (\d+) cached", r.stderr)]
+    assert len(turns) == 2, r.stderr
+    (p1, c1), (p2, c2) = turns
+    assert c1 == 0 and c2 > p2 > 0  # the second turn prefills only its own tokens
+    assert "Paris" in r.stdout and "Berlin" in r.stdout
