@@ -249,17 +249,18 @@ def test_formats_read_from_a_group_buffer():
 
 # ------------------------------------------------------------------------------------------ policy
 def test_quantization_policy():
-    assert QUANTIZATIONS == ("int8", "fp8", "int4")
+    assert QUANTIZATIONS == ("int8", "fp8", "int4", "int4-g64", "int4-g32")
     cpu = torch.device("cpu")
-    for name, cls in zip(QUANTIZATIONS, (Int8, FP8, Int4)):
+    for name, cls in zip(QUANTIZATIONS, (Int8, FP8, Int4, Int4, Int4)):
         p = quantization_policy(name, torch.bfloat16, cpu)
         assert isinstance(p, FormatPolicy) and p.compute_dtype == torch.bfloat16
         assert isinstance(p.format_of("model.layers.0.mlp.down_proj.weight"), cls)
         assert isinstance(p.format_of("lm_head.weight"), cls)                       # untied head: quantized
         assert p.format_of("model.embed_tokens.weight") == Dense(torch.bfloat16)    # table (and tied head): dense
     assert quantization_policy("int4", torch.bfloat16, cpu).matrix.packing == "cpu"
+    assert [quantization_policy(q, torch.bfloat16, cpu).matrix.group_size for q in QUANTIZATIONS[2:]] == [128, 64, 32]
     assert quantization_policy(None, torch.float32, cpu) == FormatPolicy(torch.float32)
-    with pytest.raises(ValueError, match="unknown quantization 'int3'; use one of int8, fp8, int4"):
+    with pytest.raises(ValueError, match="unknown quantization 'int3'; use one of int8, fp8, int4, int4-g64, int4-g32"):
         quantization_policy("int3", torch.bfloat16, cpu)
     with pytest.raises(ConfigError):
         quantization_policy("nf4", torch.bfloat16, cpu)
