@@ -8,8 +8,12 @@ Dequantized matrix (`dense`): W'[o, i] = float32(w[o, i]) * scale[o], then cast.
 
 linear:
   CPU   dequantize then `F.linear` in the compute dtype.
-  CUDA  (compute capability >= 8.9, `in` and `out` multiples of 16) dynamic per-token activation quantization and
-        one row-wise scaled FP8 GEMM:
+  CUDA  decode (up to GEMV_MAX_ROWS rows), compute capability >= 8.9, Triton installed: `weight_only_gemv`
+        (gemv.py), a weight-only Triton kernel that reads each e4m3 weight once and computes
+        scale[o] * sum_i x[i] * float(w[o, i]) in float32 (activations are not quantized; at one row this reads
+        half the bytes of a bfloat16 GEMV, where `_scaled_mm` is slower than bfloat16).
+        Otherwise (compute capability >= 8.9, `in` and `out` multiples of 16) dynamic per-token activation
+        quantization and one row-wise scaled FP8 GEMM:
             a      = max(|x[m, :]|) / 448 (float32, clamped away from 0)        -> scale_a [M, 1]
             xq     = e4m3(clamp(x / a, -448, 448))
             y      = torch._scaled_mm(xq, w.t(), scale_a=a, scale_b=scale.view(1, N), out_dtype=...)
@@ -33,7 +37,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .base import PartSpec
+from .base import GEMV_MAX_ROWS, PartSpec
+from .gemv import gemv_available, weight_only_gemv
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -98,7 +103,11 @@ class FP8:
     def linear(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
         w, scale = parts["w"], parts["scale"]
         n, k = w.shape
-        if x.device.type != "cuda" or n % 16 or k % 16 or _cuda_capability(x.device) < (8, 9):
+        if x.device.type != "cuda" or _cuda_capability(x.device) < (8, 9):
+            return F.linear(x, self.dense(parts, x.dtype), bias)
+        if x.numel() // max(k, 1) <= GEMV_MAX_ROWS and gemv_available(x):
+            return weight_only_gemv(x, w, scale, bias)
+        if n % 16 or k % 16:
             return F.linear(x, self.dense(parts, x.dtype), bias)
         x2 = x.reshape(-1, k)
         a = (x2.abs().amax(dim=1, keepdim=True).to(torch.float32) / E4M3_MAX).clamp_(min=1e-12)

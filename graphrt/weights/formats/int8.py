@@ -10,10 +10,12 @@ linear:
   CPU   `torch._weight_int8pack_mm(x2d, w, scale.to(x.dtype))` (ATen's CPU kernel; it needs the scales in the
         activation dtype and a 2-D input; it accumulates in float32, checked against the dequantized matrix in
         float32, bfloat16 and float16 by tests/test_formats.py).
-  CUDA  dequantize (`dense`) then `F.linear` (cuBLAS). torch 2.11 does register a CUDA kernel for
-        `_weight_int8pack_mm`, but it is a naive one-thread-per-output loop whose weight reads are not coalesced
-        and which converts activations to float32 first; the dequantize path is simple, exact to `dense` and
-        capturable. (Faster kernels come later.)
+  CUDA  up to GEMV_MAX_ROWS rows (decode), where Triton is installed: `weight_only_gemv` (gemv.py), a Triton
+        kernel that reads each int8 weight once and computes scale[o] * sum_i x[i] * w[o, i] in float32 (the
+        result is rounded once, to the compute dtype). More rows (prefill), or no Triton: dequantize (`dense`)
+        then `F.linear` (cuBLAS). torch 2.11 does register a CUDA kernel for `_weight_int8pack_mm`, but it is a
+        naive one-thread-per-output loop whose weight reads are not coalesced and which converts activations to
+        float32 first.
 Everything in `linear` is capturable in a CUDA graph: static shapes, no host syncs, no CPU tensors.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import GEMV_MAX_ROWS, PartSpec
+from .gemv import gemv_available, weight_only_gemv
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,10 @@ class Int8:
 
     def linear(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
         w, scale = parts["w"], parts["scale"]
-        if x.device.type == "cpu" and x.numel() // x.shape[-1] <= GEMV_MAX_ROWS:
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cuda" and rows <= GEMV_MAX_ROWS and gemv_available(x):
+            return weight_only_gemv(x, w, scale, bias)
+        if x.device.type == "cpu" and rows <= GEMV_MAX_ROWS:
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), w, scale.to(x.dtype))
             y = y.view(*x.shape[:-1], w.shape[0])
             return y + bias if bias is not None else y
