@@ -192,8 +192,9 @@ def test_plan_splits_k_into_whole_chunks():
 
 def test_gemv_available_and_lazy_import():
     assert not gemv_available(torch.zeros(2))
-    code = ("import sys, graphrt, graphrt.weights.formats.int8, graphrt.weights.formats.fp8; "
-            "assert 'triton' not in sys.modules, 'graphrt imported triton'")
+    code = ("import sys, torch; by_torch = 'triton' in sys.modules; "
+            "import graphrt, graphrt.weights.formats.int8, graphrt.weights.formats.fp8; "
+            "assert by_torch or 'triton' not in sys.modules, 'graphrt imported triton'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -354,3 +355,41 @@ def test_gpu_timing_vs_bf16(n, k):
     for name, us in results.items():
         nbytes = n * k * (2 if name.startswith("bf16") else 1)
         print(f"  {name:14s} {us:8.2f} us  {nbytes / us / 1e3:7.1f} GB/s")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not os.environ.get("GEMV_SWEEP"), reason="block-size sweep: set GEMV_SWEEP=1 (prints timings)")
+@pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336)])
+def test_gpu_block_sweep(monkeypatch, n, k):
+    """Times the kernel under other block sizes (BLOCK_N, BLOCK_K, num_warps) and pipeline depths, to tune
+    ROW_BLOCKS / DOT_BLOCKS / NUM_STAGES in gemv.py. `GEMV_SWEEP=1 pytest -s -k sweep`."""
+    from graphrt.weights.formats import gemv
+    _gpu_ready()
+    copies = 4
+    g = torch.Generator().manual_seed(0)
+    weights = [(torch.randint(-127, 128, (n, k), generator=g).to(torch.int8).cuda(), torch.rand(n, generator=g).cuda())
+               for _ in range(copies)]
+    if torch.cuda.get_device_capability() >= (8, 9):
+        weights8 = [(w.float().mul(3).to(torch.float8_e4m3fn), s) for w, s in weights]
+    else:
+        weights8 = []
+    dense = [(torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16).cuda() for _ in range(copies)]
+    print(f"\n[N={n}, K={k}] {torch.cuda.get_device_name()}")
+    for m in (1, 4, 16):
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16).cuda()
+        bf16 = _time_graph(lambda i: F.linear(x, dense[i % copies]), 4 * copies)
+        print(f"  M={m:2d} bf16 F.linear {bf16:8.2f} us")
+        configs = ([(16, 512, 4), (32, 256, 4), (16, 256, 4), (8, 512, 4), (16, 512, 8), (32, 512, 8), (16, 1024, 8)]
+                   if m == 1 else [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 128, 8), (64, 64, 4), (32, 128, 4)])
+        for blocks in configs:
+            for stages in (2, 3):
+                monkeypatch.setattr(gemv, "ROW_BLOCKS" if m == 1 else "DOT_BLOCKS", blocks)
+                monkeypatch.setattr(gemv, "NUM_STAGES", stages)
+                for split in (None, 1):
+                    line = f"  M={m:2d} {str(blocks):15s} stages={stages} split={'auto' if split is None else 1}:"
+                    for name, ws in (("int8", weights), ("fp8", weights8)):
+                        if ws:
+                            us = _time_graph(lambda i: weight_only_gemv(x, *ws[i % copies], None, split_k=split),
+                                             4 * copies)
+                            line += f"  {name} {us:8.2f} us"
+                    print(line)

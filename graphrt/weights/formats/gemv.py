@@ -8,17 +8,21 @@ float32, so the products are exact). Each weight byte is read once from global m
 and moves half the bytes of a bfloat16 GEMV.
 
 Kernel (Triton, `_gemv_kernel`): a grid of (cdiv(N, BLOCK_N), SPLIT) programs. Program (i, s) owns rows
-n in [i*BLOCK_N, (i+1)*BLOCK_N) of w and the K range [s*K_SPLIT, (s+1)*K_SPLIT) (K_SPLIT a multiple of
-BLOCK_K), walks it in BLOCK_K chunks (masked at N and K edges) and
-  - M == 1 ("row" path): loads the w tile [BLOCK_N, BLOCK_K] and the x chunk [BLOCK_K], converts both to float32
-    and adds the row sums of w * x to a float32 accumulator [BLOCK_N];
-  - M >= 2 ("dot" path): converts the w tile to x's dtype (exact) and runs tl.dot(w [BLOCK_N, BLOCK_K],
-    x^T [BLOCK_K, 16]) with a float32 accumulator [BLOCK_N, 16] (rows m >= M are masked to 0 and not stored).
-    Weights are the MMA's wide operand ("swap AB"), so the tensor-core tile is BLOCK_N x 16. float32 activations
-    use input_precision="ieee" (no TF32).
-Then it multiplies by scale[n]. With SPLIT == 1 it adds the bias and stores y in x's dtype; with SPLIT > 1 it
-stores float32 partials [SPLIT, M, N] and `_reduce_kernel` sums them in order (s = 0, 1, ...), adds the bias and
-casts. No atomics: the result is deterministic, and graph replay equals the eager call bit for bit.
+[i*BLOCK_N, (i+1)*BLOCK_N) of w and columns [s*K_SPLIT, (s+1)*K_SPLIT) (K_SPLIT a multiple of BLOCK_K). It walks
+its whole BLOCK_K chunks without masks (rows past N re-read row N - 1 and are never stored), then the partial last
+chunk of K, if any, with masks (other = 0). Weights are converted to float32 exactly: e4m3 by Triton's conversion;
+int8 through its uint8 bits, float32_bits(0x4B000080 ^ byte) - (2**23 + 128), which uses integer and FP32 adds
+instead of the quarter-rate I2F conversion (the bottleneck at HBM speed). Then:
+  - M == 1 ("row" path): acc [BLOCK_N, BLOCK_K] float32 += w * x[None, :] (one FMA per weight, no reduction in
+    the loop); after the loop, one row sum.
+  - M >= 2 ("dot" path): tl.dot(w [BLOCK_N, BLOCK_K] in x's dtype (exact), x^T [BLOCK_K, BLOCK_M]) into a float32
+    accumulator [BLOCK_N, BLOCK_M], BLOCK_M = 16 (rows m >= M re-read row M - 1 and are not stored). The weights
+    are the MMA's wide operand ("swap AB": wgmma m64n16 on sm90). float32 activations use input_precision="ieee"
+    (no TF32); e4m3 goes to bfloat16 through float32 (Triton 3.6's direct e4m3 -> bf16 emits an sm90-only
+    instruction on sm89, and is a slow F2F on sm90).
+Then it multiplies by scale[n]. With SPLIT == 1 it adds the bias and stores y in x's dtype (one rounding); with
+SPLIT > 1 it stores float32 partials [SPLIT, M, N] and `_reduce_kernel` sums them in order (s = 0, 1, ...), adds
+the bias and casts. No atomics: results are deterministic, and graph replay equals the eager call bit for bit.
 
 Split-K is used when the N blocks alone are too few for the GPU: fewer than 2 per SM. SPLIT is then chosen for
 about 4 programs per SM, keeping at least 2 BLOCK_K chunks per split and at most 16 splits. Block sizes are fixed
@@ -38,14 +42,16 @@ import os
 
 import torch
 
+from .base import GEMV_MAX_ROWS
+
 _TRITON = None          # the (triton, triton.language) modules once imported; False if the import failed
 _KERNELS = None         # (_gemv_kernel, _reduce_kernel), built on first use
 
 # Plans: (BLOCK_N, BLOCK_K, num_warps) for the two paths. Tunable; all powers of two (BLOCK_K >= 16, BLOCK_N >= 16).
 ROW_BLOCKS = (16, 512, 4)       # M == 1: 16 rows x 512 bytes (int8/fp8) = 8 KiB of weights per chunk
 DOT_BLOCKS = (64, 128, 4)       # M >= 2: 64 rows x 128 bytes = 8 KiB per chunk; MMA tile 64 x 16
-DOT_M = 16                      # the padded row block of the dot path (tl.dot needs >= 16)
-MAX_ROWS = 16                   # rows this kernel takes (GEMV_MAX_ROWS in base.py)
+DOT_M = 16                      # the smallest row block of the dot path (tl.dot needs >= 16)
+MAX_ROWS = GEMV_MAX_ROWS         # rows this kernel takes (more rows: the dot path's BLOCK_M grows to fit)
 MAX_SPLIT = 16
 DEFAULT_SMS = 132               # SM count assumed for non-CUDA tensors (the Triton interpreter)
 NUM_STAGES = 3
@@ -261,6 +267,7 @@ def weight_only_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
     if _KERNELS is None:
         _KERNELS = _build()
     gemv_kernel, reduce_kernel = _KERNELS
+    triton = _triton()[0]
     use_dot, block_n, block_k, warps, split, k_split = _plan(m, n, k, num_sms, split_k)
     out2 = out.view(m, n)
     # bf16 tl.dot is wrong in the Triton interpreter (3.9: it multiplies the raw uint16 bits), so there the dot
@@ -275,7 +282,7 @@ def weight_only_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
         x2.stride(0), x2.stride(1), w.stride(0), part.stride(-2),
         part.stride(0) if split > 1 else 0,
         W_INT8=w_int8, HAS_BIAS=bias is not None, PARTIAL=split > 1, USE_DOT=use_dot, DOT_F32=dot_f32,
-        BLOCK_M=DOT_M if use_dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=max(DOT_M, triton.next_power_of_2(m)) if use_dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=NUM_STAGES)
     if split > 1:
         total = m * n
