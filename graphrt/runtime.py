@@ -171,7 +171,7 @@ class Runtime:
 
     def decode_eager(self, input_ids: torch.Tensor, max_new_tokens: int, logits_out: list | None = None,
                      **sampling) -> Iterator[torch.Tensor]:
-        """The eager executor's per-step tokens [B, 1] (host), for tests and benchmarks."""
+        """The eager executor's per-step tokens [B, 1] (on the device, no host sync), for tests and benchmarks."""
         ids, lengths = self._prompts(input_ids)
         return decode_eager(self.engine, ids, lengths, max_new_tokens, SamplingParams(**sampling),
                             logits_out=logits_out)

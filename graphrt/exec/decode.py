@@ -1,8 +1,8 @@
-"""Decode loops: eager (any device) and captured (CUDA graphs), both yielding new tokens to the host.
+"""Decode loops: eager (any device) and captured (CUDA graphs), both yielding blocks of new tokens.
 
-Both take right-padded prompts [B, T] with per-row lengths and yield host int64 blocks [B, k] of new
-tokens: k = 1 per eager step; on the graph path, blocks of `chunk` tokens read back through two
-pinned buffers (block n is copied asynchronously while the host waits only for block n-1, so the GPU
+Both take right-padded prompts [B, T] with per-row lengths and yield int64 blocks [B, k] of new
+tokens: k = 1 per eager step (on the device); on the graph path, host blocks of `chunk` tokens read
+back through two pinned buffers (block n is copied asynchronously while the host waits only for block n-1, so the GPU
 always has queued replays). `Rows` cuts each row at its own end-of-sequence token.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .graph import DecodeGraph
 def decode_eager(engine: Engine, ids: torch.Tensor, lengths: list[int], max_new_tokens: int,
                  params: SamplingParams, start: int = 0, logits_out: list | None = None) -> Iterator[torch.Tensor]:
     """Prefill (from position `start`: the KV cache holds the positions before it), then one eager
-    streamed step per token. Yields [B, 1] host tokens per step. `logits_out`, if given, receives
+    streamed step per token. Yields [B, 1] tokens per step, on the device (no host sync here). `logits_out`, if given, receives
     the [B, vocab] logits each token was sampled from."""
     B = len(lengths)
     engine.check_shape(B, start + max(lengths) + max_new_tokens)
@@ -32,7 +32,7 @@ def decode_eager(engine: Engine, ids: torch.Tensor, lengths: list[int], max_new_
         tok = sample(logits, temperature, top_k, top_p, seed, counter=pos, greedy_only=params.greedy)
         if logits_out is not None:
             logits_out.append(logits.clone())
-        yield tok.cpu()[:, None]
+        yield tok[:, None]  # on the device: the consumer decides when to wait for it
         if i + 1 == max_new_tokens:
             return
         with nvtx.annotate("graphrt.step", color="red"):
