@@ -106,12 +106,12 @@ class DecodeGraph:
         e.check_shape(batch_size, 1)
         self.cache, self.engine, self.batch_size = cache, e, batch_size
         self.bucket = next(b for b in cache.buckets if b >= batch_size)
-        self.greedy, self.length, self.lengths = greedy, 0, [0] * batch_size
+        self.greedy, self.length, self.prompt_ends = greedy, 0, [0] * batch_size
         cache.capture([b for b in cache.buckets if capture_all_buckets or b == self.bucket], greedy)
 
     def reset(self) -> None:
         self.engine.reset()
-        self.length, self.lengths = 0, [0] * self.batch_size
+        self.length, self.prompt_ends = 0, [0] * self.batch_size
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor | list[list[int]], temperature: float = 0.0, top_k: int = 0,
@@ -148,8 +148,8 @@ class DecodeGraph:
         c.history[:b].scatter_(1, pos[:, None], first[:, None])
         c.tokens[:b].copy_(first)
         c.positions[:b].copy_(pos)
-        self.lengths = [start + n + 1 for n in lengths]
-        self.length = max(self.lengths)
+        self.prompt_ends = [start + n for n in lengths]   # row b's generated tokens start here
+        self.length = max(self.prompt_ends) + 1
         return first[:B]
 
     def step(self) -> torch.Tensor:
@@ -164,7 +164,6 @@ class DecodeGraph:
             self.cache.graphs[(self.bucket, e.phase(), e.context(self.length), self.greedy)].replay()
             e.ring_step += 1
             self.length += 1
-            self.lengths = [n + 1 for n in self.lengths]
             return self.cache.tokens[: self.batch_size].clone()
 
     @property
@@ -173,8 +172,9 @@ class DecodeGraph:
         return self.cache.logits[: self.batch_size]
 
     def tokens(self) -> torch.Tensor:
-        """[B, length]: prompt and every generated token so far, on the device (row b is valid up to
-        lengths[b]; rows of a ragged batch are left-aligned)."""
+        """[B, length]: prompt and every generated token so far, on the device (rows of a ragged batch
+        are left-aligned: row b's new tokens start at prompt_ends[b], and it is valid up to
+        prompt_ends[b] + length - max(prompt_ends))."""
         return self.cache.history[: self.batch_size, : self.length]
 
 
