@@ -97,35 +97,33 @@ class Engine:
         return act["logits"]
 
     # ---- prompts -------------------------------------------------------------------------------
-    def prefill(self, ids: torch.Tensor, lengths: list[int], start: int = 0) -> torch.Tensor:
-        """Run prompts (right-padded ids [B, T]; row b has lengths[b] tokens) in chunks from position
-        `start`; returns float32 logits [B, vocab] of each row's last token."""
+    def _chunks(self, ids: torch.Tensor, start: int):
+        """Prompt chunks of ids [B, T] from position `start`: (offset c0, ids [B, n], positions [B, n],
+        context bucket), in order; each is one streamed step."""
         B, T = ids.shape
         self.check_shape(B, start + T)
         ids = ids.to(self.device)
+        chunk = self.options.prefill_chunk
+        for c0 in range(0, T, chunk):
+            part = ids[:, c0:c0 + chunk]
+            n = part.shape[1]
+            pos = torch.arange(start + c0, start + c0 + n, device=self.device).expand(B, n)
+            yield c0, part, pos, self.context(start + c0 + n)
+
+    def prefill(self, ids: torch.Tensor, lengths: list[int], start: int = 0) -> torch.Tensor:
+        """Run prompts (right-padded ids [B, T]; row b has lengths[b] tokens) in chunks from position
+        `start`; returns float32 logits [B, vocab] of each row's last token."""
         last = torch.tensor([n - 1 for n in lengths], device=self.device)
         out = None
-        chunk = self.options.prefill_chunk
         with nvtx.annotate("graphrt.prefill", color="orange"):
-            for c0 in range(0, T, chunk):
-                part = ids[:, c0:c0 + chunk]
+            for c0, part, pos, ctx in self._chunks(ids, start):
                 n = part.shape[1]
-                pos = torch.arange(start + c0, start + c0 + n, device=self.device).expand(B, n)
-                logits = self.forward_step(part, pos, self.context(start + c0 + n),
-                                           (last - c0).clamp(0, n - 1))[:, 0]
+                logits = self.forward_step(part, pos, ctx, (last - c0).clamp(0, n - 1))[:, 0]
                 ends_here = ((last >= c0) & (last < c0 + n))[:, None]
                 out = logits if out is None else torch.where(ends_here, logits, out)
         return out
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Every position's float32 logits [B, T, vocab] of prompts [B, T] from position 0."""
-        B, T = ids.shape
-        self.check_shape(B, T)
-        ids = ids.to(self.device)
-        out = []
-        for c0 in range(0, T, self.options.prefill_chunk):
-            part = ids[:, c0:c0 + self.options.prefill_chunk]
-            n = part.shape[1]
-            pos = torch.arange(c0, c0 + n, device=self.device).expand(B, n)
-            out.append(self.forward_step(part, pos, self.context(c0 + n), None))
-        return torch.cat(out, dim=1)
+        return torch.cat([self.forward_step(part, pos, ctx, None) for _, part, pos, ctx in self._chunks(ids, 0)],
+                         dim=1)
