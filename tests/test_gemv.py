@@ -121,7 +121,7 @@ def _check(c, y, ref, x):
 
 # --- the interpreter -------------------------------------------------------------------------------------------
 
-_INTERPRETER_SCRIPT = textwrap.dedent("""
+INTERPRETER_SETUP = textwrap.dedent("""
     import json, os, sys
     os.environ["TRITON_INTERPRET"] = "1"
     import numpy as np
@@ -136,6 +136,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
         interpreter._patch_lang_tensor = _patch_lang_tensor
     sys.path.insert(0, os.path.join({root!r}, "tests"))
+""")
+_INTERPRETER_SCRIPT = INTERPRETER_SETUP + textwrap.dedent("""
     import torch
     import test_gemv as t
     from graphrt.weights.formats.gemv import weight_only_gemv

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU session script, run on the lent GPU from the repository root:
 #   tools/gpu_check.sh PART...   PART: tests (GPU tests without the default model), model (tests that
-#   need the default model), quant (quantized-format kernels, timed), decode (tools/bench_decode.py),
+#   need the default model), quant (quantized-format kernels, timed), decode (tools/bench_decode.py), profile (per-kernel
+#   time of resident steps and the GEMV block-size sweep),
 #   bench (`graphrt bench`), or all.
 # Writes everything under $OUT. Carry .whl (nvtx, gguf wheels). The default model's GGUF (98 MB) is larger
 # than one call may carry: it travels in two halves, .dev1/part1 in one call (kept in /tmp/keep) and
@@ -48,6 +49,11 @@ if has quant; then
 fi
 if has decode; then
   python3 tools/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" | tail -30
+fi
+if has profile; then
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_int4_gemv.py 2>&1 | tail -3
+  python3 tools/profile_step.py --out "$OUT" ${PROFILE_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/profile.log"
+  python3 tools/gemv_sweep.py --out "$OUT" --budget-s ${SWEEP_S:-200} 2>&1 | tee "$OUT/gemv_sweep.log"
 fi
 if has bench; then
   timeout 560 python3 -m graphrt.cli bench --out "$OUT" 2>&1 | grep -v "Loading weights" \

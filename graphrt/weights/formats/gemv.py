@@ -95,10 +95,10 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _plan(m: int, n: int, k: int, num_sms: int, split_k: int | None = None):
+def _plan(m: int, n: int, k: int, num_sms: int, split_k: int | None = None, blocks: tuple | None = None):
     """(use_dot, BLOCK_N, BLOCK_K, num_warps, SPLIT, K_SPLIT) for an [m, k] x [n, k]^T product."""
     use_dot = m >= 2
-    block_n, block_k, warps = DOT_BLOCKS if use_dot else ROW_BLOCKS
+    block_n, block_k, warps = blocks or (DOT_BLOCKS if use_dot else ROW_BLOCKS)
     chunks = -(-k // block_k)
     n_blocks = -(-n // block_n)
     if split_k is None:
@@ -223,9 +223,11 @@ def _build():
 
 
 def weight_only_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                     *, split_k: int | None = None) -> torch.Tensor:
+                     *, split_k: int | None = None, blocks: tuple[int, int, int] | None = None,
+                     stages: int | None = None) -> torch.Tensor:
     """x [..., K] (at most MAX_ROWS rows) @ (w [N, K] int8|e4m3 * scale [N, 1]).T (+ bias [N]) -> [..., N] in
-    x's dtype. `split_k` overrides the split-K plan (tests); None picks it from the shapes and the SM count."""
+    x's dtype. `split_k`, `blocks` (BLOCK_N, BLOCK_K, num_warps) and `stages` override the plan (tests and
+    tools/gemv_sweep.py); None picks them from the shapes and the SM count."""
     global _KERNELS
     if not _triton():
         raise RuntimeError("weight_only_gemv needs Triton (pip install triton)")
@@ -266,9 +268,9 @@ def weight_only_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
         num_sms = DEFAULT_SMS
     if _KERNELS is None:
         _KERNELS = _build()
-    gemv_kernel, reduce_kernel = _KERNELS
+    gemv_kernel = _KERNELS[0]
     triton = _triton()[0]
-    use_dot, block_n, block_k, warps, split, k_split = _plan(m, n, k, num_sms, split_k)
+    use_dot, block_n, block_k, warps, split, k_split = _plan(m, n, k, num_sms, split_k, blocks)
     out2 = out.view(m, n)
     # bf16 tl.dot is wrong in the Triton interpreter (3.9: it multiplies the raw uint16 bits), so there the dot
     # path runs in float32, which gives the same exact products and float32 sums.
@@ -283,11 +285,19 @@ def weight_only_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias
         part.stride(0) if split > 1 else 0,
         W_INT8=w_int8, HAS_BIAS=bias is not None, PARTIAL=split > 1, USE_DOT=use_dot, DOT_F32=dot_f32,
         BLOCK_M=max(DOT_M, triton.next_power_of_2(m)) if use_dot else 1, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=NUM_STAGES)
+        num_warps=warps, num_stages=stages or NUM_STAGES)
     if split > 1:
-        total = m * n
-        block = 1024
-        reduce_kernel[(-(-total // block),)](
-            part, bias if bias is not None else scale, out2, total, n, part.stride(0),
-            SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+        reduce_partials(part, bias, out2)
     return out
+
+
+def reduce_partials(part: torch.Tensor, bias: torch.Tensor | None, out2: torch.Tensor) -> None:
+    """out2 [M, N] = sum over s (in order) of part [SPLIT, M, N] float32 (+ bias [N]), cast to out2's dtype."""
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _build()
+    split, m, n = part.shape
+    total, block = m * n, 1024
+    _KERNELS[1][(-(-total // block),)](
+        part, bias if bias is not None else part, out2, total, n, part.stride(0),
+        SPLIT=split, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)

@@ -16,7 +16,10 @@ Parts (`G` = the group size actually used, `T` = inner k-tiles, see `_geometry`)
                                                                  `_convert_weight_to_int4pack(q uint8 [out, in/2], T)`
                                                                  (byte = q[2j] << 4 | q[2j+1]); shape checked
                                                                  against torch's Meta kernel in the tests
-    both:            scales_and_zeros  bfloat16 [in/G, out, 2]   [..., 0] = scale, [..., 1] = zero
+    packing "blocked": w               uint8    [out, in/2]      columns in blocks of 64, byte j of a block holding
+                                                                 columns j (low nibble) and 32 + j (high nibble);
+                                                                 read by the Triton kernel of int4_gemv.py
+    all:             scales_and_zeros  bfloat16 [in/G, out, 2]   [..., 0] = scale, [..., 1] = zero
 
 The group size: `group_size` (default 128) when it divides `in`, else the largest of 64, 32 that does (e.g. 576
 columns use groups of 64). The packed layout needs `out` % 16 == 0 ("cpu") / % 8 == 0 ("cuda") and `in` % 32 == 0;
@@ -27,8 +30,11 @@ linear:
   CPU   `torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, G, scales_and_zeros)`: bfloat16 activations go in as
         they are; float32 / float16 activations run the kernel in float32 (scales converted to float32, which
         the kernel wants in the activation dtype) and the result is cast back.
-  CUDA  `torch.ops.aten._weight_int4pack_mm(x_bf16, w, G, scales_and_zeros)` (needs sm80+, bfloat16 only: other
-        compute dtypes are cast to bfloat16 and back).
+  CUDA  "cuda" packing: `torch.ops.aten._weight_int4pack_mm(x_bf16, w, G, scales_and_zeros)` (needs sm80+,
+        bfloat16 only: other compute dtypes are cast to bfloat16 and back). "blocked" packing (the policy's choice
+        where Triton is installed: faster at decode shapes, see docs/results): `int4_gemv`, which forms exactly
+        `dense(parts, float32)` in registers, any compute dtype.
+  Both: more than GEMV_MAX_ROWS rows (prefill), or parts packed for another device: dequantize, then F.linear.
 The CPU packed layout depends on the CPU's vector ISA (AVX512: blocks of 64 rows, AVX2 / default: 32, ...), so
 parts packed for "cpu" belong to the machine that packed them; `dense` recovers q by probing the pack op once
 per row count (see `_cpu_nibble_index`). The CUDA layout is unpacked by its formula (`_tinygemm_index`).
@@ -42,16 +48,19 @@ import torch
 import torch.nn.functional as F
 
 from .base import GEMV_MAX_ROWS, PartSpec
+from .gemv import gemv_available
+from .int4_gemv import int4_gemv, pack_blocked, unpack_blocked
 
-PACKINGS = ("cpu", "cuda")
-_ROW_ALIGN = {"cpu": 16, "cuda": 8}
+PACKINGS = ("cpu", "cuda", "blocked")
+_ROW_ALIGN = {"cpu": 16, "cuda": 8, "blocked": 1}
+_COL_ALIGN = {"cpu": 32, "cuda": 32, "blocked": 64}
 
 
 def _geometry(shape: tuple[int, int], group_size: int, packing: str) -> tuple[int, int]:
     """(group size, inner k-tiles) for an [out, in] matrix; ValueError for shapes the kernels cannot take."""
     out, inp = shape
-    if inp % 32 or out % _ROW_ALIGN[packing]:
-        raise ValueError(f"int4 ({packing} packing) needs in_features % 32 == 0 and out_features % "
+    if inp % _COL_ALIGN[packing] or out % _ROW_ALIGN[packing]:
+        raise ValueError(f"int4 ({packing} packing) needs in_features % {_COL_ALIGN[packing]} == 0 and out_features % "
                          f"{_ROW_ALIGN[packing]} == 0; a [{out}, {inp}] matrix does not fit: use int8 or fp8")
     group = next(g for g in (group_size, 128, 64, 32) if g <= group_size and inp % g == 0)
     tiles = next(t for t in (8, 4, 2) if inp % (16 * t) == 0)
@@ -92,7 +101,7 @@ class Int4:
     def parts(self, shape: tuple[int, int]) -> tuple[PartSpec, ...]:
         out, inp = (int(s) for s in shape)
         group, tiles = _geometry((out, inp), self.group_size, self.packing)
-        if self.packing == "cpu":
+        if self.packing in ("cpu", "blocked"):
             w = PartSpec("w", (out, inp // 2), torch.uint8)
         else:
             w = PartSpec("w", (out // 8, inp // (tiles * 16), 32, tiles // 2), torch.int32)
@@ -127,6 +136,8 @@ class Int4:
         group, tiles = _geometry(tuple(q.shape), self.group_size, self.packing)
         if self.packing == "cpu":
             w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, tiles)
+        elif self.packing == "blocked":
+            w = pack_blocked(q)
         elif torch.device(device).type == "cuda":
             w = torch.ops.aten._convert_weight_to_int4pack(_to_uint8_pairs(q).to(device), tiles).cpu()
         else:  # the same layout, built on the CPU (tests, or packing ahead of time)
@@ -141,6 +152,8 @@ class Int4:
             n, kh = w.shape
             nib = torch.stack([w & 15, w >> 4], dim=-1).reshape(-1)
             return nib[_cpu_nibble_index(n, 2 * kh, w.device)].to(torch.int32)
+        if self.packing == "blocked":
+            return unpack_blocked(w)
         return unpack_tinygemm(w)
 
     def dense(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -158,6 +171,9 @@ class Int4:
         group = inp // sz.shape[0]
         out = sz.shape[1]
         x2 = x.reshape(-1, inp)
+        if self.packing == "blocked" and x.device.type == "cuda" and x2.shape[0] <= GEMV_MAX_ROWS \
+                and gemv_available(x):
+            return int4_gemv(x, w, sz, bias)
         if self.packing != x.device.type or x2.shape[0] > GEMV_MAX_ROWS:
             # parts packed for the other device (reference path), or many rows (prefill), where one
             # dequantization and a dense GEMM beat the GEMV-shaped kernel (measured 50x on the CPU)

@@ -5,7 +5,8 @@
   "fp8"   every linear layer FP8 (e4m3 + per-channel scale, see fp8.py); CUDA devices need compute
           capability >= 8.9 (ConfigError otherwise)
   "int4"  every linear layer Int4 (groups of 128 along `in`, fewer where `in` needs it; see int4.py), packed for
-          the device it will run on ("cuda" tinygemm layout on a CUDA device, "cpu" layout otherwise);
+          the device it will run on (`int4_packing`: "blocked" for the Triton GEMV on a CUDA device with Triton,
+          ATen's "cuda" tinygemm layout without it, the "cpu" layout otherwise);
           "int4-g64" / "int4-g32": smaller groups, 0.25 / 0.75 bits per weight more, closer to the original (a
           checkpoint that was itself 4-bit in blocks of 32, as GGUF Q4_0/Q4_1 are, survives groups of 32 almost
           exactly)
@@ -24,6 +25,7 @@ from ..layout import FormatPolicy
 from .fp8 import FP8, fp8_supported
 from .int4 import Int4
 from .int8 import Int8
+from .gemv import _triton
 
 QUANTIZATIONS: tuple[str, ...] = ("int8", "fp8", "int4", "int4-g64", "int4-g32")
 
@@ -50,5 +52,13 @@ def quantization_policy(quantization: str | None, compute_dtype: torch.dtype,
         fmt = FP8(compute_dtype)
     elif quantization.startswith("int4"):
         group = 128 if quantization == "int4" else int(quantization.split("-g")[1])
-        fmt = Int4(compute_dtype, group_size=group, packing="cuda" if device.type == "cuda" else "cpu")
+        fmt = Int4(compute_dtype, group_size=group, packing=int4_packing(device))
     return FormatPolicy(compute_dtype, matrix=fmt, embedding=None, lm_head=fmt)
+
+
+def int4_packing(device: torch.device) -> str:
+    """The int4 layout for `device`: "blocked" (graphrt's Triton GEMV) on CUDA where Triton imports, else ATen's
+    tinygemm "cuda" layout; the CPU kernel's "cpu" layout on the CPU."""
+    if device.type != "cuda":
+        return "cpu"
+    return "blocked" if _triton() else "cuda"
