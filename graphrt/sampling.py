@@ -32,11 +32,25 @@ def uniform_noise(seed: torch.Tensor, counter: torch.Tensor, n: int) -> torch.Te
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> [B] int64, the first index of each row's maximum, exactly as `argmax(dim=-1)`. On a GPU
+    a one-row argmax over a large vocabulary runs in one thread block (27 us for 128256 on an H100); here the
+    row is cut into C chunks (C a power of two dividing V): the first maximum of each chunk, then the first
+    chunk holding the row's maximum."""
+    B, V = logits.shape
+    chunks = next((c for c in (256, 128, 64) if V % c == 0 and V // c >= 64), 1)
+    if chunks == 1 or logits.device.type != "cuda":
+        return logits.argmax(dim=-1)
+    vals, idx = logits.view(B, chunks, V // chunks).max(dim=-1)   # [B, C] each chunk's first maximum
+    best = vals.argmax(dim=-1, keepdim=True)                       # [B, 1] first chunk with the maximum
+    return (best * (V // chunks) + idx.gather(-1, best)).squeeze(-1)
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            seed: torch.Tensor, counter: torch.Tensor, greedy_only: bool = False) -> torch.Tensor:
     """logits [B, V] float32; temperature, top_p [B] float32; top_k, seed, counter [B] int64.
     Rows with temperature 0 take the argmax; top_k 0 and top_p 1 disable those filters."""
-    greedy = logits.argmax(dim=-1)
+    greedy = argmax_rows(logits)
     if greedy_only:
         return greedy
     V = logits.shape[-1]

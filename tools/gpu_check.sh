@@ -34,7 +34,7 @@ pytest_gpu() {  # $1: log name, rest: pytest selection
     | grep -v -E "^$|Loading weights" | tail -25
 }
 if has tests; then
-  pytest_gpu gpu_tests tests -k "not default"
+  pytest_gpu gpu_tests ${GPU_TESTS:-tests} -k "not default"
 fi
 if has model; then
   if [ -z "${GRAPHRT_DEFAULT_GGUF:-}" ]; then echo "model: the default GGUF is not here (carry .dev1 then .dev2)"; else
@@ -51,9 +51,8 @@ if has decode; then
   python3 tools/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" | tail -30
 fi
 if has profile; then
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_int4_gemv.py 2>&1 | tail -3
   python3 tools/profile_step.py --out "$OUT" ${PROFILE_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/profile.log"
-  python3 tools/gemv_sweep.py --out "$OUT" --budget-s ${SWEEP_S:-200} 2>&1 | tee "$OUT/gemv_sweep.log"
+  [ "${SWEEP_S:-0}" != 0 ] && python3 tools/gemv_sweep.py --out "$OUT" --budget-s $SWEEP_S 2>&1 | tee "$OUT/gemv_sweep.log"
 fi
 if has bench; then
   timeout 560 python3 -m graphrt.cli bench --out "$OUT" 2>&1 | grep -v "Loading weights" \

@@ -2,7 +2,8 @@
 
 Weights come in as dicts (views of a resident buffer or of a ring slot): a `Weight` (format + stored
 parts) for each matrix, a tensor for each vector. Nothing here knows about streams, graphs, where the
-weights live or how they are stored: `linear` and `embedding` ask the weight's own format.
+weights live or how they are stored: `linear` and `embedding` ask the weight's own format. The elementwise
+steps (RMSNorm, RoPE with the KV append, silu * up) are one kernel each on the GPU (fused.py).
 Shapes: B batch, T tokens, H heads, Hkv kv heads,
 D head dim, S max sequence length, L attended context length (a static bucket >= every position + 1).
 """
@@ -16,15 +17,9 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..weights.formats import Weight, embedding, linear
+from .fused import rms_norm, rope_append, silu_mul
 
 Weights = dict[str, torch.Tensor | Weight]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -66,15 +61,6 @@ def step_context(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     return StepContext(positions, emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None], rows, mask, ctx_len)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
-
-
 def embed_forward(ids: torch.Tensor, w: Weights, dtype: torch.dtype) -> torch.Tensor:
     """ids [B, T] -> hidden [B, T, hidden] in the compute dtype."""
     return embedding(ids, w["embed"], dtype)
@@ -88,12 +74,11 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
     H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // Hkv
     x = rms_norm(h, w["input_norm"], cfg.rms_norm_eps)
-    q = linear(x, w["q"], w.get("q_bias")).view(B, T, H, D).transpose(1, 2)
-    k = linear(x, w["k"], w.get("k_bias")).view(B, T, Hkv, D).transpose(1, 2)
-    v = linear(x, w["v"], w.get("v_bias")).view(B, T, Hkv, D).transpose(1, 2)
-    q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-    k_cache[ctx.rows, :, ctx.positions] = k.transpose(1, 2)  # [B, T, Hkv, D] into [B, Hkv, S, D]
-    v_cache[ctx.rows, :, ctx.positions] = v.transpose(1, 2)
+    q = linear(x, w["q"], w.get("q_bias"))  # [B, T, H*D]
+    k = linear(x, w["k"], w.get("k_bias"))  # [B, T, Hkv*D]
+    v = linear(x, w["v"], w.get("v_bias"))
+    # RoPE on q and k; k and v appended at ctx.positions into [B, Hkv, S, D]; q -> [B, H, T, D]
+    q = rope_append(q, k, v, ctx.cos, ctx.sin, k_cache, v_cache, ctx.rows, ctx.positions, H, Hkv)
     # GQA without copying K/V: the G query heads of one kv head become G*T query rows.
     q = q.reshape(B, Hkv, G * T, D)
     L = ctx.ctx_len
@@ -104,7 +89,7 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
 
 def mlp_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig) -> torch.Tensor:
     x = rms_norm(h, w["post_norm"], cfg.rms_norm_eps)
-    return h + linear(F.silu(linear(x, w["gate"])) * linear(x, w["up"]), w["down"])
+    return h + linear(silu_mul(linear(x, w["gate"]), linear(x, w["up"])), w["down"])
 
 
 def layer_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,

@@ -44,7 +44,11 @@ if (LLAMA_BUILD_COMMON)
     add_subdirectory(cpp-httplib)
 endif()
 CM
-# the top level adds these only when their options are ON; build.sh turns them OFF
+# llama-batched-bench prints its table through common's asynchronous logger and returns without flushing it:
+# under load its last rows can be lost at exit (llama.cpp issue 22142). Flush before returning.
+BB="$DST/tools/batched-bench/batched-bench.cpp"
+grep -q '^    llama_backend_free();' "$BB" || { echo "batched-bench.cpp changed: cannot add the log flush" >&2; exit 1; }
+sed -i 's/^    llama_backend_free();/    common_log_flush(common_log_main()); \/\/ graphrt peer: keep the last rows\n    llama_backend_free();/' "$BB"
 echo "llama-cpp-python $VERSION (PyPI sdist), vendor/llama.cpp; repacked by graphrt tools/llamacpp/fetch.sh" \
     > "$DST/PEER_SOURCE.txt"
 

@@ -32,8 +32,8 @@ linear:
         the kernel wants in the activation dtype) and the result is cast back.
   CUDA  "cuda" packing: `torch.ops.aten._weight_int4pack_mm(x_bf16, w, G, scales_and_zeros)` (needs sm80+,
         bfloat16 only: other compute dtypes are cast to bfloat16 and back). "blocked" packing (the policy's choice
-        where Triton is installed: faster at decode shapes, see docs/results): `int4_gemv`, which forms exactly
-        `dense(parts, float32)` in registers, any compute dtype.
+        for float32 / float16 compute, which tinygemm rounds to bfloat16): `int4_gemv`, which forms exactly
+        `dense(parts, float32)` in registers.
   Both: more than GEMV_MAX_ROWS rows (prefill), or parts packed for another device: dequantize, then F.linear.
 The CPU packed layout depends on the CPU's vector ISA (AVX512: blocks of 64 rows, AVX2 / default: 32, ...), so
 parts packed for "cpu" belong to the machine that packed them; `dense` recovers q by probing the pack op once
