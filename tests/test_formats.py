@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from graphrt.config import ConfigError
-from graphrt.weights.formats import FP8, Dense, GGUFQuant, Int4, Int8, Weight, fp8_supported, linear
+from graphrt.weights.formats import (FP8, Dense, GGUFQuant, Int4, Int8, Weight, fp8_supported, linear, stack_rows,
+                                     stackable)
 from graphrt.weights.formats.gguf import GGML_TYPES, dequantize, row_bytes, type_name
 from graphrt.weights.formats.int4 import _to_uint8_pairs, pack_tinygemm, unpack_tinygemm
 from graphrt.weights.formats.policy import QUANTIZATIONS, quantization_policy
@@ -229,21 +230,33 @@ def test_formats_read_from_a_group_buffer():
         policy = quantization_policy(q, torch.float32, torch.device("cpu"))
         layer = model_groups(cfg, policy)[1]
         buffer = torch.zeros(layer.nbytes, dtype=torch.uint8)
-        originals = {}
+        originals, direct = {}, {}
         for t in layer.tensors:
-            value = torch.randn(t.shape)
-            originals[t.key] = value
-            stored = t.format.encode(value, torch.device("cpu")) if t.is_matrix else {"w": value}
+            subs = [torch.randn(t.source_shape(rows)) for _, rows in t.sources]
+            originals[t.key] = torch.cat(subs)
+            stored = stack_rows(t.format, [t.format.encode(v, torch.device("cpu")) if t.is_matrix else {"w": v}
+                                           for v in subs])
+            direct[t.key] = stored
             for part, offset in t.parts:
                 assert offset % ALIGN == 0
                 buffer[offset:offset + part.nbytes].view(part.dtype).view(part.shape).copy_(stored[part.name])
         views = layer.views(buffer)
+        stacked = stackable(policy.matrix)
+        assert (set(views) >= {"qkv", "gate_up"}) == stacked and ("q" in views) == (not stacked), (q, set(views))
         x = torch.randn(3, 64)
-        for key in ("q", "k", "v", "gate", "up"):
+        for key in ("qkv", "gate_up", "down") if stacked else ("q", "k", "v", "gate", "up", "down"):
             w = views[key]
             assert w.format == policy.matrix
-            direct = w.format.encode(originals[key], torch.device("cpu"))
-            assert torch.equal(linear(x, w), w.format.linear(x, direct, None))
+            xk = torch.randn(3, w.shape[1])
+            assert torch.equal(linear(xk, w), w.format.linear(xk, direct[key], None))
+            # a stack is the matrices side by side: its dequantized form is the rows of each, encoded alone
+            assert torch.equal(w.format.dense(w.parts, torch.float32),
+                               w.format.dense(direct[key], torch.float32)), key
+        if stacked:  # the stacked product equals the separate products, column block by column block
+            qkv = views["qkv"]
+            sub = [qkv.format.encode(v, torch.device("cpu")) for v in originals["qkv"].split((64, 32, 32))]
+            want = torch.cat([qkv.format.linear(x, p, None) for p in sub], dim=-1)
+            torch.testing.assert_close(linear(x, qkv), want, rtol=1e-6, atol=1e-6)
         assert torch.equal(views["input_norm"], originals["input_norm"])
 
 

@@ -163,8 +163,9 @@ def test_small_gguf_tensors_formats_and_groups(tmp_path):
         for t in g.tensors:
             v = views[t.key]
             got = v if not t.is_matrix else v.format.dense(v.parts, torch.float32)
-            assert torch.equal(bits(got), bits(held[t.checkpoint_name])), t.checkpoint_name
-            seen.add(t.checkpoint_name)
+            want = torch.cat([held[n] for n in t.checkpoint_names])    # a stack (qkv, gate_up): its tensors' rows
+            assert torch.equal(bits(got), bits(want)), t.checkpoint_names
+            seen.update(t.checkpoint_names)
     assert seen == set(held)
 
     # another format than the file's: dequantized, then encoded (here int8)
@@ -172,11 +173,12 @@ def test_small_gguf_tensors_formats_and_groups(tmp_path):
     groups = model_groups(cfg, FormatPolicy(torch.float32, matrix=int8, lm_head=int8))
     for g, views in fill(ckpt, groups[:2]):
         for t in g.tensors:
-            if t.checkpoint_name == "model.embed_tokens.weight":  # Q8_0 in the file, dense in the layout
-                assert torch.equal(bits(views[t.key].parts["w"]), bits(held[t.checkpoint_name]))
+            held_rows = torch.cat([held[n] for n in t.checkpoint_names])
+            if t.checkpoint_names == ("model.embed_tokens.weight",):  # Q8_0 in the file, dense in the layout
+                assert torch.equal(bits(views[t.key].parts["w"]), bits(held_rows))
             elif t.is_matrix:
-                want = int8.encode(held[t.checkpoint_name], torch.device("cpu"))
-                assert torch.equal(views[t.key].parts["w"], want["w"]), t.checkpoint_name
+                want = int8.encode(held_rows, torch.device("cpu"))
+                assert torch.equal(views[t.key].parts["w"], want["w"]), t.checkpoint_names
 
 
 def test_small_gguf_tokenizer_and_template(tmp_path):
@@ -265,13 +267,13 @@ def test_default_gguf_fill_groups_keeps_bytes(smol, converted):
     with safe_open(str(converted / "model.safetensors"), framework="pt") as f:
         for g, views in fill(smol, picked):
             for t in g.tensors:
-                ref = f.get_tensor(t.checkpoint_name)
+                ref = torch.cat([f.get_tensor(n) for n in t.checkpoint_names])
                 if t.is_matrix:
                     w = views[t.key]
                     assert w.parts["q"].dtype == torch.uint8
-                    assert torch.equal(bits(w.format.dense(w.parts, torch.float32)), bits(ref)), t.checkpoint_name
+                    assert torch.equal(bits(w.format.dense(w.parts, torch.float32)), bits(ref)), t.checkpoint_names
                 else:
-                    assert torch.equal(views[t.key], ref.to(torch.bfloat16)), t.checkpoint_name
+                    assert torch.equal(views[t.key], ref.to(torch.bfloat16)), t.checkpoint_names
             if g.name == "embed":  # the token table: rows gathered from the raw Q8_0 rows, then dequantized
                 ids = torch.tensor([[1, 9, 4093], [49151, 0, 9]])
                 emb = views["embed"].format.embedding(ids, views["embed"].parts, torch.float32)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -178,7 +179,7 @@ def run_tool(cmd: list[str], timeout: float) -> dict[str, Any]:
         return dict(ok=False, rc=None, seconds=timeout, stdout="", error=f"timed out after {timeout:.0f} s")
     res = dict(ok=p.returncode == 0, rc=p.returncode, seconds=time.perf_counter() - t, stdout=p.stdout)
     if p.returncode:
-        why = f"killed by signal {-p.returncode}" if p.returncode < 0 else f"exit {p.returncode}"
+        why = f"killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0 else f"exit {p.returncode}"
         res["error"] = f"{why}: " + " | ".join(p.stderr.strip().splitlines()[-6:])
     return res
 
@@ -238,7 +239,7 @@ def run_peer(model_dir: str | Path, out_dir: str | Path, llama_bin_dir: str | Pa
     except Exception as e:  # noqa: BLE001 - reported, the caller's other benchmarks go on
         return save(f"writing the F16 GGUF failed: {type(e).__name__}: {e}")
     placements = [("gpu", [])] + ([("split", ["-ot", ot])] if ot else [])
-    ctx = max(int(x) for x in batched_npl.split(",")) * (128 + 32) + 256
+    npl = [int(x) for x in batched_npl.split(",")]
     for q in quants:
         path = f16 if q == "F16" else gdir / f"{model_dir.name}.{q}.gguf"
         if q != "F16" and not (path.is_file() and path.stat().st_mtime > f16.stat().st_mtime):
@@ -256,15 +257,17 @@ def run_peer(model_dir: str | Path, out_dir: str | Path, llama_bin_dir: str | Pa
                 res["runs"].append(dict(format=q, placement=place, test=test, **e))
                 save(f"llama-bench {q} {place} {test}: {e['error']}" if "error" in e else None)
         place, extra = placements[-1]
-        e = measure([str(bins / "llama-batched-bench"), *common, "-fa", "on", "-c", str(ctx), "-npp", "128",
-                     "-ntg", "32", "-npl", batched_npl, *extra], timeout)
+        e = measure([str(bins / "llama-batched-bench"), *common, "-fa", "on", "-c", str(max(npl) * 160 + 256),
+                     "-npp", "128", "-ntg", "32", "-npl", batched_npl, *extra], timeout)
+        if len(e.get("rows", npl)) < len(npl):
+            e["error"] = f"llama-batched-bench printed {len(e['rows'])} of its {len(npl)} rows"
         res["batched"].append(dict(format=q, placement=place, **e))
         save(f"llama-batched-bench {q} {place}: {e['error']}" if "error" in e else None)
     return res
 
 
 def markdown(res: dict[str, Any]) -> str:
-    note = lambda r: "no repack (first run: " + r["first_error"][:40] + ")" if "first_error" in r else ""  # noqa: E731
+    note = lambda r: f"no repack (first run {r['first_error'].split(':')[0]})" if "first_error" in r else ""  # noqa
     lines = [f"# llama.cpp peer: {Path(res['model']).name}", "",
              f"{res['llama_cpp']}; tools in `{res['bin_dir']}`; -ngl {res['ngl']}, flash attention on, "
              f"{res['threads']} threads. Split: the first {res['host_layers']} layers' weights in host memory "

@@ -11,9 +11,9 @@ gap between resident decode and the HBM roofline. Here each is one kernel:
   silu_mul(g, u)                      silu(g) * u
 
 Each function computes the same math as its `*_reference` (the code the CPU runs), rounding where the reference
-rounds: RoPE and silu * u give bit-identical results on the GPU (every product and sum rounded to the compute
-dtype as ATen's elementwise kernels round them); RMSNorm differs from ATen's only in the order of the float32
-sum of squares and in rsqrt's last bit. The fused path runs where x is a CUDA tensor and Triton imports;
+rounds (every RoPE product and sum is rounded to the compute dtype as ATen's elementwise kernels round them),
+but not bit for bit: the compiler contracts a * b + c * d into FMAs, RMSNorm sums its squares in another order,
+and exp / rsqrt may differ in the last bit (tests/test_fused.py bounds each). The fused path runs where x is a CUDA tensor and Triton imports;
 elsewhere the reference runs. Eager and captured steps run the same kernels, so graph == eager stays bitwise.
 """
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _build():
 
     @triton.jit
     def _rope_append_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr,
-                            T, S, stride_kb, stride_kh, stride_vb, stride_vh,
+                            T, S, stride_kb, stride_kh, stride_vb, stride_vh, stride_q, stride_k, stride_v,
                             H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
         tok = tl.program_id(0)                    # b * T + t
         head = tl.program_id(1)                   # 0..H-1: query heads; H..H+HKV-1: kv heads
@@ -99,30 +99,31 @@ def _build():
         c_ptr = cos_ptr + tok * D
         s_ptr = sin_ptr + tok * D
         if head < H:
-            lo, hi = _rot(q_ptr + (tok * H + head) * D, c_ptr, s_ptr, j, D // 2)
+            lo, hi = _rot(q_ptr + tok * stride_q + head * D, c_ptr, s_ptr, j, D // 2)
             out = qo_ptr + ((b * H + head) * T + t) * D           # [B, H, T, D]
             tl.store(out + j, lo)
             tl.store(out + D // 2 + j, hi)
         else:
             kvh = head - H
             pos = tl.load(pos_ptr + tok).to(tl.int64)
-            lo, hi = _rot(k_ptr + (tok * HKV + kvh) * D, c_ptr, s_ptr, j, D // 2)
+            lo, hi = _rot(k_ptr + tok * stride_k + kvh * D, c_ptr, s_ptr, j, D // 2)
             kc = kc_ptr + b * stride_kb + kvh * stride_kh + pos * D
             tl.store(kc + j, lo)
             tl.store(kc + D // 2 + j, hi)
             jj = tl.arange(0, D)
             vc = vc_ptr + b * stride_vb + kvh * stride_vh + pos * D
-            tl.store(vc + jj, tl.load(v_ptr + (tok * HKV + kvh) * D + jj))
+            tl.store(vc + jj, tl.load(v_ptr + tok * stride_v + kvh * D + jj))
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, TOTAL, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < TOTAL
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0)
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, F, stride_g, stride_u, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < F
+        g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0)
+        u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0)
         g32 = g.to(tl.float32)
         s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype).to(tl.float32)
-        tl.store(out_ptr + offs, (s * u.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row * F + cols, (s * u.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
 
     return _rms_norm_kernel, _rope_append_kernel, _silu_mul_kernel
 
@@ -156,14 +157,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                 num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    """q [B, T, H*D], k and v [B, T, Hkv*D]; cos, sin [B, 1, T, D]; caches [maxB, Hkv, S, D] (unit stride in the
+    """q [B, T, H*D], k and v [B, T, Hkv*D] (contiguous, or the column slices of one stacked qkv product); cos, sin [B, 1, T, D]; caches [maxB, Hkv, S, D] (unit stride in the
     last two dims); rows, positions [B, T]. Writes rotated k and v at (rows[b, t], :, positions[b, t]) and
     returns rotated q [B, H, T, D]. Row b of the batch is cache row b (rows[b, t] == b), as step_context makes."""
     B, T, _ = q.shape
     D = cos.shape[-1]
     ok = (fused_available(q) and D % 2 == 0 and (D & (D - 1)) == 0 and k_cache.stride(3) == 1
           and k_cache.stride(2) == D and v_cache.stride(3) == 1 and v_cache.stride(2) == D
-          and q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
+          and all(_token_stride(t) is not None for t in (q, k, v)))
     if not ok:
         return rope_append_reference(q, k, v, cos, sin, k_cache, v_cache, rows, positions, num_heads, num_kv_heads)
     q_out = torch.empty(B, num_heads, T, D, dtype=q.dtype, device=q.device)
@@ -171,15 +172,25 @@ def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
     _kernels()[1][(B * T, num_heads + num_kv_heads)](
         q, k, v, cos, sin, positions, q_out, k_cache, v_cache, T, k_cache.shape[2],
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        H=num_heads, HKV=num_kv_heads, D=D, num_warps=1)
+        _token_stride(q), _token_stride(k), _token_stride(v), H=num_heads, HKV=num_kv_heads, D=D, num_warps=1)
     return q_out
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """silu(g) * u, elementwise, g and u of one shape and dtype."""
-    if not fused_available(g) or not (g.is_contiguous() and u.is_contiguous()) or g.shape != u.shape:
+    """silu(g) * u, elementwise, g and u [B, T, F] of one shape and dtype (views with unit stride in F, such
+    as the two halves of a stacked gate/up product) -> [B, T, F] contiguous."""
+    rows_g, rows_u = _token_stride(g), _token_stride(u)
+    if not fused_available(g) or rows_g is None or rows_u is None or g.shape != u.shape or g.dim() != 3:
         return silu_mul_reference(g, u)
-    out = torch.empty_like(g)
-    total, block = g.numel(), 1024
-    _kernels()[2][(-(-total // block),)](g, u, out, total, BLOCK=block, num_warps=4)
+    B, T, F = g.shape
+    out = torch.empty(B, T, F, dtype=g.dtype, device=g.device)
+    block = 1024
+    _kernels()[2][(B * T, -(-F // block))](g, u, out, F, rows_g, rows_u, BLOCK=block, num_warps=4)
     return out
+
+
+def _token_stride(t: torch.Tensor) -> int | None:
+    """For t [B, T, N] with unit stride along N and row (b, t) at b * T * s + t * s: s; else None."""
+    if t.dim() != 3 or t.stride(2) != 1 or (t.shape[0] > 1 and t.stride(0) != t.shape[1] * t.stride(1)):
+        return None
+    return t.stride(1)

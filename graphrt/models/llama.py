@@ -45,7 +45,8 @@ class StepContext(NamedTuple):
     cos: torch.Tensor        # [B, 1, T, D]
     sin: torch.Tensor        # [B, 1, T, D]
     rows: torch.Tensor       # [B, T] batch row of each token, for the KV append
-    mask: torch.Tensor       # [B, 1, G*T, L] bool: key l visible to query row (g, t)
+    mask: torch.Tensor       # [B, 1, G*T, L] additive, compute dtype: 0 where key l is visible to query
+                             # row (g, t), -inf elsewhere (made once per step, not converted per layer)
     ctx_len: int             # L
 
 
@@ -57,7 +58,8 @@ def step_context(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
     q_pos = positions.repeat(1, num_groups)  # [B, G*T], row g*T + t has position positions[b, t]
     keys = torch.arange(ctx_len, device=positions.device)
-    mask = (keys[None, None, :] <= q_pos[:, :, None])[:, None]
+    visible = (keys[None, None, :] <= q_pos[:, :, None])[:, None]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=positions.device).masked_fill_(~visible, float("-inf"))
     return StepContext(positions, emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None], rows, mask, ctx_len)
 
 
@@ -74,9 +76,12 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
     H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // Hkv
     x = rms_norm(h, w["input_norm"], cfg.rms_norm_eps)
-    q = linear(x, w["q"], w.get("q_bias"))  # [B, T, H*D]
-    k = linear(x, w["k"], w.get("k_bias"))  # [B, T, Hkv*D]
-    v = linear(x, w["v"], w.get("v_bias"))
+    if "qkv" in w:  # q, k, v stacked along rows: one product [B, T, (H + 2 Hkv) D], sliced by columns
+        q, k, v = linear(x, w["qkv"], w.get("qkv_bias")).split((H * D, Hkv * D, Hkv * D), dim=-1)
+    else:
+        q = linear(x, w["q"], w.get("q_bias"))  # [B, T, H*D]
+        k = linear(x, w["k"], w.get("k_bias"))  # [B, T, Hkv*D]
+        v = linear(x, w["v"], w.get("v_bias"))
     # RoPE on q and k; k and v appended at ctx.positions into [B, Hkv, S, D]; q -> [B, H, T, D]
     q = rope_append(q, k, v, ctx.cos, ctx.sin, k_cache, v_cache, ctx.rows, ctx.positions, H, Hkv)
     # GQA without copying K/V: the G query heads of one kv head become G*T query rows.
@@ -89,7 +94,11 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
 
 def mlp_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig) -> torch.Tensor:
     x = rms_norm(h, w["post_norm"], cfg.rms_norm_eps)
-    return h + linear(silu_mul(linear(x, w["gate"]), linear(x, w["up"])), w["down"])
+    if "gate_up" in w:  # gate and up stacked along rows: [B, T, 2F]
+        gate, up = linear(x, w["gate_up"]).chunk(2, dim=-1)
+    else:
+        gate, up = linear(x, w["gate"]), linear(x, w["up"])
+    return h + linear(silu_mul(gate, up), w["down"])
 
 
 def layer_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,

@@ -12,8 +12,9 @@ from safetensors import safe_open
 from ..config import ConfigError, ModelConfig
 from ..text import generation_eos_ids, load_chat_template, load_tokenizer
 from .compressed_tensors import SchemeError, fp8_scheme
+from .formats import stack_rows
 from .formats.fp8 import FP8
-from .layout import GroupLayout, expected_tensors
+from .layout import GroupLayout, TensorSpec, expected_tensors
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -124,6 +125,13 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {dtype}; graphrt reads F32, F16 and "
                                       "BF16 checkpoints, and F8_E4M3 ones with a compressed-tensors config")
 
+    @staticmethod
+    def _stored(read, name: str, t: TensorSpec, device: torch.device) -> dict[str, torch.Tensor]:
+        value = read(name)
+        if value.dtype == torch.float8_e4m3fn:  # compressed-tensors: weight and weight_scale
+            return FP8.from_stored(value, read(name.removesuffix("weight") + "weight_scale"))
+        return t.format.encode(value, device) if t.is_matrix else {"w": value}
+
     def fill_groups(self, groups: list[GroupLayout], buffer_for, device: torch.device) -> Iterator[GroupLayout]:
         """For each group, read its tensors (one at a time) into `buffer_for(group)` (a uint8 tensor),
         each stored in its format (`encode`: a cast, or quantization on load; FP8 files as stored),
@@ -140,11 +148,7 @@ class Checkpoint:
             for g in groups:
                 buffer = buffer_for(g)
                 for t in g.tensors:
-                    value = read(t.checkpoint_name)
-                    if value.dtype == torch.float8_e4m3fn:  # compressed-tensors: weight and weight_scale
-                        stored = FP8.from_stored(value, read(t.checkpoint_name.removesuffix("weight") + "weight_scale"))
-                    else:
-                        stored = t.format.encode(value, device) if t.is_matrix else {"w": value}
+                    stored = stack_rows(t.format, [self._stored(read, name, t, device) for name in t.checkpoint_names])
                     for part, offset in t.parts:
                         buffer[offset:offset + part.nbytes].view(part.dtype).view(part.shape).copy_(stored[part.name])
                 yield g

@@ -20,7 +20,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from .checkpoint import CheckpointError
-from .formats import Dense, GGUFQuant, WeightFormat
+from .formats import Dense, GGUFQuant, WeightFormat, stack_rows
 from .formats.gguf import SUPPORTED_TYPES, dequantize, type_name
 from .layout import GroupLayout, expected_tensors
 
@@ -250,8 +250,8 @@ class GGUFCheckpoint:
         for g in groups:
             buffer = buffer_for(g)
             for t in g.tensors:
-                stored = self._stored(t.checkpoint_name, t.format, device) if t.is_matrix else \
-                    {"w": self.dequantized(t.checkpoint_name)}
+                stored = stack_rows(t.format, [self._stored(name, t.format, device) if t.is_matrix else
+                                               {"w": self.dequantized(name)} for name in t.checkpoint_names])
                 for part, offset in t.parts:
                     buffer[offset:offset + part.nbytes].view(part.dtype).view(part.shape).copy_(stored[part.name])
             yield g

@@ -4,7 +4,8 @@ A group (the embedding, a layer, or a layer's attention / MLP half, the head) is
 resident or streams. Its tensors are packed into one contiguous byte buffer with a fixed layout, so a
 resident GPU buffer, a pinned host buffer and a ring slot all expose the same typed views. Each matrix
 is stored in a weight format (dense, or quantized: data and scales side by side in the same buffer);
-vectors (norms, biases) are dense in the compute dtype.
+vectors (norms, biases) are dense in the compute dtype. Matrices that read the same input (q/k/v, gate/up) are
+stored stacked along rows as one matrix ("qkv", "gate_up") when their formats allow, so one kernel reads them.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ModelConfig
-from .formats import Dense, PartSpec, Weight, WeightFormat
+from .formats import Dense, PartSpec, Weight, WeightFormat, stackable
 
 ALIGN = 256  # bytes; every stored tensor in a group buffer starts on this boundary
 
@@ -44,15 +45,22 @@ class FormatPolicy:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    key: str                              # short name inside the group, e.g. "q" or "gate"
-    checkpoint_name: str                  # Hugging Face tensor name
-    shape: tuple[int, ...]                # logical shape ([out, in] for a matrix)
+    key: str                              # short name inside the group, e.g. "qkv" or "down"
+    sources: tuple[tuple[str, int], ...]  # (Hugging Face tensor name, rows): checkpoint tensors stacked along dim 0
+    shape: tuple[int, ...]                # logical shape of the stack ([out, in] for a matrix)
     format: WeightFormat
     parts: tuple[tuple[PartSpec, int], ...]  # stored tensors and their byte offsets in the buffer
 
     @property
     def is_matrix(self) -> bool:
         return len(self.shape) == 2
+
+    @property
+    def checkpoint_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.sources)
+
+    def source_shape(self, rows: int) -> tuple[int, ...]:
+        return (rows, *self.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -84,55 +92,72 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _layout(name: str, kind: str, layer: int | None, policy: FormatPolicy,
-            entries: list[tuple[str, str, tuple[int, ...]]]) -> GroupLayout:
+Entry = tuple[str, str, tuple[int, ...]]     # (key, Hugging Face name, shape)
+
+
+def _stacked(policy: FormatPolicy, key: str, entries: list[Entry]) -> list:
+    """The entries as one row-stacked entry (key, ((name, rows), ...), shape) when their formats are one stackable
+    format (q/k/v and gate/up: one GEMV instead of three or two); else unchanged."""
+    formats = {policy.format_of(ckpt) if len(shape) == 2 else None for _, ckpt, shape in entries}
+    fmt = next(iter(formats))
+    if len(formats) != 1 or (fmt is not None and not stackable(fmt)):
+        return entries
+    rows = sum(shape[0] for _, _, shape in entries)
+    return [(key, tuple((ckpt, shape[0]) for _, ckpt, shape in entries), (rows, *entries[0][2][1:]))]
+
+
+def _layout(name: str, kind: str, layer: int | None, policy: FormatPolicy, entries: list) -> GroupLayout:
     specs, offset = [], 0
     for key, ckpt, shape in entries:
-        fmt = policy.format_of(ckpt) if len(shape) == 2 else Dense(policy.compute_dtype)
+        sources = ckpt if isinstance(ckpt, tuple) else ((ckpt, shape[0]),)
+        fmt = policy.format_of(sources[0][0]) if len(shape) == 2 else Dense(policy.compute_dtype)
         parts = []
         for p in (fmt.parts(shape) if len(shape) == 2 else (PartSpec("w", shape, policy.compute_dtype),)):
             parts.append((p, offset))
             offset += -(-p.nbytes // ALIGN) * ALIGN
-        specs.append(TensorSpec(key, ckpt, shape, fmt, tuple(parts)))
+        specs.append(TensorSpec(key, sources, shape, fmt, tuple(parts)))
     return GroupLayout(name, kind, layer, tuple(specs), offset)
 
 
-def _attn_entries(cfg: ModelConfig, i: int) -> list[tuple[str, str, tuple[int, ...]]]:
+def _attn_entries(cfg: ModelConfig, i: int, policy: FormatPolicy, stack: bool) -> list:
     p, h = f"model.layers.{i}.", cfg.hidden_size
-    e = [("input_norm", p + "input_layernorm.weight", (h,)),
-         ("q", p + "self_attn.q_proj.weight", (cfg.q_size, h)),
-         ("k", p + "self_attn.k_proj.weight", (cfg.kv_size, h)),
-         ("v", p + "self_attn.v_proj.weight", (cfg.kv_size, h))]
-    if cfg.qkv_bias:
-        e += [("q_bias", p + "self_attn.q_proj.bias", (cfg.q_size,)),
-              ("k_bias", p + "self_attn.k_proj.bias", (cfg.kv_size,)),
-              ("v_bias", p + "self_attn.v_proj.bias", (cfg.kv_size,))]
-    e.append(("o", p + "self_attn.o_proj.weight", (h, cfg.q_size)))
-    return e
+    qkv = [("q", p + "self_attn.q_proj.weight", (cfg.q_size, h)),
+           ("k", p + "self_attn.k_proj.weight", (cfg.kv_size, h)),
+           ("v", p + "self_attn.v_proj.weight", (cfg.kv_size, h))]
+    bias = [("q_bias", p + "self_attn.q_proj.bias", (cfg.q_size,)),
+            ("k_bias", p + "self_attn.k_proj.bias", (cfg.kv_size,)),
+            ("v_bias", p + "self_attn.v_proj.bias", (cfg.kv_size,))] if cfg.qkv_bias else []
+    stacked = _stacked(policy, "qkv", qkv) if stack else qkv
+    if len(stacked) == 1 and bias:
+        bias = _stacked(policy, "qkv_bias", bias)
+    return [("input_norm", p + "input_layernorm.weight", (h,)), *stacked, *bias,
+            ("o", p + "self_attn.o_proj.weight", (h, cfg.q_size))]
 
 
-def _mlp_entries(cfg: ModelConfig, i: int) -> list[tuple[str, str, tuple[int, ...]]]:
+def _mlp_entries(cfg: ModelConfig, i: int, policy: FormatPolicy, stack: bool) -> list:
     p, h, f = f"model.layers.{i}.", cfg.hidden_size, cfg.intermediate_size
+    gate_up = [("gate", p + "mlp.gate_proj.weight", (f, h)), ("up", p + "mlp.up_proj.weight", (f, h))]
     return [("post_norm", p + "post_attention_layernorm.weight", (h,)),
-            ("gate", p + "mlp.gate_proj.weight", (f, h)),
-            ("up", p + "mlp.up_proj.weight", (f, h)),
+            *(_stacked(policy, "gate_up", gate_up) if stack else gate_up),
             ("down", p + "mlp.down_proj.weight", (h, f))]
 
 
 def model_groups(cfg: ModelConfig, policy: FormatPolicy | torch.dtype,
-                 stream_unit: str = "layer") -> list[GroupLayout]:
+                 stream_unit: str = "layer", stack: bool = True) -> list[GroupLayout]:
     """All groups in execution order: embed, layers (whole or attn/mlp halves), head.
-    `policy` may be a plain dtype: every matrix dense in it."""
+    `policy` may be a plain dtype: every matrix dense in it. `stack`: q/k/v and gate/up stored as one
+    row-stacked matrix each ("qkv", "gate_up") where their formats allow; else one tensor each."""
     if isinstance(policy, torch.dtype):
         policy = FormatPolicy(policy)
     v, h = cfg.vocab_size, cfg.hidden_size
     groups = [_layout("embed", "embed", None, policy, [("embed", "model.embed_tokens.weight", (v, h))])]
     for i in range(cfg.num_layers):
         if stream_unit == "layer":
-            groups.append(_layout(f"layer.{i}", "layer", i, policy, _attn_entries(cfg, i) + _mlp_entries(cfg, i)))
+            groups.append(_layout(f"layer.{i}", "layer", i, policy,
+                                  _attn_entries(cfg, i, policy, stack) + _mlp_entries(cfg, i, policy, stack)))
         else:
-            groups.append(_layout(f"attn.{i}", "attn", i, policy, _attn_entries(cfg, i)))
-            groups.append(_layout(f"mlp.{i}", "mlp", i, policy, _mlp_entries(cfg, i)))
+            groups.append(_layout(f"attn.{i}", "attn", i, policy, _attn_entries(cfg, i, policy, stack)))
+            groups.append(_layout(f"mlp.{i}", "mlp", i, policy, _mlp_entries(cfg, i, policy, stack)))
     head = [("norm", "model.norm.weight", (h,))]
     if not cfg.tie_word_embeddings:
         head.append(("lm_head", "lm_head.weight", (v, h)))
@@ -142,4 +167,5 @@ def model_groups(cfg: ModelConfig, policy: FormatPolicy | torch.dtype,
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor name -> shape, for validation."""
-    return {t.checkpoint_name: t.shape for g in model_groups(cfg, torch.float32) for t in g.tensors}
+    return {name: t.source_shape(rows) for g in model_groups(cfg, torch.float32, stack=False)
+            for t in g.tensors for name, rows in t.sources}

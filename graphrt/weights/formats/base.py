@@ -67,6 +67,21 @@ class Weight(NamedTuple):
     shape: tuple[int, int]
 
 
+def stackable(fmt: WeightFormat) -> bool:
+    """Whether matrices of this format, stacked along rows (out), are one matrix of the format whose parts are the
+    parts stacked (`stack_rows`): true where every row is stored on its own (per-row or per-row-group scales)."""
+    return bool(getattr(fmt, "rows_stack", True))
+
+
+def stack_rows(fmt: WeightFormat, stored: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stored parts of several [out_i, in] matrices -> the parts of their [sum out_i, in] stack. Each part is
+    concatenated along its row axis (`fmt.row_axis(name)`, 0 unless the format says otherwise)."""
+    if len(stored) == 1:
+        return stored[0]
+    axis = getattr(fmt, "row_axis", lambda name: 0)
+    return {name: torch.cat([s[name] for s in stored], dim=axis(name)) for name in stored[0]}
+
+
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     return w.format.linear(x, w.parts, bias)
 

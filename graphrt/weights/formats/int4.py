@@ -92,6 +92,16 @@ class Int4:
     packing: str = "cpu"
     name: str = field(default="int4", init=False)
 
+    @property
+    def rows_stack(self) -> bool:
+        """Stacked along rows, the "cuda" (tiles of 8 rows) and "blocked" layouts stay valid layouts of the
+        stack; the "cpu" layout interleaves rows in ISA-dependent blocks, so it does not."""
+        return self.packing != "cpu"
+
+    @staticmethod
+    def row_axis(part: str) -> int:
+        return 1 if part == "scales_and_zeros" else 0      # [in/G, out, 2]
+
     def __post_init__(self) -> None:
         if self.packing not in PACKINGS:
             raise ValueError(f"int4 packing must be one of {PACKINGS}, got {self.packing!r}")
