@@ -198,6 +198,10 @@ def _bench(a: argparse.Namespace) -> int:
         from .bench.quant import run_quant_bench
         run_quant_bench(a.out, a.layers, a.model)
         return 0
+    if a.only == "peer":
+        from .bench.versus import run_versus
+        run_versus(a.out, a.model, a.peer_bin, a.threads, a.graphrt_json)
+        return 0
     from .bench.run import run_bench
     return run_bench(a)
 
@@ -258,8 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=_positive(), default=8, help="layers of the default bench model")
     b.add_argument("--out", type=Path, default=Path("bench-results"))
     b.add_argument("--quick", action="store_true", help="fewer budgets and steps")
-    b.add_argument("--only", choices=["quant"], help="quant: bf16/int8/fp8/int4, resident and streamed "
-                   "(quant.json, quant.md)")
+    b.add_argument("--only", choices=["quant", "peer"], help="quant: bf16/int8/fp8/int4, resident and streamed "
+                   "(quant.json, quant.md); peer: graphrt beside llama.cpp on a 16-layer 8B-shaped model, all on "
+                   "the GPU and with 8 layers in host memory (versus.json, versus.md; llama.cpp built by "
+                   "tools/llamacpp/build.sh)")
+    b.add_argument("--peer-bin", type=Path, help="llama.cpp's build/bin (default: /tmp/keep/llama.cpp/build/bin)")
+    b.add_argument("--threads", type=_positive(), help="llama.cpp CPU threads (default: all cores)")
+    b.add_argument("--graphrt-json", type=Path, help="graphrt's peer rows from an earlier run (versus_graphrt.json)")
     b.set_defaults(fn=_bench)
     return ap
 

@@ -1,0 +1,159 @@
+"""`graphrt bench --only peer`: graphrt beside llama.cpp on one GPU: the same 16-layer Llama-3.1-8B-shaped model,
+every weight on the GPU and "split" (the budget that leaves HOST_LAYERS of 16 layers' weights in host memory).
+
+graphrt rows (graph path): decode at batch 1 for bf16, int8 and int4 (quantized on load), on the GPU and split;
+decode at batch 4, 8 and 16 split (bf16); prefill of a 4096-token prompt on the GPU and split (bf16). The peer
+(peer.py, llama.cpp built by tools/llamacpp/build.sh) runs the same model as F16, Q8_0 and Q4_K_M GGUFs. Writes
+versus.json and versus.md (both systems, one table; ratios are graphrt / llama.cpp from this run).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..plan.placement import plan_placement
+from ..runtime import Runtime
+from ..weights.formats.policy import quantization_policy
+from .quant import step_time
+from .run import make_bench_model, measure_limits
+
+LAYERS, HOST_LAYERS, RING = 16, 8, 3
+PEER_FORMAT = {"bf16": "F16", "int8": "Q8_0", "int4": "Q4_K_M"}
+
+
+def split_budget(cfg: ModelConfig, quantization: str | None, batch: int, max_seq_len: int,
+                 host_layers: int = HOST_LAYERS) -> int:
+    """The smallest GPU budget whose plan streams at most `host_layers` layers (whole layers, RING slots)."""
+    policy = quantization_policy(quantization, torch.bfloat16, torch.device("cuda"))
+    streamed = lambda b: len(plan_placement(cfg, b, RING, batch, max_seq_len, policy, stream_unit="layer").streamed)
+    lo, hi = 1 << 30, 200 << 30
+    while hi - lo > 16 << 20:
+        mid = (lo + hi) // 2
+        try:
+            ok = streamed(mid) <= host_layers
+        except Exception:       # below the plan's minimum
+            ok = False
+        lo, hi = (lo, mid) if ok else (mid, hi)
+    return hi
+
+
+def _runtime(path: Path, quantization: str | None, budget: int | None, batch: int, max_seq_len: int) -> Runtime:
+    gc.collect()
+    torch.cuda.empty_cache()
+    kw = {"gpu_budget": budget} if budget else {}
+    return Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", quantization=quantization,
+                                   max_batch_size=batch, max_seq_len=max_seq_len, ring_depth=RING,
+                                   stream_unit="layer", **kw)
+
+
+def prefill_time(rt: Runtime, tokens: int) -> float:
+    """Seconds for one prompt of `tokens` tokens (after one warm-up prompt of the same length)."""
+    ids = torch.randint(3, rt.config.vocab_size, (1, tokens))
+    for _ in range(2):
+        rt.engine.reset()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        rt.engine.prefill(ids, [tokens])
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t
+    return seconds
+
+
+def graphrt_rows(path: Path) -> list[dict]:
+    cfg = ModelConfig.from_file(path / "config.json")
+    rows = []
+
+    def add(rt: Runtime, **r) -> None:
+        p = rt.placement
+        r.update(streamed_layers=sum(1 for g in p.groups if g.kind == "layer" and g.name in p.streamed),
+                 streamed_GB=p.streamed_bytes / 1e9, budget_GiB=p.budget / 2**30)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        rt.close()
+
+    for fmt, q in (("bf16", None), ("int8", "int8"), ("int4", "int4")):
+        for place in ("gpu", "split"):
+            rt = _runtime(path, q, split_budget(cfg, q, 1, 512) if place == "split" else None, 1, 512)
+            t = step_time(rt)
+            add(rt, system="graphrt", format=fmt, placement=place, test="decode", batch=1, tokens_per_s=1 / t)
+    for batch in (4, 8, 16):
+        rt = _runtime(path, None, split_budget(cfg, None, batch, 512), batch, 512)
+        g = rt.capture(batch)
+        g.prefill(torch.randint(3, cfg.vocab_size, (batch, 128)))
+        steps = 16
+        for _ in range(3):
+            g.step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            g.step()
+        torch.cuda.synchronize()
+        t = (time.perf_counter() - t0) / steps
+        add(rt, system="graphrt", format="bf16", placement="split", test="decode", batch=batch, tokens_per_s=batch / t)
+    for place in ("gpu", "split"):
+        rt = _runtime(path, None, split_budget(cfg, None, 1, 4352) if place == "split" else None, 1, 4352)
+        s = prefill_time(rt, 4096)
+        add(rt, system="graphrt", format="bf16", placement=place, test="prefill", batch=1, tokens_per_s=4096 / s)
+    return rows
+
+
+def peer_rows(peer: dict) -> list[dict]:
+    """llama.cpp's results as rows of the same shape as graphrt's."""
+    rows = []
+    back = {v: k for k, v in PEER_FORMAT.items()}
+    for r in peer.get("runs", []):
+        if "tokens_per_s" in r:
+            rows.append(dict(system="llama.cpp", format=back[r["format"]], placement=r["placement"], test=r["test"],
+                             batch=1, tokens_per_s=r["tokens_per_s"]))
+    for b in peer.get("batched", []):
+        for row in b.get("rows", []):
+            rows.append(dict(system="llama.cpp", format=back[b["format"]], placement=b["placement"], test="decode",
+                             batch=int(row["b"]), tokens_per_s=row["s_tg_tps"], batched_bench=True))
+    return rows
+
+
+def markdown(res: dict) -> str:
+    mine = {(r["format"], r["placement"], r["test"], r["batch"]): r for r in res["graphrt"]}
+    peer = {}
+    for r in res["llama_cpp"]:  # batch 1 decode: llama-bench's figure (batched-bench's B=1 row is kept in json)
+        peer.setdefault((r["format"], r["placement"], r["test"], r["batch"]), r)
+    lines = [f"# graphrt vs llama.cpp: {res['device']}, torch {res['torch']}", "",
+             f"Model: Llama-3.1-8B shape, {LAYERS} layers, random weights. split = the first {HOST_LAYERS} layers' "
+             f"weights in host memory (graphrt: the smallest budget streaming <= {HOST_LAYERS} layers through "
+             f"{RING} slots). Pinned H2D {res['limits']['h2d_GBps']:.1f} GB/s. llama.cpp: {res['peer_source']}.", "",
+             "| test | weights (graphrt / llama.cpp) | placement | batch | graphrt tok/s | llama.cpp tok/s | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for key, r in mine.items():
+        fmt, place, test, batch = key
+        p = peer.get(key)
+        theirs = f"{p['tokens_per_s']:.1f}" if p else "not run"
+        ratio = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}" if p else "-"
+        lines.append(f"| {test} | {fmt} / {PEER_FORMAT[fmt]} | {place} ({r['streamed_layers']} streamed) | {batch} | "
+                     f"{r['tokens_per_s']:.1f} | {theirs} | {ratio} |")
+    if res.get("peer_errors"):
+        lines += ["", "llama.cpp errors:", ""] + [f"- {e}" for e in res["peer_errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def run_versus(out: Path, model: Path | None = None, peer_bin: Path | None = None, threads: int | None = None,
+               graphrt_json: Path | None = None) -> dict:
+    """graphrt's rows (or those saved in `graphrt_json` by an earlier call), then the peer, then the table."""
+    from .peer import KEEP, run_peer
+    out.mkdir(parents=True, exist_ok=True)
+    path = model or make_bench_model(Path("/tmp/graphrt-bench/llama8b-16"), LAYERS)
+    limits = measure_limits()
+    mine = json.loads(graphrt_json.read_text()) if graphrt_json else graphrt_rows(path)
+    (out / "versus_graphrt.json").write_text(json.dumps(mine, indent=1))
+    peer = run_peer(path, out, peer_bin or KEEP / "llama.cpp" / "build" / "bin", threads=threads,
+                    host_layers=HOST_LAYERS, reps=3)
+    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, limits=limits, graphrt=mine,
+               llama_cpp=peer_rows(peer), peer_source=peer.get("llama_cpp", "unknown"), peer_errors=peer["errors"])
+    (out / "versus.json").write_text(json.dumps(res, indent=1))
+    (out / "versus.md").write_text(markdown(res))
+    print(markdown(res))
+    return res
