@@ -206,5 +206,16 @@ def test_run_peer_pipeline_with_stand_in_tools(tiny, tmp_path, crash):
     assert all(("first_error" in r) == crash and ("--repack" in r["cmd"]) == crash for r in res["runs"])
     split = res["runs"][2]["cmd"]
     assert split[split.index("-ot") + 1] == r"blk\.(0)\.=CPU" and split[split.index("-p") + 1] == "0"
-    assert [len(b["rows"]) for b in res["batched"]] == [2, 2] * 1 + [2]
+    assert [(b["format"], len(b["rows"])) for b in res["batched"]] == [("F16", 2), ("Q8_0", 2), ("Q4_K_M", 2)]
     assert "| Q4_K_M | split | 4 | 19745.5 | 5041.6 |" in (tmp_path / "out" / "peer.md").read_text()
+
+
+def test_run_peer_reports_missing_batched_rows_and_failed_quantize(tiny, tmp_path):
+    model, _ = tiny
+    fake_tools(tmp_path / "bin", False)
+    (tmp_path / "bin" / "llama-quantize").write_text("#!/bin/sh\necho 'invalid ftype' >&2\nexit 1\n")
+    res = peer.run_peer(model, tmp_path / "out", tmp_path / "bin", threads=1, host_layers=1, quants=("F16", "Q8_0"),
+                        gguf_dir=tmp_path / "gguf", batched_npl="1,4,8", reps=1, timeout=60)
+    assert res["errors"] == ["llama-batched-bench F16 split: llama-batched-bench printed 2 of its 3 rows",
+                             "llama-quantize Q8_0: exit 1: invalid ftype"]
+    assert set(res["files"]) == {"F16"} and len(res["runs"]) == 4

@@ -3,7 +3,7 @@
 `write_gguf`: the F16 GGUF of exactly the model in a graphrt checkpoint directory (config.json + safetensors, e.g.
 `make_bench_model`): llama metadata and tensor names, Q/K rows permuted as convert_hf_to_gguf.py does, matrices
 F16, vectors F32, Llama 3 RoPE scaling as the `rope_freqs` tensor (from graphrt's `rope_inv_freq`, as
-convert_hf_to_gguf.py writes it). The tokenizer is a stand-in (the benchmarks draw random ids): GPT-2 byte tokens,
+convert_hf_to_gguf.py writes it; graphrt's own GGUF reader refuses such files). The tokenizer is a stand-in (the benchmarks draw random ids): GPT-2 byte tokens,
 fillers, control tokens at the config's bos/eos ids. `run_peer`: that GGUF, Q8_0 and Q4_K_M from llama-quantize,
 llama-bench decode (-n 64) and prefill (-p 4096) with every layer on the GPU and "split" (the first K layers'
 weights in host memory, `-ot`), llama-batched-bench (split); peer.json and peer.md. Failures (no binary, failed
