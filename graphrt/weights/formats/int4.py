@@ -60,8 +60,11 @@ def _geometry(shape: tuple[int, int], group_size: int, packing: str) -> tuple[in
     """(group size, inner k-tiles) for an [out, in] matrix; ValueError for shapes the kernels cannot take."""
     out, inp = shape
     if inp % _COL_ALIGN[packing] or out % _ROW_ALIGN[packing]:
-        raise ValueError(f"int4 ({packing} packing) needs in_features % {_COL_ALIGN[packing]} == 0 and out_features % "
-                         f"{_ROW_ALIGN[packing]} == 0; a [{out}, {inp}] matrix does not fit: use int8 or fp8")
+        fix = ("compute in bfloat16 (--dtype bfloat16: ATen's tinygemm layout needs in_features % 32), or use int8 "
+               "or fp8" if packing == "blocked" else "use int8 or fp8")
+        rows = f" and out_features % {_ROW_ALIGN[packing]} == 0" if _ROW_ALIGN[packing] > 1 else ""
+        raise ValueError(f"int4 ({packing} packing) needs in_features % {_COL_ALIGN[packing]} == 0{rows}; "
+                         f"a [{out}, {inp}] matrix does not fit: {fix}")
     group = next(g for g in (group_size, 128, 64, 32) if g <= group_size and inp % g == 0)
     tiles = next(t for t in (8, 4, 2) if inp % (16 * t) == 0)
     return group, tiles
