@@ -91,7 +91,8 @@ def _load(a: argparse.Namespace, prompt_ids_of=None):
     source = open_source(_model_arg(a))
     if source.tokenizer is None:
         raise UsageError(f"{source.path} has no tokenizer.json; graphrt {a.command} needs one")
-    options = dict(max_seq_len=a.max_seq_len, ring_depth=a.ring_depth, quantization=a.quantization)
+    options = dict(max_seq_len=a.max_seq_len, ring_depth=a.ring_depth, quantization=a.quantization,
+                   cpu_lane=a.cpu_lane, cpu_threads=a.cpu_threads)
     if a.gpu_budget:
         options["gpu_budget"] = a.gpu_budget
     from .config import RuntimeOptions
@@ -216,6 +217,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-budget", type=_size, help="GPU memory for graphrt, e.g. 12GiB (default: free memory "
                    "minus 1 GiB)")
     p.add_argument("--ring-depth", type=_positive(2), default=3, help="streamed weight slots")
+    p.add_argument("--cpu-lane", action="store_true", help="let the planner compute MLP groups on the CPU from host "
+                   "memory beside the streamed ones (the CPU's rate is measured once and cached)")
+    p.add_argument("--cpu-threads", type=_positive(), help="CPU threads for the CPU lane (default: torch's)")
     p.add_argument("--max-seq-len", type=_positive(), help="longest sequence (default: 2048 or "
                    "the model's positions, whichever is smaller)")
     p.add_argument("--max-new-tokens", type=_positive(), default=None)

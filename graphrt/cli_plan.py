@@ -26,6 +26,8 @@ def add_plan_flags(p: argparse.ArgumentParser, positive, number, size) -> None:
                    help="host-to-device GB/s (default 55)")
     p.add_argument("--hbm-bandwidth", type=number(0, low_open=True), default=3000.0,
                    help="device memory GB/s (default 3000)")
+    p.add_argument("--cpu-rate", type=number(0, low_open=True), default=None,
+                   help="plan a CPU lane: GB/s of weights the target's CPU computes (no CPU lane by default)")
     p.add_argument("--stream-unit", choices=["auto", "layer", "attn_mlp"], default="auto",
                    help="streamed group: whole layers, attention/MLP halves, or the faster of both (default)")
 
@@ -54,7 +56,8 @@ def run_plan(a: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{a.model}: no such file or directory (a config.json, model directory or .gguf)")
     cfg, policy = _model(a.model, parse_dtype(a.dtype), a.quantization)
     max_seq_len = a.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings)
-    cost = CostModel(h2d_bandwidth=a.bandwidth * 1e9, hbm_bandwidth=a.hbm_bandwidth * 1e9, batch_size=a.batch)
+    cost = CostModel(h2d_bandwidth=a.bandwidth * 1e9, hbm_bandwidth=a.hbm_bandwidth * 1e9, batch_size=a.batch,
+                     cpu_rate=(a.cpu_rate or 0) * 1e9)
     p = plan_placement(cfg, parse_bytes(a.gpu_budget), a.ring_depth, a.batch, max_seq_len, policy,
                        stream_unit=a.stream_unit, cost=cost)
     weights = a.quantization or ("stored formats" if policy.per_tensor else str(policy.compute_dtype).replace("torch.", ""))

@@ -178,6 +178,9 @@ class RuntimeOptions:
     hbm_bandwidth: float = 3.0e12           # bytes/s; planning estimate
     poison_freed_slots: bool = False        # debug: fill a slot with NaN after its last read
     quantization: str | None = None         # quantize on load: "int8", "fp8", "int4"; None keeps the file's
+    cpu_lane: bool = False                  # let the planner compute MLP groups on the CPU from host memory
+    cpu_rate: float | None = None           # bytes/s of weights the CPU computes; None: calibrate (cached)
+    cpu_threads: int | None = None          # torch CPU threads for the CPU lane; None: torch's default
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -196,6 +199,10 @@ class RuntimeOptions:
             raise ConfigError(f"placement must be auto, first, last or spread, got {self.placement!r}")
         if self.gpu_budget is not None:
             self.gpu_budget = parse_bytes(self.gpu_budget)
+        if self.cpu_rate is not None and not self.cpu_rate > 0:
+            raise ConfigError(f"cpu_rate must be > 0 bytes/s (or None to calibrate), got {self.cpu_rate}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "RuntimeOptions":

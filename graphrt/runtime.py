@@ -19,9 +19,11 @@ from .config import ConfigError, ModelConfig, RuntimeOptions, parse_dtype
 from .exec.decode import Rows, decode_eager, decode_graph
 from .exec.engine import Engine
 from .exec.graph import DecodeGraph, GraphCache, pad_prompts
+from .plan.calibrate import cpu_rate
 from .plan.placement import CostModel, Placement, plan_placement
 from .plan.schedule import build_plans, build_prologue
 from .sampling import SEED_STRIDE, SamplingParams
+from .weights.layout import model_groups
 from .weights.sources import open_source, weight_policy
 from .weights.store import WeightStore
 
@@ -81,7 +83,7 @@ class Runtime:
         p = self.placement
         with nvtx.annotate("graphrt.load", color="purple"):
             store = WeightStore(self.source, p.groups, p.resident, p.ring_depth, p.slot_bytes, self.device,
-                                opts.progress)
+                                opts.progress, p.cpu)
         names, streamed = [g.name for g in p.groups], set(p.streamed)
         self.engine = Engine(cfg, opts, store, build_plans(names, streamed, opts.ring_depth),
                              build_prologue(names, streamed, opts.ring_depth), self.dtype)
@@ -101,9 +103,20 @@ class Runtime:
             budget = budget if budget is not None else max(free - DEVICE_MARGIN, 0)
         elif budget is None:
             budget = 1 << 62  # CPU: everything resident unless a budget asks for streaming
-        return plan_placement(cfg, budget, o.ring_depth, o.max_batch_size, o.max_seq_len, self.policy,
-                              stream_unit=o.stream_unit, strategy=o.placement, prefill_chunk=o.prefill_chunk,
-                              cost=CostModel(o.h2d_bandwidth, o.hbm_bandwidth), device_memory=device_memory)
+        cost = CostModel(o.h2d_bandwidth, o.hbm_bandwidth)
+        cpu_policy = weight_policy(self.source, o.quantization, self.dtype, torch.device("cpu"))
+        if o.cpu_lane:
+            if o.cpu_threads:
+                torch.set_num_threads(o.cpu_threads)   # process-wide: torch has one CPU thread pool
+            rate = o.cpu_rate or cpu_rate(cfg, cpu_policy, o.max_batch_size, concurrent_h2d=self.device.type == "cuda")
+            cost = replace(cost, cpu_rate=rate)
+        p = plan_placement(cfg, budget, o.ring_depth, o.max_batch_size, o.max_seq_len, self.policy,
+                           stream_unit=o.stream_unit, strategy=o.placement, prefill_chunk=o.prefill_chunk,
+                           cost=cost, device_memory=device_memory)
+        if p.cpu:  # the CPU lane's groups are stored in the CPU's formats (e.g. int4 in the CPU kernel's packing)
+            on_cpu = {g.name: g for g in model_groups(cfg, cpu_policy, p.stream_unit) if g.name in p.cpu}
+            p = replace(p, groups=tuple(on_cpu.get(g.name, g) for g in p.groups))
+        return p
 
     # ---- token ids in, token ids out ------------------------------------------------------------
     @torch.inference_mode()

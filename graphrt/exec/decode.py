@@ -12,6 +12,7 @@ from typing import Iterator
 import nvtx
 import torch
 
+from . import cpu_lane
 from ..sampling import SamplingParams, sample
 from .engine import Engine
 from .graph import DecodeGraph
@@ -56,6 +57,7 @@ def decode_graph(graph: DecodeGraph, ids: torch.Tensor, lengths: list[int], max_
     def ready() -> torch.Tensor:
         event, out = pending.pop(0)
         event.synchronize()
+        cpu_lane.check()  # a CPU-lane group that failed inside a replay raises here, with its tokens
         return out.clone()
 
     new[:, 0] = graph.prefill_padded(ids, lengths, params, start)

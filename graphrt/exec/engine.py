@@ -1,7 +1,7 @@
 """`Engine`: one model step (embedding, every group of the plan, head) over the KV cache and the ring.
 
 The engine owns the per-runtime decode state: the KV cache [layers, 2, maxB, Hkv, S, D], the RoPE
-frequencies, and the ring phase (which of the N / gcd(S, N) step plans comes next). The same
+frequencies, the CPU lane (cpu_lane.py) for groups computed on the CPU, and the ring phase (which of the N / gcd(S, N) step plans comes next). The same
 `run_plan` issues a step eagerly or into a CUDA graph being captured (exec/graph.py). Rows of a batch
 may have different lengths (a ragged batch): each row carries its own positions, and a row's padding
 only writes KV positions past its own end, which its later steps overwrite before they read them.
@@ -15,6 +15,7 @@ from ..config import ConfigError, ModelConfig, RuntimeOptions, context_bucket
 from ..models import llama
 from ..plan.schedule import StepPlan
 from ..weights.store import WeightStore
+from .cpu_lane import CpuLane
 from .executor import StepExecutor
 
 
@@ -31,6 +32,8 @@ class Engine:
         self.inv_freq = llama.rope_inv_freq(cfg).to(self.device)
         self.ring_step = 0          # steps run since the last prologue; selects the ring phase
         self.ring_cold = True       # the prologue must run before the next step
+        self.cpu_lane = CpuLane(self.device, options.max_batch_size * options.prefill_chunk, cfg.hidden_size,
+                                dtype) if store.cpu else None
 
     # ---- limits --------------------------------------------------------------------------------
     def check_shape(self, batch: int, length: int) -> None:
@@ -84,6 +87,8 @@ class Engine:
                 fn = llama.layer_forward if layout.kind == "layer" else llama.attn_forward
                 kv = self.kv[layout.layer]
                 act["h"] = fn(act["h"], w, cfg, kv[0], kv[1], ctx)
+            elif layout.kind == "mlp" and group in self.store.cpu:  # the CPU lane: host weights, CPU math
+                act["h"] = self.cpu_lane.run(act["h"], lambda x: llama.mlp_forward(x, w, cfg))
             elif layout.kind == "mlp":
                 act["h"] = llama.mlp_forward(act["h"], w, cfg)
             else:

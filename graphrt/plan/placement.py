@@ -29,9 +29,15 @@ class CostModel:
     flops: float = 400e12            # dense matmul FLOP/s reachable at decode shapes
     group_overhead: float = 10e-6    # kernel launches per group inside a graph
     batch_size: int = 1
+    cpu_rate: float = 0.0            # bytes/s of weights the CPU lane computes at this batch; 0: no CPU lane
+    cpu_overhead: float = 300e-6     # per CPU group: activation D2H, host node, result H2D
 
     def copy_time(self, g: GroupLayout) -> float:
         return g.nbytes / self.h2d_bandwidth
+
+    def cpu_time(self, g: GroupLayout) -> float:
+        """The compute stream waits this long for a group computed on the CPU (it reads its weights once)."""
+        return g.nbytes / self.cpu_rate + self.cpu_overhead
 
     def compute_time(self, g: GroupLayout) -> float:
         params = g.num_params if g.kind != "embed" else 0  # the embedding reads B rows
@@ -51,14 +57,20 @@ class Placement:
     prediction: SimResult | None = field(default=None, compare=False)
     strategy: str = "all-resident"
     stream_unit: str = "layer"
+    cpu: frozenset[str] = frozenset()  # groups computed on the CPU from host memory (the CPU lane)
+    cpu_busy: float | None = field(default=None, compare=False)  # predicted CPU share of the step
 
     @property
     def streamed(self) -> list[str]:
-        return [g.name for g in self.groups if g.name not in self.resident]
+        return [g.name for g in self.groups if g.name not in self.resident and g.name not in self.cpu]
 
     @property
     def streamed_bytes(self) -> int:
-        return sum(g.nbytes for g in self.groups if g.name not in self.resident)
+        return sum(g.nbytes for g in self.groups if g.name in set(self.streamed))
+
+    @property
+    def cpu_bytes(self) -> int:
+        return sum(g.nbytes for g in self.groups if g.name in self.cpu)
 
     @property
     def resident_bytes(self) -> int:
@@ -74,11 +86,17 @@ class Placement:
                  f" [{self.strategy}, {self.stream_unit} groups]"]
         if self.streamed:
             lines.append("streamed: " + _ranges(self.streamed))
+        if self.cpu:
+            names = [g.name for g in self.groups if g.name in self.cpu]
+            lines.append(f"CPU lane: {len(names)} groups ({self.cpu_bytes / gib:.2f} GiB per step, computed on the "
+                         f"CPU from host memory): {_ranges(names)}")
         if self.prediction is not None and self.prediction.step_time:
             p = self.prediction
             lines.append(f"predicted step {p.step_time * 1e3:.2f} ms ({1 / p.step_time:.1f} tokens/s per "
                          f"sequence), copy engine busy {100 * p.copy_busy:.1f}%, compute stall "
                          f"{p.compute_stall * 1e3:.2f} ms/step")
+            if self.cpu and self.cpu_busy is not None:
+                lines.append(f"CPU lane busy {100 * self.cpu_busy:.1f}% of the step")
         return "\n".join(lines)
 
 
@@ -193,13 +211,31 @@ def _candidates(groups, must, room: int, ring_depth: int, strategy: str):
 
 
 def _evaluate(groups, resident, ring_depth, budget, fixed, cost: CostModel, kind: str) -> Placement:
+    """The best home for the non-resident groups: all streamed, or (with a CPU lane in the cost model) c of the
+    non-resident MLP groups computed on the CPU, spread over the depth so the copy engine streams the others
+    while the CPU works; c from 1 to all of them, each predicted by the simulator."""
+    choices = [frozenset()]
+    if cost.cpu_rate > 0:
+        mlps = [g.name for g in groups if g.kind == "mlp" and g.name not in resident]
+        choices += [frozenset(mlps[int((i + 0.5) * len(mlps) / c)] for i in range(c)) for c in range(1, len(mlps) + 1)]
+    best = None
+    for cpu in choices:
+        p = _evaluate_homes(groups, resident, cpu, ring_depth, budget, fixed, cost, kind)
+        if best is None or p.prediction.step_time < best.prediction.step_time:
+            best = p
+    return best
+
+
+def _evaluate_homes(groups, resident, cpu, ring_depth, budget, fixed, cost: CostModel, kind: str) -> Placement:
     names = [g.name for g in groups]
-    streamed = {n for n in names if n not in resident}
+    streamed = {n for n in names if n not in resident and n not in cpu}
     by_name = {g.name: g for g in groups}
-    slot = max(by_name[n].nbytes for n in streamed)
+    slot = max((by_name[n].nbytes for n in streamed), default=0)
+    compute = lambda n: cost.cpu_time(by_name[n]) if n in cpu else cost.compute_time(by_name[n])  # noqa: E731
     sim = simulate(build_plans(names, streamed, ring_depth), build_prologue(names, streamed, ring_depth),
-                   copy_time=lambda n: cost.copy_time(by_name[n]),
-                   compute_time=lambda n: cost.compute_time(by_name[n]), step_overhead=5e-6)
+                   copy_time=lambda n: cost.copy_time(by_name[n]), compute_time=compute, step_overhead=5e-6)
     memory = {"resident_weights": sum(by_name[n].nbytes for n in resident), "ring": ring_depth * slot, **fixed}
     unit = "attn_mlp" if any(g.kind == "mlp" for g in groups) else "layer"
-    return Placement(tuple(groups), resident, ring_depth, slot, budget, memory, sim, kind, unit)
+    cpu_busy = sum(cost.cpu_time(by_name[n]) for n in cpu) / sim.step_time if cpu and sim.step_time else None
+    return Placement(tuple(groups), resident, ring_depth, slot, budget, memory, sim, kind + ("+cpu" if cpu else ""),
+                     unit, frozenset(cpu), cpu_busy)

@@ -57,19 +57,26 @@ class RingBuffer:
 
 
 class WeightStore:
-    """Typed views of every group: resident ones on the device, streamed ones in ring slots."""
+    """Typed views of every group: resident ones on the device, streamed ones in ring slots, CPU-lane ones in
+    host memory (in the formats of the CPU's policy)."""
 
     def __init__(self, ckpt: Checkpoint, groups: tuple[GroupLayout, ...], resident: frozenset[str],
-                 ring_depth: int, slot_bytes: int, device: torch.device, progress: bool | None):
+                 ring_depth: int, slot_bytes: int, device: torch.device, progress: bool | None,
+                 cpu: frozenset[str] = frozenset()):
         self.device = device
         self.layouts: dict[str, GroupLayout] = {g.name: g for g in groups}
         self.resident: dict[str, torch.Tensor] = {}
-        self.host: dict[str, torch.Tensor] = {}
-        streamed = [g for g in groups if g.name not in resident]
+        self.host: dict[str, torch.Tensor] = {}       # streamed groups (pinned on CUDA)
+        self.cpu = frozenset(cpu)                       # groups the CPU lane computes, from `cpu_buffers`
+        self.cpu_buffers: dict[str, torch.Tensor] = {}
+        streamed = [g for g in groups if g.name not in resident and g.name not in self.cpu]
         self.ring = RingBuffer(ring_depth, slot_bytes, device) if streamed else None
         staging: dict[str, torch.Tensor] = {}
 
         def buffer_for(g: GroupLayout) -> torch.Tensor:
+            if g.name in self.cpu:
+                self.cpu_buffers[g.name] = torch.empty(g.nbytes, dtype=torch.uint8)
+                return self.cpu_buffers[g.name]
             if g.name in resident:
                 staging[g.name] = torch.empty(g.nbytes, dtype=torch.uint8)
                 return staging[g.name]
@@ -85,7 +92,7 @@ class WeightStore:
                 self.resident[g.name] = staging.pop(g.name).to(device)
             bar.update(g.nbytes)
         bar.close()
-        self._resident_views = {n: self.layouts[n].views(b) for n, b in self.resident.items()}
+        self._resident_views = {n: self.layouts[n].views(b) for n, b in {**self.resident, **self.cpu_buffers}.items()}
         self._slot_views = {(n, s): self.layouts[n].views(self.ring.slots[s])
                             for n in self.host for s in range(len(self.ring))} if self.ring else {}
 

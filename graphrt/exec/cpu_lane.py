@@ -1,0 +1,118 @@
+"""The CPU lane: a group computed on the CPU from host memory, inside the same step (and the same CUDA graph).
+
+While the copy engine streams ring groups over PCIe, the CPU reads other groups' weights from DRAM and computes
+them: two host paths at once. For one group on a CUDA device the compute stream carries
+
+    activation D2H (into pinned staging)  ->  host node: fn(staging) on the CPU  ->  result H2D
+
+so the GPU work after it waits for the CPU result, and the copy stream, which does not wait on the compute
+stream until its ring slots run out, keeps streaming meanwhile. Eagerly the same three steps run as plain
+copies around a direct call (the host waits). In a graph being captured, the middle step is a host node:
+`cuLaunchHostFunc` (the CUDA driver, through ctypes) records a call of one C-callable trampoline with a key;
+each replay calls it from the driver's thread, which runs the Python function registered under that key. Host
+functions must not call CUDA, and these do not: `fn` is CPU math on CPU tensors. An exception inside one cannot
+propagate through the driver; it is kept in `errors` and raised by `check()`, which the decode loop calls
+where it already waits for the GPU.
+
+On a CPU device the lane is a direct call (tests run the same math and placement there).
+"""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import threading
+from typing import Callable
+
+import torch
+
+HostFn = Callable[[torch.Tensor], torch.Tensor]
+
+_REGISTRY: dict[int, Callable[[], None]] = {}
+_KEYS = itertools.count(1)
+_ERRORS: list[BaseException] = []
+_LOCK = threading.Lock()
+
+
+def _trampoline_py(user_data: int | None) -> None:
+    """What the driver calls on every replay: the registered function of this key, errors kept."""
+    try:
+        with torch.inference_mode():
+            _REGISTRY[int(user_data or 0)]()
+    except BaseException as e:  # noqa: BLE001 - nothing can propagate through the driver's thread
+        with _LOCK:
+            _ERRORS.append(e)
+
+
+HOST_FN_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+TRAMPOLINE = HOST_FN_TYPE(_trampoline_py)   # module lifetime: graphs keep calling it
+
+
+def register(fn: Callable[[], None]) -> int:
+    key = next(_KEYS)
+    _REGISTRY[key] = fn
+    return key
+
+
+def check() -> None:
+    """Raise the first error a host node hit since the last check (RuntimeError, with it as the cause)."""
+    with _LOCK:
+        if not _ERRORS:
+            return
+        first = _ERRORS[0]
+        _ERRORS.clear()
+    raise RuntimeError(f"a CPU-lane group failed inside the captured step: {type(first).__name__}: {first}") \
+        from first
+
+
+_LIBCUDA = None
+
+
+def launch_host_func(stream: torch.cuda.Stream, key: int) -> None:
+    """Enqueue (or, while capturing, record) a call of the trampoline with `key` on `stream`."""
+    global _LIBCUDA
+    if _LIBCUDA is None:
+        _LIBCUDA = ctypes.CDLL("libcuda.so.1")
+        _LIBCUDA.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, HOST_FN_TYPE, ctypes.c_void_p]
+        _LIBCUDA.cuLaunchHostFunc.restype = ctypes.c_int
+    status = _LIBCUDA.cuLaunchHostFunc(ctypes.c_void_p(stream.cuda_stream), TRAMPOLINE, ctypes.c_void_p(key))
+    if status != 0:
+        raise RuntimeError(f"cuLaunchHostFunc failed with CUresult {status}")
+
+
+class CpuLane:
+    """Runs `fn(h)` for CPU-lane groups: h [..., hidden] on the step's device -> fn's result on that device."""
+
+    def __init__(self, device: torch.device, max_tokens: int, hidden: int, dtype: torch.dtype):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        numel = max_tokens * hidden
+        if self.cuda:  # pinned staging, reused by every group: the compute stream orders their uses
+            self.stage_in = torch.empty(numel, dtype=dtype, pin_memory=True)
+            self.stage_out = torch.empty(numel, dtype=dtype, pin_memory=True)
+        self.keys: list[int] = []   # host functions registered by captures (kept while graphs live)
+
+    def run(self, h: torch.Tensor, fn: HostFn) -> torch.Tensor:
+        if not self.cuda:
+            return fn(h)
+        if not torch.cuda.is_current_stream_capturing():
+            return fn(h.to("cpu")).to(self.device)
+        n = h.numel()
+        if n > self.stage_in.numel():
+            raise RuntimeError(f"CPU-lane staging holds {self.stage_in.numel()} values, the step needs {n}")
+        x, y = self.stage_in[:n].view(h.shape), self.stage_out[:n].view(h.shape)
+        x.copy_(h, non_blocking=True)                        # D2H node
+
+        def host() -> None:
+            y.copy_(fn(x))
+
+        key = register(host)
+        self.keys.append(key)
+        launch_host_func(torch.cuda.current_stream(self.device), key)   # host node
+        out = torch.empty_like(h)
+        out.copy_(y, non_blocking=True)                      # H2D node
+        return out
+
+    def release(self) -> None:
+        for key in self.keys:
+            _REGISTRY.pop(key, None)
+        self.keys.clear()

@@ -1,0 +1,106 @@
+"""How fast this machine's CPU computes a model's MLP group: the CPU lane's rate for the planner (bytes/s).
+
+`cpu_rate(cfg, policy, batch)` builds one MLP group of the model in the CPU's formats (random contents: codes
+and scales of the right dtypes; speed does not depend on the values), runs the lane's math on it
+(`llama.mlp_forward` at `batch` rows) for about `seconds`, and returns the group's bytes / the median time. With
+`concurrent_h2d` (a CUDA device), pinned host-to-device copies run on a side stream meanwhile: the two host
+paths share DRAM bandwidth, and the lane runs beside the ring. Results are cached in
+$XDG_CACHE_HOME/graphrt/cpu_rates.json (or ~/.cache/...), keyed by CPU, threads, torch version, the group's
+formats and shape, the batch and the concurrency, so a load measures once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..models import llama
+from ..weights.layout import FormatPolicy, GroupLayout, model_groups
+
+
+def cache_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphrt" / "cpu_rates.json"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _random_buffer(g: GroupLayout) -> torch.Tensor:
+    """A group buffer whose float parts hold small normal values and whose integer parts random bytes."""
+    buf = torch.empty(g.nbytes, dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(0)
+    for t in g.tensors:
+        for part, offset in t.parts:
+            view = buf[offset:offset + part.nbytes]
+            if part.dtype.is_floating_point and part.dtype.itemsize > 1:
+                view.view(part.dtype).copy_(torch.randn(part.nbytes // part.dtype.itemsize, generator=gen) * 0.02)
+            else:  # int8 / uint8 / int32 codes, float8 (random bytes: finite or not, the speed is the same)
+                view.copy_(torch.randint(0, 256, (part.nbytes,), dtype=torch.uint8, generator=gen))
+    return buf
+
+
+def measure(cfg: ModelConfig, policy: FormatPolicy, batch: int, seconds: float = 0.3,
+            concurrent_h2d: bool = False) -> float:
+    """Bytes/s of one MLP group computed by the CPU lane's math (no cache)."""
+    g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
+    w = g.views(_random_buffer(g))
+    x = torch.randn(batch, 1, cfg.hidden_size).to(policy.compute_dtype)
+    copies = None
+    if concurrent_h2d and torch.cuda.is_available():
+        src = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty_like(src, device="cuda")
+        copies = torch.cuda.Stream()
+    times = []
+    with torch.inference_mode():
+        llama.mlp_forward(x, w, cfg)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end or len(times) < 3:
+            if copies is not None:  # keep the copy engine reading host memory while the CPU computes
+                with torch.cuda.stream(copies):
+                    for _ in range(4):
+                        dst.copy_(src, non_blocking=True)
+            t = time.perf_counter()
+            llama.mlp_forward(x, w, cfg)
+            times.append(time.perf_counter() - t)
+    if copies is not None:
+        copies.synchronize()
+    return g.nbytes / statistics.median(times)
+
+
+def cpu_rate(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: bool = False,
+             use_cache: bool = True) -> float:
+    """The cached rate for this machine and group, measuring it the first time."""
+    g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
+    formats = ",".join(sorted({type(t.format).__name__ + ":" + getattr(t.format, "name", "") for t in g.tensors}))
+    key = "|".join(map(str, (_cpu_name(), torch.get_num_threads(), torch.__version__, formats,
+                             policy.compute_dtype, cfg.hidden_size, cfg.intermediate_size, batch, concurrent_h2d)))
+    path = cache_file()
+    cache = {}
+    if use_cache and path.is_file():
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    if key in cache:
+        return float(cache[key])
+    rate = measure(cfg, policy, batch, concurrent_h2d=concurrent_h2d)
+    if use_cache:
+        cache[key] = rate
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(path)  # never a half-written cache
+    return rate

@@ -1,0 +1,128 @@
+"""The CPU lane (issue 17): the planner's third home, the lane's math, the host-node trampoline, the calibration.
+
+On the CPU the lane is a direct call, so a runtime whose plan computes some MLP groups "on the CPU lane" from
+their host buffers must give exactly the logits of the all-resident runtime. GPU tests (marked `gpu`): the
+captured step with host nodes == the eager step, bitwise, and close to the all-GPU run.
+"""
+import ctypes
+import json
+
+import pytest
+import torch
+
+from graphrt.config import ConfigError, ModelConfig
+from graphrt.exec import cpu_lane
+from graphrt.plan import calibrate
+from graphrt.plan.placement import CostModel, plan_placement
+from graphrt.runtime import Runtime
+from graphrt.weights.formats.policy import quantization_policy
+from graphrt.weights.synthetic import PRESETS, make_config, random_tensors, write_checkpoint
+
+CFG_8B = ModelConfig.from_dict(make_config(**dict(PRESETS["llama-3.1-8b"], layers=16), dtype="bfloat16"))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    cfg = make_config(**dict(PRESETS["tiny-llama"], layers=6))
+    return write_checkpoint(tmp_path_factory.mktemp("lane") / "m", cfg, random_tensors(cfg, 3))
+
+
+def half_budget(p) -> int:
+    """Fixed memory, embedding and head, 3 slots of the largest layer group, and half the layer groups' bytes."""
+    fixed = sum(p.memory.values()) - p.memory["weights"]
+    layers = [g.nbytes for g in p.groups if g.kind not in ("embed", "head")]
+    ends = sum(g.nbytes for g in p.groups if g.kind in ("embed", "head"))
+    return fixed + ends + 3 * max(layers) + sum(layers) // 2
+
+
+def test_planner_puts_mlp_groups_on_the_cpu_when_it_shortens_the_step():
+    budget = int(6.9 * 2**30)  # 8B shape, 16 layers: about half the layers' bytes fit
+    base = plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel())
+    assert not base.cpu and base.cpu_busy is None
+    lane = plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel(cpu_rate=50e9))
+    assert lane.cpu and all(name.startswith("mlp.") for name in lane.cpu)
+    assert not lane.cpu & lane.resident and not lane.cpu & set(lane.streamed)
+    assert lane.prediction.step_time < 0.85 * base.prediction.step_time
+    assert 0 < lane.cpu_busy <= 1 and "CPU lane:" in lane.describe() and "CPU lane busy" in lane.describe()
+    assert lane.slot_bytes == max(g.nbytes for g in lane.groups if g.name in lane.streamed)
+    # a slow CPU is not used; a faster one takes more groups
+    assert not plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel(cpu_rate=2e9)).cpu
+    fast = plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel(cpu_rate=100e9))
+    assert len(fast.cpu) >= len(lane.cpu)
+    # everything resident: nothing to place
+    assert not plan_placement(CFG_8B, 80 * 2**30, 3, 1, 512, torch.bfloat16, cost=CostModel(cpu_rate=50e9)).cpu
+
+
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_cpu_lane_runtime_equals_all_resident(model, quantization):
+    ids = torch.randint(3, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    kw = dict(device="cpu", max_batch_size=2, max_seq_len=64, quantization=quantization)
+    ref = Runtime.from_pretrained(model, **kw)
+    probe = Runtime.from_pretrained(model, **kw, gpu_budget=1 << 60, stream_unit="attn_mlp")
+    budget = half_budget(probe.placement)
+    # planning rates that make the lane pay on a tiny model (copies slow, the CPU fast)
+    rt = Runtime.from_pretrained(model, **kw, gpu_budget=budget, stream_unit="attn_mlp", cpu_lane=True,
+                                 cpu_rate=1e12, h2d_bandwidth=1e6)
+    p = rt.placement
+    assert p.cpu and p.streamed, p.describe()
+    assert rt.engine.store.cpu == p.cpu and set(rt.engine.store.cpu_buffers) == set(p.cpu)
+    assert torch.equal(rt.logits(ids), ref.logits(ids))
+    assert rt.generate(ids, 8).equal(ref.generate(ids, 8))
+
+
+def test_cpu_lane_options_are_checked():
+    with pytest.raises(ConfigError, match="cpu_rate must be > 0"):
+        Runtime.from_pretrained("unused", cpu_rate=0.0)
+    with pytest.raises(ConfigError, match="cpu_threads must be >= 1"):
+        Runtime.from_pretrained("unused", cpu_threads=0)
+
+
+def test_trampoline_runs_the_registered_function_and_keeps_errors():
+    seen = []
+    key = cpu_lane.register(lambda: seen.append(torch.is_inference_mode_enabled()))
+    cpu_lane.TRAMPOLINE(ctypes.c_void_p(key))      # what the driver does on a replay
+    assert seen == [True]
+    cpu_lane.check()                               # nothing failed
+    bad = cpu_lane.register(lambda: 1 / 0)
+    cpu_lane.TRAMPOLINE(ctypes.c_void_p(bad))      # must not raise through the C frame
+    with pytest.raises(RuntimeError, match="ZeroDivisionError") as e:
+        cpu_lane.check()
+    assert isinstance(e.value.__cause__, ZeroDivisionError)
+    cpu_lane.check()                               # reported once
+
+
+def test_cpu_lane_on_the_cpu_is_a_direct_call():
+    lane = cpu_lane.CpuLane(torch.device("cpu"), 4, 8, torch.float32)
+    h = torch.randn(1, 2, 8)
+    assert torch.equal(lane.run(h, lambda x: x * 2), h * 2)
+
+
+def test_calibration_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = ModelConfig.from_dict(make_config(**dict(PRESETS["tiny-llama"], hidden=256, intermediate=512)))
+    policy = quantization_policy("int8", torch.float32, torch.device("cpu"))
+    rate = calibrate.cpu_rate(cfg, policy, batch=1)
+    assert rate > 1e6
+    cached = json.loads(calibrate.cache_file().read_text())
+    assert list(cached.values()) == [rate]
+    monkeypatch.setattr(calibrate, "measure", lambda *a, **k: pytest.fail("measured again"))
+    assert calibrate.cpu_rate(cfg, policy, batch=1) == rate
+
+
+@pytest.mark.gpu
+def test_cuda_cpu_lane_graph_equals_eager_and_tracks_all_gpu(model):
+    kw = dict(device="cuda", dtype="bfloat16", max_seq_len=128, stream_unit="attn_mlp")
+    ref = Runtime.from_pretrained(model, **kw)
+    probe = Runtime.from_pretrained(model, device="cpu", dtype="bfloat16", max_seq_len=128, stream_unit="attn_mlp",
+                                    gpu_budget=1 << 40)   # the same group sizes, planned without the GPU
+    budget = half_budget(probe.placement)
+    rt = Runtime.from_pretrained(model, **kw, gpu_budget=budget, cpu_lane=True, cpu_rate=1e12, h2d_bandwidth=1e6)
+    assert rt.placement.cpu, rt.placement.describe()
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    eager = rt.generate(ids, 32, use_graph=False)
+    graph = rt.generate(ids, 32, use_graph=True)
+    assert torch.equal(eager, graph)
+    cpu_lane.check()
+    want = ref.generate(ids, 32, use_graph=True)
+    same = (want == graph).float().mean().item()
+    assert same > 0.9, same   # bf16 on the CPU vs the GPU: the same greedy tokens but for near-ties
