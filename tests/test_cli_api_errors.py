@@ -120,6 +120,7 @@ CLI_ERRORS = {
     "generate-top-k-negative": (_gen("--top-k", "-1"), ["--top-k", "-1"]),
     "generate-seed-negative": (_gen("--seed", "-3"), ["--seed", "-3"]),
     "generate-ring-depth-1": (_gen("--ring-depth", "1"), ["--ring-depth", "1"]),
+    "generate-cpu-threads-0": (_gen("--cpu-threads", "0"), ["--cpu-threads", "0"]),
     "generate-max-seq-len-0": (_gen("--max-seq-len", "0"), ["--max-seq-len", "0"]),
     "generate-gpu-budget-lots": (_gen("--gpu-budget", "lots"), ["--gpu-budget", "lots"]),
     "generate-device-mps": (["generate", "--device", "mps", "--model", "{model}", "Hello"], ["--device", "mps"]),
@@ -136,6 +137,7 @@ CLI_ERRORS = {
     "plan-bandwidth-0": (_plan("--bandwidth", "0"), ["--bandwidth", "0"]),
     "plan-batch-negative": (_plan("--batch", "-1"), ["--batch", "-1"]),
     "plan-hbm-bandwidth-negative": (_plan("--hbm-bandwidth", "-5"), ["--hbm-bandwidth", "-5"]),
+    "plan-cpu-rate-0": (_plan("--cpu-rate", "0"), ["--cpu-rate", "0"]),
     "plan-missing-model": (_plan(model=MISSING_PLAN_MODEL), [MISSING_PLAN_MODEL]),
     "plan-gpu-budget-too-small": (["plan", PLAN_CONFIG, "--gpu-budget", "1MB"], []),  # see the test
 }

@@ -126,3 +126,16 @@ def test_cuda_cpu_lane_graph_equals_eager_and_tracks_all_gpu(model):
     want = ref.generate(ids, 32, use_graph=True)
     same = (want == graph).float().mean().item()
     assert same > 0.9, same   # bf16 on the CPU vs the GPU: the same greedy tokens but for near-ties
+
+
+def test_plan_cli_shows_the_cpu_lane(capsys):
+    from pathlib import Path
+    from graphrt.cli import main
+    config = str(Path(__file__).resolve().parents[1] / "tools" / "configs" / "llama-3.1-70b.json")
+    assert main(["plan", config, "--gpu-budget", "40GB", "--cpu-rate", "60"]) == 0
+    with_lane = capsys.readouterr().out
+    assert main(["plan", config, "--gpu-budget", "40GB"]) == 0
+    without = capsys.readouterr().out
+    assert "CPU lane:" in with_lane and "CPU lane busy" in with_lane and "CPU lane" not in without
+    speed = lambda out: float(out.split("predicted decode: ")[1].split()[0])  # noqa: E731
+    assert speed(with_lane) > speed(without)

@@ -2,9 +2,10 @@
 # The one GPU session script, run on the lent GPU from the repository root:
 #   tools/gpu_check.sh PART...   PART: tests (GPU tests without the default model), model (tests that
 #   need the default model), quant (quantized-format kernels, timed), decode (tools/bench_decode.py), profile (per-kernel
-#   time of resident steps and the GEMV block-size sweep), peer-start then peer-finish (graphrt beside llama.cpp:
-#   the first starts llama.cpp's build and runs graphrt's rows, the second, a later call on the warm machine, runs
-#   llama.cpp and writes the table; carry .peer),
+#   time of resident steps and the GEMV block-size sweep), peer-build / peer-graphrt / peer-finish (graphrt beside
+#   llama.cpp, carry .peer: the first starts llama.cpp's detached build; the second waits for it, so the CPU lane
+#   has the CPU to itself, and runs graphrt's rows; the third runs llama.cpp and writes the table; each in its
+#   own call on the warm machine),
 #   bench (`graphrt bench`), or all.
 # Writes everything under $OUT. Carry .whl (nvtx, gguf wheels). The default model's GGUF (98 MB) is larger
 # than one call may carry: it travels in two halves, .dev1/part1 in one call (kept in /tmp/keep) and
@@ -56,8 +57,20 @@ if has profile; then
   python3 tools/profile_step.py --out "$OUT" ${PROFILE_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/profile.log"
   [ "${SWEEP_S:-0}" != 0 ] && python3 tools/gemv_sweep.py --out "$OUT" --budget-s $SWEEP_S 2>&1 | tee "$OUT/gemv_sweep.log"
 fi
-if has peer-start; then  # llama.cpp builds (detached) while graphrt's rows run; the next call finishes the peer
+wait_build() {  # until llama.cpp's detached build has ended (the CPU lane must not share the CPU with it)
+  for i in $(seq 1 ${PEER_WAIT_S:-420}); do
+    bash tools/llamacpp/build.sh --status >/dev/null 2>&1 && break
+    [ -f /tmp/keep/llamacpp.failed ] && break
+    sleep 1
+  done
+  bash tools/llamacpp/build.sh --status 2>&1 | tail -3
+}
+if has peer-build; then  # starts llama.cpp's build (detached, ~5 min on 16 cores) and returns
   bash tools/llamacpp/build.sh --detach 2>&1 | tail -2
+  sleep 5; bash tools/llamacpp/build.sh --status 2>&1 | tail -2
+fi
+if has peer-graphrt; then  # graphrt's rows, once the build has ended
+  wait_build
   python3 - <<'PY' 2>&1 | grep -v "Loading weights" | tee "$OUT/versus_graphrt.log"
 import json
 from pathlib import Path
@@ -69,11 +82,9 @@ Path("/tmp/keep/versus_graphrt.json").write_text(json.dumps(graphrt_rows(path), 
 write_gguf(path, Path("/tmp/graphrt-bench/llama8b-16-gguf/llama8b-16.F16.gguf"))
 PY
   cp /tmp/keep/versus_graphrt.json "$OUT/" 2>/dev/null
-  bash tools/llamacpp/build.sh --status 2>&1 | tail -3
 fi
-if has peer-finish; then
-  for i in $(seq 1 ${PEER_WAIT_S:-420}); do bash tools/llamacpp/build.sh --status >/dev/null 2>&1 && break; sleep 1; done
-  bash tools/llamacpp/build.sh --status 2>&1 | tail -3
+if has peer-finish; then  # llama.cpp on the same model and split, then one table
+  wait_build
   timeout 560 python3 -m graphrt.cli bench --only peer --graphrt-json /tmp/keep/versus_graphrt.json --out "$OUT" 2>&1 \
     | tee "$OUT/versus.log" | tail -40
 fi

@@ -1,8 +1,9 @@
 """`graphrt bench --only peer`: graphrt beside llama.cpp on one GPU: the same 16-layer Llama-3.1-8B-shaped model,
 every weight on the GPU and "split" (the budget that leaves HOST_LAYERS of 16 layers' weights in host memory).
 
-graphrt rows (graph path): decode at batch 1 for bf16, int8 and int4 (quantized on load), on the GPU and split;
-decode at batch 4, 8 and 16 split (bf16); prefill of a 4096-token prompt on the GPU and split (bf16). The peer
+graphrt rows (graph path): decode at batch 1 for bf16, int8 and int4 (quantized on load), on the GPU, split
+(streaming only) and split+cpu (the same budget, the planner free to use the CPU lane); decode at batch 4, 8 and
+16 split and split+cpu (bf16); prefill of a 4096-token prompt on the GPU and split (bf16). The peer
 (peer.py, llama.cpp built by tools/llamacpp/build.sh) runs the same model as F16, Q8_0 and Q4_K_M GGUFs. Writes
 versus.json and versus.md (both systems, one table; ratios are graphrt / llama.cpp from this run).
 """
@@ -42,13 +43,16 @@ def split_budget(cfg: ModelConfig, quantization: str | None, batch: int, max_seq
     return hi
 
 
-def _runtime(path: Path, quantization: str | None, budget: int | None, batch: int, max_seq_len: int) -> Runtime:
+def _runtime(path: Path, quantization: str | None, budget: int | None, batch: int, max_seq_len: int,
+             cpu_lane: bool = False) -> Runtime:
+    """Streaming-only plans stream whole layers; with the CPU lane the planner chooses (MLP groups may go to
+    the CPU, which needs attention/MLP groups)."""
     gc.collect()
     torch.cuda.empty_cache()
     kw = {"gpu_budget": budget} if budget else {}
     return Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", quantization=quantization,
                                    max_batch_size=batch, max_seq_len=max_seq_len, ring_depth=RING,
-                                   stream_unit="layer", **kw)
+                                   stream_unit="auto" if cpu_lane else "layer", cpu_lane=cpu_lane, **kw)
 
 
 def prefill_time(rt: Runtime, tokens: int) -> float:
@@ -70,19 +74,23 @@ def graphrt_rows(path: Path) -> list[dict]:
 
     def add(rt: Runtime, **r) -> None:
         p = rt.placement
-        r.update(streamed_layers=sum(1 for g in p.groups if g.kind == "layer" and g.name in p.streamed),
-                 streamed_GB=p.streamed_bytes / 1e9, budget_GiB=p.budget / 2**30)
+        pred = p.prediction.step_time if p.prediction is not None and p.prediction.step_time else None
+        r.update(streamed_layers=len({g.layer for g in p.groups if g.layer is not None and g.name not in p.resident}),
+                 streamed_GB=p.streamed_bytes / 1e9, cpu_GB=p.cpu_bytes / 1e9, cpu_groups=len(p.cpu),
+                 budget_GiB=p.budget / 2**30, plan=p.describe(),
+                 predicted_tokens_per_s=r["batch"] / pred if pred and r["test"] == "decode" else None)
         rows.append(r)
         print(json.dumps(r), flush=True)
         rt.close()
 
     for fmt, q in (("bf16", None), ("int8", "int8"), ("int4", "int4")):
-        for place in ("gpu", "split"):
-            rt = _runtime(path, q, split_budget(cfg, q, 1, 512) if place == "split" else None, 1, 512)
+        for place in ("gpu", "split", "split+cpu"):
+            budget = split_budget(cfg, q, 1, 512) if place != "gpu" else None
+            rt = _runtime(path, q, budget, 1, 512, cpu_lane=place == "split+cpu")
             t = step_time(rt)
             add(rt, system="graphrt", format=fmt, placement=place, test="decode", batch=1, tokens_per_s=1 / t)
-    for batch in (4, 8, 16):
-        rt = _runtime(path, None, split_budget(cfg, None, batch, 512), batch, 512)
+    for batch, place in [(b, p) for b in (4, 8, 16) for p in ("split", "split+cpu")]:
+        rt = _runtime(path, None, split_budget(cfg, None, batch, 512), batch, 512, cpu_lane=place == "split+cpu")
         g = rt.capture(batch)
         g.prefill(torch.randint(3, cfg.vocab_size, (batch, 128)))
         steps = 16
@@ -94,7 +102,7 @@ def graphrt_rows(path: Path) -> list[dict]:
             g.step()
         torch.cuda.synchronize()
         t = (time.perf_counter() - t0) / steps
-        add(rt, system="graphrt", format="bf16", placement="split", test="decode", batch=batch, tokens_per_s=batch / t)
+        add(rt, system="graphrt", format="bf16", placement=place, test="decode", batch=batch, tokens_per_s=batch / t)
     for place in ("gpu", "split"):
         rt = _runtime(path, None, split_budget(cfg, None, 1, 4352) if place == "split" else None, 1, 4352)
         s = prefill_time(rt, 4096)
@@ -122,19 +130,24 @@ def markdown(res: dict) -> str:
     peer = {}
     for r in res["llama_cpp"]:  # batch 1 decode: llama-bench's figure (batched-bench's B=1 row is kept in json)
         peer.setdefault((r["format"], r["placement"], r["test"], r["batch"]), r)
+        if r["placement"] == "split":  # graphrt's hybrid rows face the same llama.cpp split
+            peer.setdefault((r["format"], "split+cpu", r["test"], r["batch"]), r)
     lines = [f"# graphrt vs llama.cpp: {res['device']}, torch {res['torch']}", "",
              f"Model: Llama-3.1-8B shape, {LAYERS} layers, random weights. split = the first {HOST_LAYERS} layers' "
              f"weights in host memory (graphrt: the smallest budget streaming <= {HOST_LAYERS} layers through "
              f"{RING} slots). Pinned H2D {res['limits']['h2d_GBps']:.1f} GB/s. llama.cpp: {res['peer_source']}.", "",
-             "| test | weights (graphrt / llama.cpp) | placement | batch | graphrt tok/s | llama.cpp tok/s | ratio |",
-             "|---|---|---|---|---|---|---|"]
+             "split+cpu = the same budget with graphrt's CPU lane (MLP groups computed on the CPU from host memory).", "",
+             "| test | weights (graphrt / llama.cpp) | placement | batch | graphrt tok/s | plan's prediction | "
+             "llama.cpp tok/s | ratio |", "|---|---|---|---|---|---|---|---|"]
     for key, r in mine.items():
         fmt, place, test, batch = key
         p = peer.get(key)
         theirs = f"{p['tokens_per_s']:.1f}" if p else "not run"
         ratio = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}" if p else "-"
-        lines.append(f"| {test} | {fmt} / {PEER_FORMAT[fmt]} | {place} ({r['streamed_layers']} streamed) | {batch} | "
-                     f"{r['tokens_per_s']:.1f} | {theirs} | {ratio} |")
+        where = f"{r['streamed_layers']} layers in host memory" + (f", {r['cpu_groups']} MLPs on the CPU" if r.get("cpu_groups") else "")
+        pred = f"{r['predicted_tokens_per_s']:.1f}" if r.get("predicted_tokens_per_s") else "-"
+        lines.append(f"| {test} | {fmt} / {PEER_FORMAT[fmt]} | {place} ({where}) | {batch} | "
+                     f"{r['tokens_per_s']:.1f} | {pred} | {theirs} | {ratio} |")
     if res.get("peer_errors"):
         lines += ["", "llama.cpp errors:", ""] + [f"- {e}" for e in res["peer_errors"]]
     return "\n".join(lines) + "\n"
