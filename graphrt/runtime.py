@@ -190,7 +190,13 @@ class Runtime:
                             logits_out=logits_out)
 
     def close(self) -> None:
-        """Give back the pinned host memory of streamed weights now (also done when collected)."""
+        """Give back the pinned host memory of streamed weights now (also done when collected), and drop the CPU
+        lane's host functions (they hold its groups' host buffers)."""
+        if self.engine.cpu_lane is not None:
+            self.graph_cache = None      # its graphs call those functions
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.engine.cpu_lane.release()
         self.engine.store.release()
 
     def _use_graph(self, use_graph: bool | None) -> bool:

@@ -68,6 +68,7 @@ def test_cpu_lane_runtime_equals_all_resident(model, quantization):
     assert rt.engine.store.cpu == p.cpu and set(rt.engine.store.cpu_buffers) == set(p.cpu)
     assert torch.equal(rt.logits(ids), ref.logits(ids))
     assert rt.generate(ids, 8).equal(ref.generate(ids, 8))
+    rt.close()
 
 
 def test_cpu_lane_options_are_checked():
