@@ -124,9 +124,12 @@ def test_cuda_cpu_lane_graph_equals_eager_and_tracks_all_gpu(model):
     graph = rt.generate(ids, 32, use_graph=True)
     assert torch.equal(eager, graph)
     cpu_lane.check()
-    want = ref.generate(ids, 32, use_graph=True)
-    same = (want == graph).float().mean().item()
-    assert same > 0.9, same   # bf16 on the CPU vs the GPU: the same greedy tokens but for near-ties
+    # bf16 on the CPU vs the GPU: logits within 2e-2 relative (the bound), tokens reported
+    got, want = rt.logits(ids), ref.logits(ids)
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 2e-2, rel
+    first_diff = next((i for i in range(32) if graph[0, i] != ref.generate(ids, 32)[0, i]), None)
+    print(f"CPU lane vs all-GPU: logits rel {rel:.2e}, first differing greedy token: {first_diff}")
 
 
 def test_plan_cli_shows_the_cpu_lane(capsys):
