@@ -129,19 +129,28 @@ def _generate(a: argparse.Namespace) -> int:
             text = source.chat_template.render(messages, add_generation_prompt=True)
         return source.tokenizer.encode(text, add_special_tokens=False).ids
 
+    spec = None
+    if a.draft:
+        from .exec.speculative import SpecStats
+        from .speculative import Speculative
+        spec, stats = Speculative(a.draft, k=a.draft_k), SpecStats()
     rt, ids = _load(a, prompt_ids)
-    use_graph = rt.device.type == "cuda" and not a.eager
+    use_graph = rt.device.type == "cuda" and not a.eager and spec is None   # speculative rounds run eagerly
     pieces = TextStream(rt.tokenizer, prompt_ids=ids)
     start = time.perf_counter()
     first_at, n = None, 0
+    extra = dict(speculative=spec, speculative_stats=stats) if spec else {}
     for gained in rt.stream([ids], a.max_new_tokens, stop_at_eos=a.chat or a.stop_at_eos, use_graph=use_graph,
-                            **_sampling(a)):
+                            **_sampling(a), **extra):
         if first_at is None:
             first_at = time.perf_counter()
         n += len(gained[0])
         print(pieces.push_many(gained[0]), end="", flush=True)
     print(pieces.finish(), flush=True)  # stdout ends with a newline
     _report(rt, len(ids), n, start, first_at, time.perf_counter(), "cuda-graph" if use_graph else "eager")
+    if spec:
+        print(f"[graphrt] speculative ({a.draft}, k={a.draft_k}): {stats.tokens_per_pass:.2f} tokens per target "
+              f"pass, {100 * stats.acceptance:.0f}% of drafts accepted", file=sys.stderr)
     return 0
 
 
@@ -238,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a prompt", description="Generate text, printing it as "
                        "it comes; prefill and decode statistics go to stderr.")
     g.add_argument("prompt", metavar="PROMPT")
+    g.add_argument("--draft", help="speculative decoding: 'lookup' (n-grams of the prompt and output), 'self-int4' "
+                   "(the model's own int4 copy) or a draft checkpoint with the same tokenizer")
+    g.add_argument("--draft-k", type=_positive(), default=4, help="tokens drafted per target pass (default 4)")
     _model_flags(g)
     g.add_argument("--chat", action="store_true", help="render the prompt with the model's chat template and stop "
                    "at end of turn")

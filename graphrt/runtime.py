@@ -18,11 +18,13 @@ from . import text
 from .config import ConfigError, ModelConfig, RuntimeOptions, parse_dtype
 from .exec.decode import Rows, decode_eager, decode_graph
 from .exec.engine import Engine
+from .exec.speculative import SpecStats, speculative_decode
 from .exec.graph import DecodeGraph, GraphCache, pad_prompts
 from .plan.calibrate import cpu_rate
 from .plan.placement import CostModel, Placement, plan_placement
 from .plan.schedule import build_plans, build_prologue
 from .sampling import SEED_STRIDE, SamplingParams
+from .speculative import Speculative, check_room, draft_key, load_draft_runtime, make_draft
 from .weights.layout import model_groups
 from .weights.sources import open_source, weight_policy
 from .weights.store import WeightStore
@@ -88,6 +90,7 @@ class Runtime:
         self.engine = Engine(cfg, opts, store, build_plans(names, streamed, opts.ring_depth),
                              build_prologue(names, streamed, opts.ring_depth), self.dtype)
         self.graph_cache: GraphCache | None = None
+        self._drafts: dict = {}    # speculative drafts loaded for this runtime (checkpoint or "self-int4")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
@@ -137,7 +140,8 @@ class Runtime:
     def stream(self, prompts: Prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int | Sequence[int] | None = None, stop_at_eos: bool = False,
                use_graph: bool | None = None, chunk: int = 8, start: int = 0,
-               logits_out: list | None = None) -> Iterator[list[list[int]]]:
+               logits_out: list | None = None, speculative: Speculative | None = None,
+               speculative_stats: SpecStats | None = None) -> Iterator[list[list[int]]]:
         """Yields, as they come, the new token ids of each row (one list per prompt; a row that has
         ended at its EOS gains nothing more). Graph path: blocks of `chunk` tokens. `start` > 0
         continues after positions already in the KV cache (batch 1: a chat's earlier turns)."""
@@ -145,7 +149,17 @@ class Runtime:
         _check_count("max_new_tokens", max_new_tokens, 1)
         params = SamplingParams(temperature, top_k, top_p, seed)
         self.engine.check_shape(len(lengths), start + max(lengths) + max_new_tokens)
-        if self._use_graph(use_graph):
+        if speculative is not None:  # eager rounds: draft k tokens, verify them in one target pass
+            if use_graph or start:
+                raise ConfigError("speculative decoding runs eagerly (use_graph=False) from position 0 for now")
+            check_room(self, len(lengths), max(lengths), max_new_tokens, speculative.k)
+            key = draft_key(speculative)
+            if key is not None and key not in self._drafts:
+                self._drafts[key] = load_draft_runtime(self, speculative)
+            draft = make_draft(speculative, params, self._drafts.get(key))
+            blocks = speculative_decode(self.engine, draft, ids, lengths, max_new_tokens, params, speculative.k,
+                                        speculative_stats)
+        elif self._use_graph(use_graph):
             blocks = decode_graph(self.capture(len(lengths)), ids, lengths, max_new_tokens, params, chunk, start)
         else:
             blocks = decode_eager(self.engine, ids, lengths, max_new_tokens, params, start, logits_out)
@@ -159,7 +173,8 @@ class Runtime:
     @torch.inference_mode()
     def generate(self, prompts: Prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | Sequence[int] | None = None, stop_at_eos: bool = False,
-                 use_graph: bool | None = None) -> torch.Tensor | list[list[int]]:
+                 use_graph: bool | None = None, speculative: Speculative | None = None,
+                 speculative_stats: SpecStats | None = None) -> torch.Tensor | list[list[int]]:
         """Prompts as a [B, T] tensor -> [B, T + n] on the device (rows that ended at EOS are filled
         with it); as B lists of ids of any lengths -> B lists (prompt + new tokens, each up to and
         including its own EOS when stop_at_eos). Each row decodes as it would alone; a list longer
@@ -171,10 +186,12 @@ class Runtime:
                 seed = [seed + b * SEED_STRIDE for b in range(n)]
             return [row for i in range(0, n, most) for row in self.generate(
                 prompts[i:i + most], max_new_tokens, temperature, top_k, top_p,
-                seed[i:i + most] if seed is not None else None, stop_at_eos, use_graph)]
+                seed[i:i + most] if seed is not None else None, stop_at_eos, use_graph, speculative,
+                speculative_stats)]
         rows = Rows(n)
         for gained in self.stream(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos,
-                                  use_graph, chunk=chunk):
+                                  use_graph, chunk=chunk, speculative=speculative,
+                                  speculative_stats=speculative_stats):
             for r, got in enumerate(gained):
                 rows.new[r] += got
         if isinstance(prompts, torch.Tensor):

@@ -46,6 +46,24 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return (best * (V // chunks) + idx.gather(-1, best)).squeeze(-1)
 
 
+def probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor) -> torch.Tensor:
+    """The distribution `sample` draws from, explicitly: logits [B, V] -> float32 [B, V] (temperature, then top-k,
+    then top-p, as in `sample`); rows with temperature 0 are one-hot at their argmax."""
+    V = logits.shape[-1]
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    sorted_logits, sorted_idx = (logits.float() / t[:, None]).sort(dim=-1, descending=True)
+    ranks = torch.arange(V, device=logits.device)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))
+    sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    drop = (probs.cumsum(dim=-1) - probs) > top_p[:, None]
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    out = torch.zeros_like(probs).scatter_(-1, sorted_idx, probs)
+    greedy = torch.zeros_like(out).scatter_(-1, argmax_rows(logits)[:, None], 1.0)
+    return torch.where(temperature[:, None] > 0, out, greedy)
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            seed: torch.Tensor, counter: torch.Tensor, greedy_only: bool = False) -> torch.Tensor:
     """logits [B, V] float32; temperature, top_p [B] float32; top_k, seed, counter [B] int64.

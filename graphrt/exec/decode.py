@@ -87,9 +87,9 @@ class Rows:
         self.eos = set(eos)
 
     def add(self, block: torch.Tensor) -> list[list[int]]:
-        """block [B, k] -> the tokens each row gained (empty for finished rows)."""
+        """block [B, k] (or B host lists, of any lengths) -> the tokens each row gained (empty for finished rows)."""
         gained = []
-        for r, row in enumerate(block.tolist()):
+        for r, row in enumerate(block.tolist() if isinstance(block, torch.Tensor) else block):
             got = []
             for t in row:
                 if self.finished[r]:

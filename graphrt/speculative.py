@@ -1,0 +1,88 @@
+"""Speculative decoding for `Runtime.generate(..., speculative=Speculative(...))` (eager: see exec/speculative.py).
+
+Drafts: "lookup" (prompt lookup: n-grams of the prompt and the output so far), "self-int4" (the target's own
+checkpoint quantized to int4 on load, fully resident), a path to a draft checkpoint with the target's vocabulary,
+or an already loaded `Runtime`. Greedy output equals the target's greedy output; sampled output has the
+target's distribution (the rejection rule). Not captured in CUDA graphs yet: rounds run eagerly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from .config import ConfigError
+from .exec.drafts import Draft, ModelDraft, PromptLookup
+from .sampling import SamplingParams
+
+Runtime = Any   # graphrt.runtime.Runtime (not imported: runtime imports this module); drafts load as type(target)
+
+DRAFT_KINDS = ("lookup", "self-int4")
+
+
+@dataclass(frozen=True)
+class Speculative:
+    draft: Union[str, Path, Runtime] = "lookup"     # "lookup", "self-int4", a checkpoint path, or a Runtime
+    k: int = 4                                       # tokens drafted per target pass
+    ngram: int = 3                                   # prompt lookup: longest n-gram matched
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"speculative k must be an integer >= 1, got {self.k!r}")
+        if isinstance(self.ngram, bool) or not isinstance(self.ngram, int) or self.ngram < 1:
+            raise ValueError(f"speculative ngram must be an integer >= 1, got {self.ngram!r}")
+
+
+def check_room(target: Runtime, batch: int, longest: int, max_new_tokens: int, k: int) -> None:
+    """A round writes k positions past the row's end: refuse what max_seq_len cannot hold, before any work."""
+    need = longest + max_new_tokens + k
+    if need > target.options.max_seq_len:
+        raise ConfigError(f"speculative decoding with k={k} needs max_seq_len >= prompt + new tokens + k = {need}, "
+                          f"the runtime has {target.options.max_seq_len}; lower k or max_new_tokens, or load the "
+                          "runtime with a larger max_seq_len")
+    target.engine.check_shape(batch, need)
+
+
+def _draft_runtime(target: Runtime, spec: Speculative) -> Runtime:
+    cls = type(target)
+    o = target.options
+    kw = dict(max_batch_size=o.max_batch_size, max_seq_len=o.max_seq_len, prefill_chunk=o.prefill_chunk)
+    if isinstance(spec.draft, cls):
+        draft = spec.draft
+    elif spec.draft == "self-int4":
+        draft = cls(target.source, target.device, target.dtype, type(o)(quantization="int4", **kw))
+    else:
+        path = Path(spec.draft)
+        if not path.exists():
+            raise ConfigError(f"draft {spec.draft!r}: no such checkpoint; use 'lookup', 'self-int4' or a path to a "
+                              "draft model with the target's tokenizer")
+        draft = cls(path, target.device, target.dtype, type(o)(**kw))
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ConfigError(f"the draft's vocabulary has {draft.config.vocab_size} tokens, the target's "
+                          f"{target.config.vocab_size}: a draft must share the target's tokenizer")
+    if draft.tokenizer is not None and target.tokenizer is not None \
+            and draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
+        raise ConfigError("the draft's tokenizer differs from the target's (same size, other tokens): a draft "
+                          "must share the target's tokenizer")
+    if draft.options.max_seq_len < o.max_seq_len or draft.options.max_batch_size < o.max_batch_size:
+        raise ConfigError(f"the draft runtime holds max_seq_len={draft.options.max_seq_len}, max_batch_size="
+                          f"{draft.options.max_batch_size}; it needs at least the target's ({o.max_seq_len}, "
+                          f"{o.max_batch_size})")
+    return draft
+
+
+def draft_key(spec: Speculative):
+    """What identifies a loaded draft model (None: prompt lookup, which loads nothing)."""
+    if isinstance(spec.draft, str) and spec.draft == "lookup":
+        return None
+    return spec.draft if isinstance(spec.draft, str) else id(spec.draft) if not isinstance(spec.draft, Path) \
+        else str(spec.draft)
+
+
+def make_draft(spec: Speculative, params: SamplingParams, draft_runtime: "Runtime | None") -> Draft:
+    if draft_runtime is None:
+        return PromptLookup(spec.ngram)
+    return ModelDraft(draft_runtime.engine, params)
+
+
+load_draft_runtime = _draft_runtime

@@ -1,0 +1,119 @@
+"""Speculative decoding (issue 12), eager, on the CPU: greedy output equals plain greedy output token for token in
+fp32 for every draft kind, batch 1 and ragged batch 2; sampled output has the target's distribution; bad input."""
+import pytest
+import torch
+
+from graphrt import Runtime
+from graphrt.config import ConfigError
+from graphrt.exec.speculative import SpecStats, verify_greedy
+from graphrt.speculative import Speculative
+
+REPEATING = [5, 9, 17, 33, 5, 9, 17, 33, 5, 9, 17, 33, 5, 9]     # lookup finds its n-grams
+
+
+@pytest.fixture(scope="module")
+def target(make_ckpt):
+    return make_ckpt("tiny-llama", layers=3, seed=4)
+
+
+def rt_of(path, **kw):
+    return Runtime.from_pretrained(path, device="cpu", max_batch_size=4, max_seq_len=96, **kw)
+
+
+def test_verify_greedy_accepts_the_matching_prefix():
+    logits = torch.full((2, 4, 10), -1.0)
+    for b, best in enumerate([[3, 4, 5, 6], [3, 9, 5, 6]]):
+        for i, t in enumerate(best):
+            logits[b, i, t] = 1.0
+    n, nxt = verify_greedy(logits, torch.tensor([[3, 4, 5], [3, 4, 5]]))
+    assert n.tolist() == [3, 1] and nxt.tolist() == [6, 9]
+
+
+@pytest.mark.parametrize("kind", ["lookup", "self-int4", "other-model", "same-model"])
+def test_greedy_speculative_equals_greedy(target, make_ckpt, kind):
+    rt = rt_of(target)
+    draft = {"lookup": "lookup", "self-int4": "self-int4", "other-model": str(make_ckpt("tiny-llama", seed=9)),
+             "same-model": rt_of(target)}[kind]
+    prompts = [REPEATING, [7, 8, 9, 10, 11]]
+    for batch in (prompts[:1], prompts):
+        stats = SpecStats()
+        want = rt.generate(batch, 24)
+        got = rt.generate(batch, 24, speculative=Speculative(draft, k=3), speculative_stats=stats)
+        assert got == want, (kind, len(batch))
+        assert stats.rounds >= 1 and 1 <= stats.tokens_per_pass <= 4 and 0 <= stats.acceptance <= 1
+        if kind == "same-model":     # the target drafting for itself: every draft is accepted
+            assert stats.acceptance == 1.0 and stats.tokens_per_pass > 3, stats
+    assert all(len(r) == len(p) + 24 for r, p in zip(got, prompts))
+
+
+def test_greedy_speculative_tensor_prompts_and_eos(target):
+    rt = rt_of(target)
+    ids = torch.tensor([REPEATING[:10], REPEATING[2:12]])
+    want = rt.generate(ids, 16)
+    assert torch.equal(rt.generate(ids, 16, speculative=Speculative("lookup", k=5)), want)
+    eos = int(want[0, 13])
+    rt.eos_ids = (eos,)
+    assert rt.generate([REPEATING], 16, stop_at_eos=True, speculative=Speculative("lookup", k=2)) == \
+        rt.generate([REPEATING], 16, stop_at_eos=True)
+
+
+def _second_token_law(rt, prompt, temperature):
+    """Exact distribution of the 2nd new token: sum over t1 of p(t1 | prompt) p(t2 | prompt, t1)."""
+    V = rt.config.vocab_size
+    ids = torch.tensor([prompt])
+    p1 = torch.softmax(rt.logits(ids)[0, -1] / temperature, -1)
+    out = torch.zeros(V)
+    for t1 in torch.nonzero(p1 > 1e-6).flatten().tolist():
+        ext = torch.tensor([prompt + [t1]])
+        out += p1[t1] * torch.softmax(rt.logits(ext)[0, -1] / temperature, -1)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lookup", "other-model"])
+def test_sampled_speculative_has_the_targets_distribution(target, make_ckpt, kind):
+    """Total variation between the empirical law of the 2nd token and the exact law, against plain sampling's."""
+    rt = Runtime.from_pretrained(target, device="cpu", max_batch_size=64, max_seq_len=32)
+    draft = "lookup" if kind == "lookup" else str(make_ckpt("tiny-llama", seed=9))
+    prompt, temperature, n = REPEATING[:8], 1.0, 4096
+    law = _second_token_law(rt, prompt, temperature)
+
+    def tv(**kw):
+        counts = torch.zeros(rt.config.vocab_size)
+        for s in range(0, n, 64):
+            out = rt.generate([prompt] * 64, 2, temperature=temperature, seed=list(range(s, s + 64)), **kw)
+            for row in out:
+                counts[row[-1]] += 1
+        return 0.5 * (counts / n - law).abs().sum().item()
+
+    plain = tv()
+    spec = tv(speculative=Speculative(draft, k=2))
+    print(f"{kind}: TV plain {plain:.3f}, speculative {spec:.3f}")
+    assert spec < 1.3 * plain + 0.03, (spec, plain)
+
+
+def test_bad_speculative_input(target, make_ckpt):
+    rt = rt_of(target)
+    with pytest.raises(ConfigError, match="vocabulary has 512 tokens, the target's 256"):
+        rt.generate([[1, 2, 3]], 4, speculative=Speculative(str(make_ckpt("tiny-llama", vocab=512)), k=2))
+    with pytest.raises(ConfigError, match="k=8 needs max_seq_len >= prompt \\+ new tokens \\+ k = 98"):
+        rt.generate([[1] * 10], 80, speculative=Speculative("lookup", k=8))
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        rt.generate([[1, 2]], 4, speculative=Speculative("/nonexistent/draft", k=2))
+    with pytest.raises(ConfigError, match="eagerly"):
+        rt.generate([[1, 2]], 4, use_graph=True, speculative=Speculative("lookup"))
+    for bad in (dict(k=0), dict(k=1.5), dict(ngram=0)):
+        with pytest.raises(ValueError):
+            Speculative("lookup", **bad)
+
+
+@pytest.mark.parametrize("draft", ["lookup", "self-int4"])
+def test_default_model_greedy_speculative_equals_greedy(default_model, draft):
+    rt = Runtime.from_pretrained(default_model, device="cpu", max_batch_size=2, max_seq_len=160)
+    text = ("The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. "
+            "Repeat the sentence once more: The quick brown fox")
+    prompts = [rt.encode(text), rt.encode("Summarise: graphrt streams weights into a ring of GPU slots.")]
+    stats = SpecStats()
+    want = rt.generate(prompts, 32)
+    assert rt.generate(prompts, 32, speculative=Speculative(draft, k=4), speculative_stats=stats) == want
+    print(f"{draft}: {stats.tokens_per_pass:.2f} tokens per target pass, acceptance {stats.acceptance:.2f}")
+    assert stats.tokens_per_pass > 1.2
