@@ -208,6 +208,10 @@ def _bench(a: argparse.Namespace) -> int:
         from .bench.quant import run_quant_bench
         run_quant_bench(a.out, a.layers, a.model)
         return 0
+    if a.only == "spec":
+        from .bench.spec import run_spec_bench
+        run_spec_bench(a.out, a.model)
+        return 0
     if a.only == "peer":
         from .bench.versus import run_versus
         run_versus(a.out, a.model, a.peer_bin, a.threads, a.graphrt_json)
@@ -278,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=_positive(), default=8, help="layers of the default bench model")
     b.add_argument("--out", type=Path, default=Path("bench-results"))
     b.add_argument("--quick", action="store_true", help="fewer budgets and steps")
-    b.add_argument("--only", choices=["quant", "peer"], help="quant: bf16/int8/fp8/int4, resident and streamed "
+    b.add_argument("--only", choices=["quant", "peer", "spec"], help="spec: speculative against plain decoding on "
+                   "the default model, all layers streamed (spec.json, spec.md); quant: bf16/int8/fp8/int4, resident "
+                   "and streamed "
                    "(quant.json, quant.md); peer: graphrt beside llama.cpp on a 16-layer 8B-shaped model, all on "
                    "the GPU and with 8 layers in host memory (versus.json, versus.md; llama.cpp built by "
                    "tools/llamacpp/build.sh)")

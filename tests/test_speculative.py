@@ -117,3 +117,16 @@ def test_default_model_greedy_speculative_equals_greedy(default_model, draft):
     assert rt.generate(prompts, 32, speculative=Speculative(draft, k=4), speculative_stats=stats) == want
     print(f"{draft}: {stats.tokens_per_pass:.2f} tokens per target pass, acceptance {stats.acceptance:.2f}")
     assert stats.tokens_per_pass > 1.2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("draft", ["lookup", "self-int4", "other-model"])
+def test_cuda_greedy_speculative_equals_greedy_fp32(make_ckpt, draft):
+    path = make_ckpt("tiny-llama", layers=3, seed=4, intermediate=192)   # int4 "blocked" (fp32) needs in % 64
+    rt = Runtime.from_pretrained(path, device="cuda", dtype="float32", max_batch_size=2, max_seq_len=96)
+    spec = Speculative(str(make_ckpt("tiny-llama", seed=9, intermediate=192)) if draft == "other-model" else draft, k=3)
+    prompts = [REPEATING, [7, 8, 9, 10, 11]]
+    want = rt.generate(prompts, 24, use_graph=True)
+    stats = SpecStats()
+    assert rt.generate(prompts, 24, use_graph=False, speculative=spec, speculative_stats=stats) == want
+    print(f"{draft}: {stats.tokens_per_pass:.2f} tokens per pass")

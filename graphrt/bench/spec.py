@@ -1,0 +1,82 @@
+"""`graphrt bench --only spec`: speculative decoding against plain decoding, same runtime, one run.
+
+The default model (real text, so drafts can be right) with every layer streamed (the smallest budget: each
+token's step is a pass over the streamed weights), bf16, batch 1. Prompts of the kind where drafts work
+(summarise, rewrite, continue a given text). Rows: plain decode on the graph path; speculative (eager rounds)
+with prompt lookup and with the model's own int4 copy as the draft, k = 4 and 8. Reports tokens/s, tokens per
+target pass, acceptance, and the ratio to the plain graph row. Writes spec.json and spec.md.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..exec.speculative import SpecStats
+from ..runtime import Runtime
+from ..speculative import Speculative
+from .run import budgets_for
+
+PROMPTS = {
+    "continue": "Continue this text exactly as it goes on: The quick brown fox jumps over the lazy dog. The quick "
+                "brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick",
+    "rewrite": "Rewrite in plain words: The committee has determined that the proposal, as submitted, does not "
+               "satisfy the requirements set out in the call for proposals, and therefore it cannot be funded.",
+    "summarise": "Summarise: graphrt keeps the weights that fit in GPU memory resident and streams the rest from "
+                 "pinned host memory into a ring of static GPU slots, and captures each decode step as one CUDA "
+                 "graph that the host replays per token.",
+}
+NEW_TOKENS = 64
+
+
+def _timed(fn) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def run_spec_bench(out: Path, model: Path | None = None) -> dict:
+    from ..default_model import fetch_default
+    out.mkdir(parents=True, exist_ok=True)
+    path = model or fetch_default()
+    budget = budgets_for(path, 1, 3, 2, 256)[0]
+    rt = Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", gpu_budget=budget, ring_depth=3,
+                                 max_seq_len=512, stream_unit="layer")
+    rows = []
+    for name, text in PROMPTS.items():
+        ids = [rt.encode(rt.apply_chat_template([{"role": "user", "content": text}]))]
+        rt.generate(ids, 8)                                           # warm-up: capture, first loads
+        plain_s = _timed(lambda: rt.generate(ids, NEW_TOKENS))
+        plain = rt.generate(ids, NEW_TOKENS)
+        base = dict(prompt=name, prompt_tokens=len(ids[0]), streamed_GB=rt.placement.streamed_bytes / 1e9)
+        rows.append(dict(base, system="graph, plain", tokens_per_s=NEW_TOKENS / plain_s, tokens_per_pass=1.0))
+        for draft in ("lookup", "self-int4"):
+            for k in (4, 8):
+                spec = Speculative(draft, k=k)
+                rt.generate(ids, 8, speculative=spec)                # loads the draft once
+                stats = SpecStats()
+                s = _timed(lambda: rt.generate(ids, NEW_TOKENS, speculative=spec, speculative_stats=stats))
+                same = rt.generate(ids, NEW_TOKENS, speculative=spec) == plain
+                rows.append(dict(base, system=f"speculative {draft} k={k}", tokens_per_s=NEW_TOKENS / s,
+                                 tokens_per_pass=stats.tokens_per_pass, acceptance=stats.acceptance,
+                                 same_tokens_as_plain=same))
+                print(json.dumps(rows[-1]), flush=True)
+    for r in rows:
+        plain = next(p for p in rows if p["prompt"] == r["prompt"] and p["system"] == "graph, plain")
+        r["x_plain"] = r["tokens_per_s"] / plain["tokens_per_s"]
+    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, model=str(path),
+               plan=rt.placement.describe(), rows=rows)
+    (out / "spec.json").write_text(json.dumps(res, indent=1))
+    lines = [f"# speculative decoding: {res['device']}, torch {res['torch']}", "", f"Model `{path}`, bf16, batch 1, "
+             f"{NEW_TOKENS} new tokens; plan: {rt.placement.describe().splitlines()[1]}", "",
+             "| prompt | system | tokens/s | x plain | tokens per pass | acceptance | same tokens |", "|---" * 7 + "|"]
+    for r in rows:
+        lines.append(f"| {r['prompt']} | {r['system']} | {r['tokens_per_s']:.1f} | {r['x_plain']:.2f} | "
+                     f"{r['tokens_per_pass']:.2f} | {r.get('acceptance', 1.0):.2f} | {r.get('same_tokens_as_plain', '-')} |")
+    (out / "spec.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return res
