@@ -181,6 +181,7 @@ class RuntimeOptions:
     cpu_lane: bool = False                  # let the planner compute MLP groups on the CPU from host memory
     cpu_rate: float | None = None           # bytes/s of weights the CPU computes; None: calibrate (cached)
     cpu_threads: int | None = None          # torch CPU threads for the CPU lane; None: torch's default
+    tensor_parallel: int = 1                # ranks (one process each, torchrun) sharing the model Megatron-style
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -201,6 +202,9 @@ class RuntimeOptions:
             self.gpu_budget = parse_bytes(self.gpu_budget)
         if self.cpu_rate is not None and not self.cpu_rate > 0:
             raise ConfigError(f"cpu_rate must be > 0 bytes/s (or None to calibrate), got {self.cpu_rate}")
+        if isinstance(self.tensor_parallel, bool) or not isinstance(self.tensor_parallel, int) \
+                or self.tensor_parallel < 1:
+            raise ConfigError(f"tensor_parallel must be an integer >= 1, got {self.tensor_parallel!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ConfigError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
 

@@ -7,6 +7,7 @@ else: every piece keeps its own state.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,6 +18,7 @@ import torch
 from . import text
 from .config import ConfigError, ModelConfig, RuntimeOptions, parse_dtype
 from .exec.decode import Rows, decode_eager, decode_graph
+from .exec.comm import Comm
 from .exec.engine import Engine
 from .exec.speculative import SpecStats, speculative_decode
 from .exec.graph import DecodeGraph, GraphCache, pad_prompts
@@ -26,6 +28,7 @@ from .plan.schedule import build_plans, build_prologue
 from .sampling import SEED_STRIDE, SamplingParams
 from .speculative import Speculative, check_room, draft_key, load_draft_runtime, make_draft
 from .weights.layout import model_groups
+from .weights.shard import make_shard
 from .weights.sources import open_source, weight_policy
 from .weights.store import WeightStore
 
@@ -77,6 +80,18 @@ class Runtime:
             raise ConfigError(f"{path}: sliding-window attention ({cfg.sliding_window}) is not supported; "
                               f"use max_seq_len <= {cfg.sliding_window}")
         self.policy = weight_policy(self.source, opts.quantization, self.dtype, self.device)
+        self.comm, shard = None, None
+        if opts.tensor_parallel > 1:  # this process is one rank: it holds and computes its shard
+            if opts.cpu_lane:
+                raise ConfigError("tensor_parallel with cpu_lane is not supported yet; use one of them")
+            if str(self.source.path).endswith(".gguf"):
+                raise ConfigError(f"{self.source.path}: tensor parallelism does not read GGUF files yet")
+            if self.device.type == "cuda" and device in (None, "cuda"):   # torchrun: one GPU per local rank
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            self.comm = Comm.join(opts.tensor_parallel, self.device)
+            shard = make_shard(cfg, self.comm.rank, self.comm.world)
+        self.local_config = shard.config if shard is not None else cfg   # what this process computes
         self.tokenizer = self.source.tokenizer
         self.chat_template = self.source.chat_template
         self.eos_ids = self.source.eos_ids
@@ -85,10 +100,11 @@ class Runtime:
         p = self.placement
         with nvtx.annotate("graphrt.load", color="purple"):
             store = WeightStore(self.source, p.groups, p.resident, p.ring_depth, p.slot_bytes, self.device,
-                                opts.progress, p.cpu)
+                                opts.progress, p.cpu, shard)
         names, streamed = [g.name for g in p.groups], set(p.streamed)
-        self.engine = Engine(cfg, opts, store, build_plans(names, streamed, opts.ring_depth),
-                             build_prologue(names, streamed, opts.ring_depth), self.dtype)
+        self.engine = Engine(self.local_config, opts, store, build_plans(names, streamed, opts.ring_depth),
+                             build_prologue(names, streamed, opts.ring_depth), self.dtype, self.comm,
+                             shard.vocab[0] if shard is not None else 0)
         self.graph_cache: GraphCache | None = None
         self._drafts: dict = {}    # speculative drafts loaded for this runtime (checkpoint or "self-int4")
 
@@ -99,7 +115,7 @@ class Runtime:
         return cls(path, device, dtype, RuntimeOptions.from_kwargs(**options))
 
     def _plan(self) -> Placement:
-        o, cfg = self.options, self.config
+        o, cfg = self.options, self.local_config
         device_memory, budget = None, o.gpu_budget
         if self.device.type == "cuda":
             free, device_memory = torch.cuda.mem_get_info(self.device)

@@ -15,13 +15,17 @@ from ..config import ConfigError, ModelConfig, RuntimeOptions, context_bucket
 from ..models import llama
 from ..plan.schedule import StepPlan
 from ..weights.store import WeightStore
+from .comm import Comm
 from .cpu_lane import CpuLane
 from .executor import StepExecutor
 
 
 class Engine:
     def __init__(self, config: ModelConfig, options: RuntimeOptions, store: WeightStore, plans: list[StepPlan],
-                 prologue: StepPlan, dtype: torch.dtype):
+                 prologue: StepPlan, dtype: torch.dtype, comm: Comm | None = None, vocab_start: int = 0):
+        """Tensor parallel: `config` is this rank's part of the model (weights/shard.py), `comm` its collectives,
+        `vocab_start` the first vocabulary id of its embedding rows."""
+        self.comm, self.vocab_start = comm, vocab_start
         self.config, self.options, self.store, self.dtype = config, options, store, dtype
         self.device = store.device
         self.plans, self.prologue = plans, prologue
@@ -79,24 +83,27 @@ class Engine:
         ctx = llama.step_context(positions, self.inv_freq, self.dtype, cfg.num_heads // cfg.num_kv_heads, ctx_len)
         act: dict[str, torch.Tensor] = {}
 
+        reduce = self.comm.all_reduce if self.comm is not None else None
+        gather = self.comm.all_gather_last if self.comm is not None else None
+
         def compute(group: str, w: dict) -> None:
             layout = self.store.layouts[group]
             if layout.kind == "embed":
-                act["h"] = llama.embed_forward(ids, w, self.dtype)
+                act["h"] = llama.embed_forward(ids, w, self.dtype, self.vocab_start, reduce)
             elif layout.kind in ("layer", "attn"):
                 fn = llama.layer_forward if layout.kind == "layer" else llama.attn_forward
                 kv = self.kv[layout.layer]
-                act["h"] = fn(act["h"], w, cfg, kv[0], kv[1], ctx)
+                act["h"] = fn(act["h"], w, cfg, kv[0], kv[1], ctx, reduce)
             elif layout.kind == "mlp" and group in self.store.cpu:  # the CPU lane: host weights, CPU math
                 act["h"] = self.cpu_lane.run(act["h"], lambda x: llama.mlp_forward(x, w, cfg))
             elif layout.kind == "mlp":
-                act["h"] = llama.mlp_forward(act["h"], w, cfg)
+                act["h"] = llama.mlp_forward(act["h"], w, cfg, reduce)
             else:
                 h = act["h"]
                 if pick is not None:  # [B, T, hidden] -> [B, 1, hidden]
                     h = h.gather(1, pick.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))
                 embed = self.store.views("embed") if cfg.tie_word_embeddings else None
-                act["logits"] = llama.head_forward(h, w, cfg, embed)
+                act["logits"] = llama.head_forward(h, w, cfg, embed, gather)
 
         self.executor.run(plan, compute, annotate)
         return act["logits"]

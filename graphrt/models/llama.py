@@ -10,7 +10,7 @@ D head dim, S max sequence length, L attended context length (a static bucket >=
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,13 +63,24 @@ def step_context(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     return StepContext(positions, emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None], rows, mask, ctx_len)
 
 
-def embed_forward(ids: torch.Tensor, w: Weights, dtype: torch.dtype) -> torch.Tensor:
-    """ids [B, T] -> hidden [B, T, hidden] in the compute dtype."""
-    return embedding(ids, w["embed"], dtype)
+Reduce = Callable[[torch.Tensor], torch.Tensor] | None   # tensor parallel: sums partial products over ranks
+
+
+def embed_forward(ids: torch.Tensor, w: Weights, dtype: torch.dtype, vocab_start: int = 0,
+                  reduce: Reduce = None) -> torch.Tensor:
+    """ids [B, T] -> hidden [B, T, hidden] in the compute dtype. Tensor parallel: the table holds ids
+    [vocab_start, vocab_start + rows); other ids embed to zero here and come from their rank in `reduce`."""
+    if reduce is None:
+        return embedding(ids, w["embed"], dtype)
+    rows = w["embed"].shape[0]
+    local = ids - vocab_start
+    inside = (local >= 0) & (local < rows)
+    e = embedding(local.clamp(0, rows - 1), w["embed"], dtype) * inside[..., None].to(dtype)
+    return reduce(e)
 
 
 def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+                 v_cache: torch.Tensor, ctx: StepContext, reduce: Reduce = None) -> torch.Tensor:
     """Pre-norm attention with residual. Appends this step's K/V at ctx.positions into the caches
     [maxB, Hkv, S, D], then attends over cache[:B, :, :L] with the causal mask ctx.mask."""
     B, T, _ = h.shape
@@ -89,26 +100,31 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
     L = ctx.ctx_len
     o = F.scaled_dot_product_attention(q, k_cache[:B, :, :L], v_cache[:B, :, :L], attn_mask=ctx.mask)
     o = o.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
-    return h + linear(o, w["o"])
+    o = linear(o, w["o"])
+    return h + (reduce(o) if reduce is not None else o)
 
 
-def mlp_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig) -> torch.Tensor:
+def mlp_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, reduce: Reduce = None) -> torch.Tensor:
     x = rms_norm(h, w["post_norm"], cfg.rms_norm_eps)
     if "gate_up" in w:  # gate and up stacked along rows: [B, T, 2F]
         gate, up = linear(x, w["gate_up"]).chunk(2, dim=-1)
     else:
         gate, up = linear(x, w["gate"]), linear(x, w["up"])
-    return h + linear(silu_mul(gate, up), w["down"])
+    y = linear(silu_mul(gate, up), w["down"])
+    return h + (reduce(y) if reduce is not None else y)
 
 
 def layer_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-    h = attn_forward(h, w, cfg, k_cache, v_cache, ctx)
-    return mlp_forward(h, w, cfg)
+                  v_cache: torch.Tensor, ctx: StepContext, reduce: Reduce = None) -> torch.Tensor:
+    h = attn_forward(h, w, cfg, k_cache, v_cache, ctx, reduce)
+    return mlp_forward(h, w, cfg, reduce)
 
 
-def head_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, embed: Weights | None) -> torch.Tensor:
-    """hidden [B, T, hidden] -> float32 logits [B, T, vocab]. Tied models read the embedding."""
+def head_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, embed: Weights | None,
+                 gather: Reduce = None) -> torch.Tensor:
+    """hidden [B, T, hidden] -> float32 logits [B, T, vocab]. Tied models read the embedding. Tensor parallel:
+    each rank's vocabulary rows, then `gather` concatenates them in rank order."""
     x = rms_norm(h, w["norm"], cfg.rms_norm_eps)
     lm_head = embed["embed"] if cfg.tie_word_embeddings else w["lm_head"]
-    return linear(x, lm_head).float()
+    logits = linear(x, lm_head).float()
+    return gather(logits) if gather is not None else logits

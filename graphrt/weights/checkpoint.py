@@ -15,6 +15,7 @@ from .compressed_tensors import SchemeError, fp8_scheme
 from .formats import stack_rows
 from .formats.fp8 import FP8
 from .layout import GroupLayout, TensorSpec, expected_tensors
+from .shard import Shard
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -132,10 +133,11 @@ class Checkpoint:
             return FP8.from_stored(value, read(name.removesuffix("weight") + "weight_scale"))
         return t.format.encode(value, device) if t.is_matrix else {"w": value}
 
-    def fill_groups(self, groups: list[GroupLayout], buffer_for, device: torch.device) -> Iterator[GroupLayout]:
+    def fill_groups(self, groups: list[GroupLayout], buffer_for, device: torch.device,
+                    shard: Shard | None = None) -> Iterator[GroupLayout]:
         """For each group, read its tensors (one at a time) into `buffer_for(group)` (a uint8 tensor),
         each stored in its format (`encode`: a cast, or quantization on load; FP8 files as stored),
-        yielding the group when it is complete."""
+        yielding the group when it is complete. With a tensor-parallel `shard`, each tensor is its rank's slice."""
         with ExitStack() as stack:
             handles: dict[Path, object] = {}
 
@@ -143,7 +145,8 @@ class Checkpoint:
                 file = self.tensor_files[name]
                 if file not in handles:
                     handles[file] = stack.enter_context(self._open(file))
-                return handles[file].get_tensor(name)
+                t = handles[file].get_tensor(name)
+                return shard.slice(name, t).contiguous() if shard is not None else t
 
             for g in groups:
                 buffer = buffer_for(g)

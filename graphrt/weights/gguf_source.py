@@ -244,9 +244,13 @@ class GGUFCheckpoint:
             return {"w": self.raw_rows(name).view(fmt.dtype)}
         return fmt.encode(self.dequantized(name), device)
 
-    def fill_groups(self, groups: list[GroupLayout], buffer_for, device: torch.device) -> Iterator[GroupLayout]:
+    def fill_groups(self, groups: list[GroupLayout], buffer_for, device: torch.device,
+                    shard=None) -> Iterator[GroupLayout]:
         """For each group, write its tensors (one at a time) into `buffer_for(group)` (a uint8 tensor) in their
-        layout formats, yielding the group when it is complete."""
+        layout formats, yielding the group when it is complete. (No tensor parallelism for GGUF files yet.)"""
+        if shard is not None:
+            raise ConfigError(f"{self.path}: tensor parallelism does not read GGUF files yet; convert the file to a "
+                              "Hugging Face directory (graphrt's weights/convert.py) or run on one GPU")
         for g in groups:
             buffer = buffer_for(g)
             for t in g.tensors:

@@ -62,7 +62,7 @@ class WeightStore:
 
     def __init__(self, ckpt: Checkpoint, groups: tuple[GroupLayout, ...], resident: frozenset[str],
                  ring_depth: int, slot_bytes: int, device: torch.device, progress: bool | None,
-                 cpu: frozenset[str] = frozenset()):
+                 cpu: frozenset[str] = frozenset(), shard=None):
         self.device = device
         self.layouts: dict[str, GroupLayout] = {g.name: g for g in groups}
         self.resident: dict[str, torch.Tensor] = {}
@@ -87,7 +87,7 @@ class WeightStore:
         total = sum(g.nbytes for g in groups)
         show = sys.stderr.isatty() and total > 2**30 if progress is None else progress
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show)
-        for g in ckpt.fill_groups(list(groups), buffer_for, device):
+        for g in ckpt.fill_groups(list(groups), buffer_for, device, **({"shard": shard} if shard else {})):
             if g.name in resident:
                 self.resident[g.name] = staging.pop(g.name).to(device)
             bar.update(g.nbytes)
