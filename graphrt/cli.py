@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import os
 import sys
 import time
 from pathlib import Path
@@ -92,7 +93,7 @@ def _load(a: argparse.Namespace, prompt_ids_of=None):
     if source.tokenizer is None:
         raise UsageError(f"{source.path} has no tokenizer.json; graphrt {a.command} needs one")
     options = dict(max_seq_len=a.max_seq_len, ring_depth=a.ring_depth, quantization=a.quantization,
-                   cpu_lane=a.cpu_lane, cpu_threads=a.cpu_threads)
+                   cpu_lane=a.cpu_lane, cpu_threads=a.cpu_threads, tensor_parallel=getattr(a, "tp", 1))
     if a.gpu_budget:
         options["gpu_budget"] = a.gpu_budget
     from .config import RuntimeOptions
@@ -200,26 +201,6 @@ def _fetch(a: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(a: argparse.Namespace) -> int:
-    import torch
-    if not torch.cuda.is_available():
-        raise UsageError("graphrt bench measures GPU decoding and needs a CUDA device; none is available here")
-    if a.only == "quant":
-        from .bench.quant import run_quant_bench
-        run_quant_bench(a.out, a.layers, a.model)
-        return 0
-    if a.only == "spec":
-        from .bench.spec import run_spec_bench
-        run_spec_bench(a.out, a.model)
-        return 0
-    if a.only == "peer":
-        from .bench.versus import run_versus
-        run_versus(a.out, a.model, a.peer_bin, a.threads, a.graphrt_json)
-        return 0
-    from .bench.run import run_bench
-    return run_bench(a)
-
-
 def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="Hugging Face model directory or .gguf file (default: the default "
                    "model, see `graphrt fetch-default --help`)")
@@ -254,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft", help="speculative decoding: 'lookup' (n-grams of the prompt and output), 'self-int4' "
                    "(the model's own int4 copy) or a draft checkpoint with the same tokenizer")
     g.add_argument("--draft-k", type=_positive(), default=4, help="tokens drafted per target pass (default 4)")
+    g.add_argument("--tp", type=_positive(), default=1, help="tensor parallel over this many GPUs (one process each, "
+                   "started through torchrun; rank 0 prints)")
     _model_flags(g)
     g.add_argument("--chat", action="store_true", help="render the prompt with the model's chat template and stop "
                    "at end of turn")
@@ -274,25 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", type=Path, default=None, help="directory to write (default: see above)")
     f.add_argument("--force", action="store_true", help="convert again even if the directory is complete")
     f.set_defaults(fn=_fetch)
-    b = sub.add_parser("bench", help="benchmark every decode system on the GPU",
-                       description="Measure H2D and HBM bandwidth, then graphrt (graph, eager, sync copies, "
-                       "predecessor scheme) and transformers (resident / accelerate offload) over GPU budgets, "
-                       "batch sizes and ring depths; write bench.json, bench.md, bench.png, timeline.png.")
-    b.add_argument("--model", type=Path, help="checkpoint directory (default: a random Llama-3.1-8B-shaped one)")
-    b.add_argument("--layers", type=_positive(), default=8, help="layers of the default bench model")
-    b.add_argument("--out", type=Path, default=Path("bench-results"))
-    b.add_argument("--quick", action="store_true", help="fewer budgets and steps")
-    b.add_argument("--only", choices=["quant", "peer", "spec"], help="spec: speculative against plain decoding on "
-                   "the default model, all layers streamed (spec.json, spec.md); quant: bf16/int8/fp8/int4, resident "
-                   "and streamed "
-                   "(quant.json, quant.md); peer: graphrt beside llama.cpp on a 16-layer 8B-shaped model, all on "
-                   "the GPU and with 8 layers in host memory (versus.json, versus.md; llama.cpp built by "
-                   "tools/llamacpp/build.sh)")
-    b.add_argument("--peer-bin", type=Path, help="llama.cpp's build/bin (default: /tmp/keep/llama.cpp/build/bin)")
-    b.add_argument("--threads", type=_positive(), help="llama.cpp CPU threads (default: all cores)")
-    b.add_argument("--graphrt-json", type=Path, help="graphrt's peer rows from an earlier run (versus_graphrt.json)")
-    b.set_defaults(fn=_bench)
+    from .cli_bench import add_bench_parser
+    add_bench_parser(sub, _positive)
     return ap
+
+
+def _launch_ranks(a: argparse.Namespace, argv: list[str]) -> int:
+    """`--tp K`: check that the model shards K ways (one-line error otherwise), then run K ranks with torchrun."""
+    import subprocess
+    from .weights.shard import make_shard
+    from .weights.sources import open_source
+    make_shard(open_source(_model_arg(a)).config, 0, a.tp)
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={a.tp}", "-m", "graphrt.cli", *argv])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,8 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)  # argparse: bad flags are one line and exit code 2
     if getattr(a, "max_new_tokens_default", None) and a.max_new_tokens is None:
         a.max_new_tokens = a.max_new_tokens_default
+    if os.environ.get("RANK", "0") != "0":                      # tensor parallel: ranks > 0 compute, rank 0 prints
+        sys.stdout = open(os.devnull, "w")
     from .weights.checkpoint import CheckpointError
     try:
+        if a.command == "generate" and a.tp > 1 and "RANK" not in os.environ:   # one process per rank (torchrun)
+            return _launch_ranks(a, argv or sys.argv[1:])
         return a.fn(a)
     except (UsageError, CheckpointError, ConfigError, FetchError, FileNotFoundError, MemoryError) as e:
         print(f"graphrt: error: {str(e) if isinstance(e, UsageError) else _as_flags(str(e))}", file=sys.stderr)

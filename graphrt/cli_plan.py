@@ -28,6 +28,8 @@ def add_plan_flags(p: argparse.ArgumentParser, positive, number, size) -> None:
                    help="device memory GB/s (default 3000)")
     p.add_argument("--cpu-rate", type=number(0, low_open=True), default=None,
                    help="plan a CPU lane: GB/s of weights the target's CPU computes (no CPU lane by default)")
+    p.add_argument("--tp", type=positive(), default=1, help="tensor parallel: plan one rank of K (its shard of the "
+                   "weights and KV cache on its own --gpu-budget and PCIe link); all-reduce time is not modelled")
     p.add_argument("--stream-unit", choices=["auto", "layer", "attn_mlp"], default="auto",
                    help="streamed group: whole layers, attention/MLP halves, or the faster of both (default)")
 
@@ -55,12 +57,20 @@ def run_plan(a: argparse.Namespace) -> int:
     if not a.model.exists():
         raise FileNotFoundError(f"{a.model}: no such file or directory (a config.json, model directory or .gguf)")
     cfg, policy = _model(a.model, parse_dtype(a.dtype), a.quantization)
+    full = cfg
+    if a.tp > 1:
+        from .weights.shard import make_shard
+        cfg = make_shard(cfg, 0, a.tp).config   # every rank holds an equal shard
     max_seq_len = a.max_seq_len or min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings)
     cost = CostModel(h2d_bandwidth=a.bandwidth * 1e9, hbm_bandwidth=a.hbm_bandwidth * 1e9, batch_size=a.batch,
                      cpu_rate=(a.cpu_rate or 0) * 1e9)
     p = plan_placement(cfg, parse_bytes(a.gpu_budget), a.ring_depth, a.batch, max_seq_len, policy,
                        stream_unit=a.stream_unit, cost=cost)
     weights = a.quantization or ("stored formats" if policy.per_tensor else str(policy.compute_dtype).replace("torch.", ""))
+    if a.tp > 1:
+        print(f"tensor parallel {a.tp}: each rank holds {cfg.num_heads} of {full.num_heads} heads, {cfg.num_kv_heads} "
+              f"kv heads, {cfg.intermediate_size} of {full.intermediate_size} MLP rows, {cfg.vocab_size} of "
+              f"{full.vocab_size} vocabulary rows; the plan below is one rank's")
     print(f"{cfg.architecture}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, weights {weights}, "
           f"batch {a.batch}, max_seq_len {max_seq_len}, ring depth {a.ring_depth}, H2D {a.bandwidth:g} GB/s")
     print(p.describe())
