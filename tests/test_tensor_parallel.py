@@ -28,7 +28,9 @@ def _rank(rank: int, world: int, port: int, cases: list, out: str) -> None:
     torch.set_num_threads(1)
     results = {}
     for name, path in cases:
-        rt = Runtime.from_pretrained(path, device="cpu", tensor_parallel=world, max_batch_size=2, max_seq_len=64)
+        quant = "int8" if name.endswith("int8") else None
+        rt = Runtime.from_pretrained(path, device="cpu", tensor_parallel=world, max_batch_size=2, max_seq_len=64,
+                                     quantization=quant)
         results[name] = (rt.logits(IDS), rt.generate(IDS, 12), rt.placement.groups[1].nbytes)
     torch.save(results, f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -38,18 +40,23 @@ def _rank(rank: int, world: int, port: int, cases: list, out: str) -> None:
 def cases(make_ckpt):
     return [("gqa-divides-untied", make_ckpt("tiny-llama", layers=2, heads=4, kv_heads=2, seed=1)),
             ("kv-replicated-tied", make_ckpt("tiny-llama", layers=2, heads=4, kv_heads=1, tied=True, seed=2)),
-            ("qwen2-bias", make_ckpt("tiny-qwen2", arch="Qwen2ForCausalLM", layers=2, seed=3))]
+            ("qwen2-bias", make_ckpt("tiny-qwen2", arch="Qwen2ForCausalLM", layers=2, seed=3)),
+            ("gqa-int8", make_ckpt("tiny-llama", layers=2, heads=4, kv_heads=2, seed=1))]
 
 
 def test_two_gloo_ranks_equal_one_process(cases, tmp_path):
     mp.spawn(_rank, args=(2, _free_port(), cases, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, path in cases:
-        one = Runtime.from_pretrained(path, device="cpu", max_batch_size=2, max_seq_len=64)
+        quant = "int8" if name.endswith("int8") else None
+        one = Runtime.from_pretrained(path, device="cpu", max_batch_size=2, max_seq_len=64, quantization=quant)
         want_logits, want_tokens = one.logits(IDS), one.generate(IDS, 12)
         for r, res in enumerate(ranks):
             logits, tokens, layer_bytes = res[name]
             rel = ((logits - want_logits).norm() / want_logits.norm()).item()
+            if quant:  # o/down column slices get their own per-row scales: close to, not equal to, one process
+                assert rel < 2e-2, (name, r, rel)
+                continue
             assert rel < 1e-5, (name, r, rel)
             assert torch.equal(tokens, want_tokens), (name, r)
             assert layer_bytes < one.placement.groups[1].nbytes      # each rank holds a shard, not the layer
