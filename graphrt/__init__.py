@@ -7,4 +7,4 @@ from .weights.checkpoint import Checkpoint, CheckpointError
 
 __all__ = ["Runtime", "Checkpoint", "CheckpointError", "ConfigError", "ModelConfig", "RuntimeOptions",
            "BudgetError", "CostModel", "Placement", "SamplingParams", "plan_placement"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
