@@ -5,17 +5,13 @@ bfloat16, see test_gemv.py), with the GPU gate forced open. On the GPU (tests ma
 RoPE + KV append equals the reference bit for bit in the interpreter (it rounds where ATen rounds) and within a
 unit in the last place compiled (FMA contraction); RMSNorm and silu * up within a few units in the last place.
 """
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from graphrt.models import fused
-from test_gemv import HAVE_TRITON, INTERPRETER_SETUP, ROOT, needs_triton
+from test_gemv import INTERPRETER_SETUP, needs_triton, run_interpreter
 
 
 def compare(dtype: torch.dtype, device: str, seed: int = 0) -> dict:
@@ -75,13 +71,7 @@ _SCRIPT = INTERPRETER_SETUP + textwrap.dedent("""
 
 @needs_triton
 def test_interpreter_matches_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT.format(root=str(ROOT))], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for dtype, res in json.loads(lines[-1][len("RESULTS "):]).items():
+    for dtype, res in run_interpreter(_SCRIPT, timeout=300).items():
         check(res, dtype, exact_rope=True)
 
 

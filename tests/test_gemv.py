@@ -154,17 +154,25 @@ _INTERPRETER_SCRIPT = INTERPRETER_SETUP + textwrap.dedent("""
 """)
 
 
+def run_interpreter(script: str, payload=None, timeout: int = 900):
+    """Runs `script` (INTERPRETER_SETUP + a body printing "RESULTS <json>") in a subprocess with Triton's
+    interpreter on; returns the decoded JSON. The tests directory is importable there."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script.format(root=str(ROOT))],
+                          input=None if payload is None else json.dumps(payload), capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
 @pytest.fixture(scope="module")
 def interpreted():
     """Runs every case in one interpreter subprocess; returns {case id: "ok" or the failure}."""
     if not HAVE_TRITON:
         pytest.skip("triton is not installed (pip install triton): the GEMV kernel cannot run in its interpreter")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT.format(root=str(ROOT))], input=json.dumps(CASES),
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(lines[-1][len("RESULTS "):])
+    results = run_interpreter(_INTERPRETER_SCRIPT, CASES)
     print(f"Triton {results['triton']} interpreter")
     return results
 

@@ -4,10 +4,6 @@ Without a GPU the kernel runs in Triton's interpreter in a subprocess (see test_
 x (float64) @ Int4.dense(parts, float32), the matrix the kernel forms in registers. GPU tests (marked `gpu`) run
 the compiled kernel, in a CUDA graph too.
 """
-import json
-import os
-import subprocess
-import sys
 import textwrap
 import zlib
 
@@ -16,7 +12,7 @@ import torch
 
 from graphrt.weights.formats.int4 import Int4
 from graphrt.weights.formats.int4_gemv import _plan, pack_blocked, unpack_blocked
-from test_gemv import HAVE_TRITON, INTERPRETER_SETUP, ROOT, needs_triton
+from test_gemv import HAVE_TRITON, INTERPRETER_SETUP, needs_triton, run_interpreter
 
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-3}
 CASES = [dict(x=x, m=m, k=k, n=n, g=g, split=split, bias=bias)
@@ -68,13 +64,7 @@ _SCRIPT = INTERPRETER_SETUP + textwrap.dedent("""
 def interpreted():
     if not HAVE_TRITON:
         pytest.skip("triton is not installed: the int4 GEMV cannot run, not even in Triton's interpreter")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT.format(root=str(ROOT))], input=json.dumps(CASES),
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_interpreter(_SCRIPT, CASES, timeout=600)
 
 
 @needs_triton

@@ -99,6 +99,12 @@ def _plan(m: int, n: int, k: int, num_sms: int, split_k: int | None = None, bloc
     """(use_dot, BLOCK_N, BLOCK_K, num_warps, SPLIT, K_SPLIT) for an [m, k] x [n, k]^T product."""
     use_dot = m >= 2
     block_n, block_k, warps = blocks or (DOT_BLOCKS if use_dot else ROW_BLOCKS)
+    return (use_dot, block_n, block_k, warps, *split_plan(n, k, block_n, block_k, num_sms, split_k))
+
+
+def split_plan(n: int, k: int, block_n: int, block_k: int, num_sms: int, split_k: int | None) -> tuple[int, int]:
+    """(SPLIT, K_SPLIT): split K when the N blocks alone are fewer than 2 per SM (about 4 programs per SM, at
+    least 2 BLOCK_K chunks per split, at most MAX_SPLIT); `split_k` overrides. K_SPLIT is a multiple of BLOCK_K."""
     chunks = -(-k // block_k)
     n_blocks = -(-n // block_n)
     if split_k is None:
@@ -107,8 +113,7 @@ def _plan(m: int, n: int, k: int, num_sms: int, split_k: int | None = None, bloc
             split_k = min(-(-4 * num_sms // n_blocks), chunks // 2, MAX_SPLIT)
     split_k = max(1, min(int(split_k), chunks))
     k_split = -(-chunks // split_k) * block_k      # K per split, a multiple of BLOCK_K
-    split_k = -(-k // k_split)                     # no empty splits
-    return use_dot, block_n, block_k, warps, split_k, k_split
+    return -(-k // k_split), k_split               # no empty splits
 
 
 def _build():

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from . import gemv
-from .gemv import DEFAULT_SMS, MAX_ROWS, MAX_SPLIT, _device_index, _interpreting, _num_sms, _triton, reduce_partials
+from .gemv import (DEFAULT_SMS, MAX_ROWS, _device_index, _interpreting, _num_sms, _triton, reduce_partials,
+                   split_plan)
 
 BLOCK = 64                      # columns per packing block
 ROW_BLOCKS = (32, 256, 4)       # M == 1: (BLOCK_N, BLOCK_K columns, num_warps): 32 rows x 128 bytes per chunk
@@ -50,18 +51,9 @@ def unpack_blocked(w: torch.Tensor) -> torch.Tensor:
 def _plan(m: int, n: int, k: int, num_sms: int, split_k: int | None, blocks: tuple | None):
     use_dot = m >= 2
     block_n, block_k, warps = blocks or (DOT_BLOCKS if use_dot else ROW_BLOCKS)
-    chunks = k // block_k if k % block_k == 0 else None
-    if chunks is None:          # K is a multiple of 64: fall back to one packing block per iteration
-        block_k, chunks = BLOCK, k // BLOCK
-    n_blocks = -(-n // block_n)
-    if split_k is None:
-        split_k = 1
-        if n_blocks < 2 * num_sms:
-            split_k = min(-(-4 * num_sms // n_blocks), chunks // 2, MAX_SPLIT)
-    split_k = max(1, min(int(split_k), chunks))
-    k_split = -(-chunks // split_k) * block_k
-    split_k = -(-k // k_split)
-    return use_dot, block_n, block_k, warps, split_k, k_split
+    if k % block_k:             # K is a multiple of 64: fall back to one packing block per iteration
+        block_k = BLOCK
+    return (use_dot, block_n, block_k, warps, *split_plan(n, k, block_n, block_k, num_sms, split_k))
 
 
 def _build():
