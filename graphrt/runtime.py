@@ -123,8 +123,8 @@ class Runtime:
         elif budget is None:
             budget = 1 << 62  # CPU: everything resident unless a budget asks for streaming
         cost = CostModel(o.h2d_bandwidth, o.hbm_bandwidth)
-        cpu_policy = weight_policy(self.source, o.quantization, self.dtype, torch.device("cpu"))
-        if o.cpu_lane:
+        if o.cpu_lane:   # the CPU lane's groups are stored in the CPU's formats (e.g. int4 in its kernel's packing)
+            cpu_policy = weight_policy(self.source, o.quantization, self.dtype, torch.device("cpu"))
             if o.cpu_threads:
                 torch.set_num_threads(o.cpu_threads)   # process-wide: torch has one CPU thread pool
             rate = o.cpu_rate or cpu_rate(cfg, cpu_policy, o.max_batch_size, concurrent_h2d=self.device.type == "cuda")
@@ -132,7 +132,7 @@ class Runtime:
         p = plan_placement(cfg, budget, o.ring_depth, o.max_batch_size, o.max_seq_len, self.policy,
                            stream_unit=o.stream_unit, strategy=o.placement, prefill_chunk=o.prefill_chunk,
                            cost=cost, device_memory=device_memory)
-        if p.cpu:  # the CPU lane's groups are stored in the CPU's formats (e.g. int4 in the CPU kernel's packing)
+        if p.cpu:
             on_cpu = {g.name: g for g in model_groups(cfg, cpu_policy, p.stream_unit) if g.name in p.cpu}
             p = replace(p, groups=tuple(on_cpu.get(g.name, g) for g in p.groups))
         return p

@@ -43,7 +43,8 @@ def check_room(target: Runtime, batch: int, longest: int, max_new_tokens: int, k
     target.engine.check_shape(batch, need)
 
 
-def _draft_runtime(target: Runtime, spec: Speculative) -> Runtime:
+def load_draft_runtime(target: Runtime, spec: Speculative) -> Runtime:
+    """The draft model's runtime, checked against the target (vocabulary, tokenizer, sizes)."""
     cls = type(target)
     o = target.options
     kw = dict(max_batch_size=o.max_batch_size, max_seq_len=o.max_seq_len, prefill_chunk=o.prefill_chunk)
@@ -75,8 +76,7 @@ def draft_key(spec: Speculative):
     """What identifies a loaded draft model (None: prompt lookup, which loads nothing)."""
     if isinstance(spec.draft, str) and spec.draft == "lookup":
         return None
-    return spec.draft if isinstance(spec.draft, str) else id(spec.draft) if not isinstance(spec.draft, Path) \
-        else str(spec.draft)
+    return str(spec.draft) if isinstance(spec.draft, (str, Path)) else id(spec.draft)
 
 
 def make_draft(spec: Speculative, params: SamplingParams, draft_runtime: "Runtime | None") -> Draft:
@@ -84,5 +84,3 @@ def make_draft(spec: Speculative, params: SamplingParams, draft_runtime: "Runtim
         return PromptLookup(spec.ngram)
     return ModelDraft(draft_runtime.engine, params)
 
-
-load_draft_runtime = _draft_runtime

@@ -37,10 +37,10 @@ def all_streamed_budget(path: Path, quantization: str | None) -> int:
     return fixed + RING * max(layers) + ends
 
 
-def step_time(rt: Runtime, steps: int = 24, repeats: int = 5) -> float:
-    """Median over `repeats` windows of the mean time of `steps` back-to-back graph replays."""
-    g = rt.capture(1)
-    g.prefill(torch.randint(3, rt.config.vocab_size, (1, 16)))
+def step_time(rt: Runtime, steps: int = 24, repeats: int = 5, batch: int = 1, prompt: int = 16) -> float:
+    """Median over `repeats` windows of the mean time of `steps` back-to-back graph replays of `batch` rows."""
+    g = rt.capture(batch)
+    g.prefill(torch.randint(3, rt.config.vocab_size, (batch, prompt)))
     for _ in range(3):
         g.step()
     return statistics.median(cuda_median(lambda: [g.step() for _ in range(steps)], 1) / steps

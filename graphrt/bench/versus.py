@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..plan.placement import plan_placement
+from ..plan.placement import BudgetError, plan_placement
 from ..runtime import Runtime
 from ..weights.formats.policy import quantization_policy
 from .quant import step_time
@@ -37,7 +37,7 @@ def split_budget(cfg: ModelConfig, quantization: str | None, batch: int, max_seq
         mid = (lo + hi) // 2
         try:
             ok = streamed(mid) <= host_layers
-        except Exception:       # below the plan's minimum
+        except BudgetError:     # below the plan's minimum
             ok = False
         lo, hi = (lo, mid) if ok else (mid, hi)
     return hi
@@ -91,17 +91,7 @@ def graphrt_rows(path: Path) -> list[dict]:
             add(rt, system="graphrt", format=fmt, placement=place, test="decode", batch=1, tokens_per_s=1 / t)
     for batch, place in [(b, p) for b in (4, 8, 16) for p in ("split", "split+cpu")]:
         rt = _runtime(path, None, split_budget(cfg, None, batch, 512), batch, 512, cpu_lane=place == "split+cpu")
-        g = rt.capture(batch)
-        g.prefill(torch.randint(3, cfg.vocab_size, (batch, 128)))
-        steps = 16
-        for _ in range(3):
-            g.step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            g.step()
-        torch.cuda.synchronize()
-        t = (time.perf_counter() - t0) / steps
+        t = step_time(rt, steps=16, repeats=3, batch=batch, prompt=128)
         add(rt, system="graphrt", format="bf16", placement=place, test="decode", batch=batch, tokens_per_s=batch / t)
     for place in ("gpu", "split"):
         rt = _runtime(path, None, split_budget(cfg, None, 1, 4352) if place == "split" else None, 1, 4352)

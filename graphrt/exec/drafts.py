@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from ..sampling import SamplingParams, probabilities, uniform_noise
+from ..sampling import SamplingParams, argmax_rows, probabilities, uniform_noise
 from .engine import Engine
 
 
@@ -60,6 +60,7 @@ class ModelDraft:
         self.engine, self.params = engine, params
         self.catch_up: torch.Tensor | None = None   # [B] bool: the row's last draft was accepted (not in KV yet)
         self.pending: torch.Tensor | None = None    # [B] that draft token
+        self.tensors: tuple = ()                    # sampling parameters [B] of the current batch
 
     def start(self, ids: torch.Tensor, lengths: list[int]) -> None:
         e = self.engine
@@ -88,18 +89,18 @@ class ModelDraft:
         drafts, probs = [], []
         temperature, top_k, top_p, seed = self.tensors
         for i in range(k):
-            p = probabilities(logits, temperature, top_k, top_p)                       # [B, V]
-            if self.params.greedy:
-                tok = logits.argmax(dim=-1)
+            if self.params.greedy:  # greedy verification needs no draft distribution
+                tok = argmax_rows(logits)
             else:  # inverse-CDF draw with the draft's own counter stream (the target's is another)
+                p = probabilities(logits, temperature, top_k, top_p)                   # [B, V]
                 u = uniform_noise(seed ^ 0x5BD1E995, (pos + i) * 2 + 1, 1)[:, 0]
                 tok = torch.searchsorted(p.cumsum(-1), u[:, None]).squeeze(-1).clamp_(max=p.shape[-1] - 1)
+                probs.append(p)
             drafts.append(tok)
-            probs.append(p)
             if i + 1 < k:
                 logits = self._step(tok[:, None], (pos + i + 1)[:, None])
         self.last_drafts = torch.stack(drafts, dim=1)
-        return self.last_drafts, torch.stack(probs, dim=1)
+        return self.last_drafts, torch.stack(probs, dim=1) if probs else None
 
     def commit(self, accepted: torch.Tensor | None, tokens: list[list[int]]) -> None:
         if accepted is None:   # the first token (sampled from the prefill): nothing drafted yet

@@ -36,8 +36,8 @@ class Engine:
         self.inv_freq = llama.rope_inv_freq(cfg).to(self.device)
         self.ring_step = 0          # steps run since the last prologue; selects the ring phase
         self.ring_cold = True       # the prologue must run before the next step
-        self.cpu_lane = CpuLane(self.device, options.max_batch_size * options.prefill_chunk, cfg.hidden_size,
-                                dtype) if store.cpu else None
+        # staging for captured (decode) steps, one token per row; prompts run the lane eagerly
+        self.cpu_lane = CpuLane(self.device, options.max_batch_size, cfg.hidden_size, dtype) if store.cpu else None
 
     # ---- limits --------------------------------------------------------------------------------
     def check_shape(self, batch: int, length: int) -> None:

@@ -66,7 +66,7 @@ class Placement:
 
     @property
     def streamed_bytes(self) -> int:
-        return sum(g.nbytes for g in self.groups if g.name in set(self.streamed))
+        return sum(g.nbytes for g in self.groups if g.name not in self.resident and g.name not in self.cpu)
 
     @property
     def cpu_bytes(self) -> int:
