@@ -36,6 +36,18 @@ pytest_gpu() {  # $1: log name, rest: pytest selection
   python3 -m pytest -q -rs -m gpu -p no:cacheprovider --durations=10 "$@" 2>&1 | tee "$OUT/$log.log" \
     | grep -v -E "^$|Loading weights" | tail -25
 }
+wait_build() {  # until llama.cpp's detached build has ended (the CPU lane must not share the CPU with it)
+  for i in $(seq 1 ${PEER_WAIT_S:-420}); do
+    bash tools/llamacpp/build.sh --status >/dev/null 2>&1 && break
+    [ -f /tmp/keep/llamacpp.failed ] && break
+    sleep 1
+  done
+  bash tools/llamacpp/build.sh --status 2>&1 | tail -3
+}
+if has peer-build; then  # starts llama.cpp's build (detached, ~5 min on 16 cores) and returns
+  bash tools/llamacpp/build.sh --detach 2>&1 | tail -2
+  sleep 5; bash tools/llamacpp/build.sh --status 2>&1 | tail -2
+fi
 if has tests; then
   pytest_gpu gpu_tests ${GPU_TESTS:-tests} -k "not default"
 fi
@@ -57,29 +69,14 @@ if has profile; then
   python3 tools/profile_step.py --out "$OUT" ${PROFILE_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/profile.log"
   [ "${SWEEP_S:-0}" != 0 ] && python3 tools/gemv_sweep.py --out "$OUT" --budget-s $SWEEP_S 2>&1 | tee "$OUT/gemv_sweep.log"
 fi
-wait_build() {  # until llama.cpp's detached build has ended (the CPU lane must not share the CPU with it)
-  for i in $(seq 1 ${PEER_WAIT_S:-420}); do
-    bash tools/llamacpp/build.sh --status >/dev/null 2>&1 && break
-    [ -f /tmp/keep/llamacpp.failed ] && break
-    sleep 1
-  done
-  bash tools/llamacpp/build.sh --status 2>&1 | tail -3
-}
-if has peer-build; then  # starts llama.cpp's build (detached, ~5 min on 16 cores) and returns
-  bash tools/llamacpp/build.sh --detach 2>&1 | tail -2
-  sleep 5; bash tools/llamacpp/build.sh --status 2>&1 | tail -2
-fi
 if has peer-graphrt; then  # graphrt's rows, once the build has ended
   wait_build
-  python3 - <<'PY' 2>&1 | grep -v "Loading weights" | tee "$OUT/versus_graphrt.log"
-import json
+  timeout ${PEER_GRAPHRT_S:-500} python3 - <<'PY' 2>&1 | grep -v "Loading weights" | tee -a "$OUT/versus_graphrt.log"
 from pathlib import Path
-from graphrt.bench.peer import write_gguf
 from graphrt.bench.run import make_bench_model
 from graphrt.bench.versus import LAYERS, graphrt_rows
 path = make_bench_model(Path("/tmp/graphrt-bench/llama8b-16"), LAYERS)
-Path("/tmp/keep/versus_graphrt.json").write_text(json.dumps(graphrt_rows(path), indent=1))
-write_gguf(path, Path("/tmp/graphrt-bench/llama8b-16-gguf/llama8b-16.F16.gguf"))
+graphrt_rows(path, keep=Path("/tmp/keep/versus_graphrt.json"))   # resumes: a second call runs the rows left
 PY
   cp /tmp/keep/versus_graphrt.json "$OUT/" 2>/dev/null
 fi

@@ -68,35 +68,53 @@ def prefill_time(rt: Runtime, tokens: int) -> float:
     return seconds
 
 
-def graphrt_rows(path: Path) -> list[dict]:
+def graphrt_rows(path: Path, keep: Path | None = None) -> list[dict]:
+    """Every graphrt row. With `keep`, rows are saved there as they come and rows already there are not run
+    again (a device call that ran out of time resumes); a row that fails is kept with its error."""
     cfg = ModelConfig.from_file(path / "config.json")
-    rows = []
+    rows = json.loads(keep.read_text()) if keep is not None and keep.exists() else []
+    done = {(r["format"], r["placement"], r["test"], r["batch"]) for r in rows}
 
-    def add(rt: Runtime, **r) -> None:
-        p = rt.placement
-        pred = p.prediction.step_time if p.prediction is not None and p.prediction.step_time else None
-        r.update(streamed_layers=len({g.layer for g in p.groups if g.layer is not None and g.name not in p.resident}),
-                 streamed_GB=p.streamed_bytes / 1e9, cpu_GB=p.cpu_bytes / 1e9, cpu_groups=len(p.cpu),
-                 budget_GiB=p.budget / 2**30, plan=p.describe(),
-                 predicted_tokens_per_s=r["batch"] / pred if pred and r["test"] == "decode" else None)
+    def row(fmt: str, place: str, test: str, batch: int, load, measure) -> None:
+        """load() -> Runtime; measure(rt) -> tokens/s."""
+        if (fmt, place, test, batch) in done:
+            return
+        r = dict(system="graphrt", format=fmt, placement=place, test=test, batch=batch)
+        rt = None
+        try:
+            rt = load()
+            r["tokens_per_s"] = measure(rt)
+            p = rt.placement
+            pred = p.prediction.step_time if p.prediction is not None and p.prediction.step_time else None
+            r.update(streamed_layers=len({g.layer for g in p.groups if g.layer is not None and g.name not in p.resident}),
+                     streamed_GB=p.streamed_bytes / 1e9, cpu_GB=p.cpu_bytes / 1e9, cpu_groups=len(p.cpu),
+                     budget_GiB=p.budget / 2**30, plan=p.describe(),
+                     predicted_tokens_per_s=batch / pred if pred and test == "decode" else None)
+        except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
+            r["error"] = f"{type(e).__name__}: {e}"[:500]
+        finally:
+            if rt is not None:
+                rt.close()
         rows.append(r)
         print(json.dumps(r), flush=True)
-        rt.close()
+        if keep is not None:
+            keep.write_text(json.dumps(rows, indent=1))
 
     for fmt, q in (("bf16", None), ("int8", "int8"), ("int4", "int4")):
         for place in ("gpu", "split", "split+cpu"):
-            budget = split_budget(cfg, q, 1, 512) if place != "gpu" else None
-            rt = _runtime(path, q, budget, 1, 512, cpu_lane=place == "split+cpu")
-            t = step_time(rt)
-            add(rt, system="graphrt", format=fmt, placement=place, test="decode", batch=1, tokens_per_s=1 / t)
+            budget = (lambda q=q: split_budget(cfg, q, 1, 512)) if place != "gpu" else (lambda: None)
+            row(fmt, place, "decode", 1,
+                lambda q=q, b=budget, c=place == "split+cpu": _runtime(path, q, b(), 1, 512, cpu_lane=c),
+                lambda rt: 1 / step_time(rt))
     for batch, place in [(b, p) for b in (4, 8, 16) for p in ("split", "split+cpu")]:
-        rt = _runtime(path, None, split_budget(cfg, None, batch, 512), batch, 512, cpu_lane=place == "split+cpu")
-        t = step_time(rt, steps=16, repeats=3, batch=batch, prompt=128)
-        add(rt, system="graphrt", format="bf16", placement=place, test="decode", batch=batch, tokens_per_s=batch / t)
+        row("bf16", place, "decode", batch,
+            lambda b=batch, c=place == "split+cpu": _runtime(path, None, split_budget(cfg, None, b, 512), b, 512,
+                                                              cpu_lane=c),
+            lambda rt, b=batch: b / step_time(rt, steps=16, repeats=3, batch=b, prompt=128))
     for place in ("gpu", "split"):
-        rt = _runtime(path, None, split_budget(cfg, None, 1, 4352) if place == "split" else None, 1, 4352)
-        s = prefill_time(rt, 4096)
-        add(rt, system="graphrt", format="bf16", placement=place, test="prefill", batch=1, tokens_per_s=4096 / s)
+        row("bf16", place, "prefill", 1,
+            lambda s=place == "split": _runtime(path, None, split_budget(cfg, None, 1, 4352) if s else None, 1, 4352),
+            lambda rt: 4096 / prefill_time(rt, 4096))
     return rows
 
 
@@ -131,6 +149,10 @@ def markdown(res: dict) -> str:
              "llama.cpp tok/s | ratio |", "|---|---|---|---|---|---|---|---|"]
     for key, r in mine.items():
         fmt, place, test, batch = key
+        if "error" in r:
+            lines.append(f"| {test} | {fmt} / {PEER_FORMAT[fmt]} | {place} | {batch} | failed: {r['error'][:120]} "
+                         "| - | - | - |")
+            continue
         p = peer.get(key)
         theirs = f"{p['tokens_per_s']:.1f}" if p else "not run"
         ratio = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}" if p else "-"
