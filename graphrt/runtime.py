@@ -125,8 +125,11 @@ class Runtime:
         cost = CostModel(o.h2d_bandwidth, o.hbm_bandwidth)
         if o.cpu_lane:   # the CPU lane's groups are stored in the CPU's formats (e.g. int4 in its kernel's packing)
             cpu_policy = weight_policy(self.source, o.quantization, self.dtype, torch.device("cpu"))
-            if o.cpu_threads:
-                torch.set_num_threads(o.cpu_threads)   # process-wide: torch has one CPU thread pool
+            # the lane's thread count (calibrated with, and used by its host functions): --cpu-threads, else
+            # torch's, leaving one core to the thread that drives the GPU (it spins while it waits)
+            threads = o.cpu_threads or (min(torch.get_num_threads(), max(1, (os.cpu_count() or 2) - 1))
+                                        if self.device.type == "cuda" else torch.get_num_threads())
+            torch.set_num_threads(threads)
             rate = o.cpu_rate or cpu_rate(cfg, cpu_policy, o.max_batch_size, concurrent_h2d=self.device.type == "cuda")
             cost = replace(cost, cpu_rate=rate)
         p = plan_placement(cfg, budget, o.ring_depth, o.max_batch_size, o.max_seq_len, self.policy,

@@ -117,13 +117,17 @@ def test_cuda_cpu_lane_graph_equals_eager_and_tracks_all_gpu(model):
     probe = Runtime.from_pretrained(model, device="cpu", dtype="bfloat16", max_seq_len=128, stream_unit="attn_mlp",
                                     gpu_budget=1 << 40)   # the same group sizes, planned without the GPU
     budget = half_budget(probe.placement)
-    rt = Runtime.from_pretrained(model, **kw, gpu_budget=budget, cpu_lane=True, cpu_rate=1e12, h2d_bandwidth=1e6)
+    threads = torch.get_num_threads()
+    rt = Runtime.from_pretrained(model, **kw, gpu_budget=budget, cpu_lane=True, cpu_rate=1e12, h2d_bandwidth=1e6,
+                                 cpu_threads=2)
     assert rt.placement.cpu, rt.placement.describe()
     ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(2))
     eager = rt.generate(ids, 32, use_graph=False)
     graph = rt.generate(ids, 32, use_graph=True)
     assert torch.equal(eager, graph)
     cpu_lane.check()
+    assert rt.engine.cpu_lane.host_threads == 2     # the driver's thread ran with the lane's count
+    torch.set_num_threads(threads)
     # bf16 on the CPU vs the GPU: logits within 2e-2 relative (the bound), tokens reported
     got, want = rt.logits(ids), ref.logits(ids)
     rel = ((got - want).norm() / want.norm()).item()

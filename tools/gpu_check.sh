@@ -6,7 +6,7 @@
 #   llama.cpp, carry .peer: the first starts llama.cpp's detached build; the second waits for it, so the CPU lane
 #   has the CPU to itself, and runs graphrt's rows; the third runs llama.cpp and writes the table; each in its
 #   own call on the warm machine),
-#   bench (`graphrt bench`), or all.
+#   tp (2 GPUs: tensor-parallel tests and tools/bench_tp.py), bench (`graphrt bench`), or all.
 # Writes everything under $OUT. Carry .whl (nvtx, gguf wheels). The default model's GGUF (98 MB) is larger
 # than one call may carry: it travels in two halves, .dev1/part1 in one call (kept in /tmp/keep) and
 # .dev2/part2 in the next, and is reassembled here for GRAPHRT_DEFAULT_GGUF.
@@ -89,6 +89,12 @@ if has spec; then  # needs the default model (GRAPHRT_DEFAULT_GGUF, see above)
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_speculative.py 2>&1 | tail -3
   timeout 500 python3 -m graphrt.cli bench --only spec --out "$OUT" 2>&1 | grep -v "Loading weights" \
     | tee "$OUT/bench_spec.log" | tail -30
+fi
+if has tp; then  # 2+ GPUs (nvidia-h100-x2): the NCCL tests and the speed rows; NVLink multicast stays off
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  pytest_gpu gpu_tp_tests tests/test_tensor_parallel.py
+  timeout 420 python3 -m torch.distributed.run --nproc-per-node ${TP:-2} tools/bench_tp.py --out "$OUT" 2>&1 | grep -v "Loading weights" \
+    | tee "$OUT/bench_tp.log" | tail -20
 fi
 if has bench; then
   timeout 560 python3 -m graphrt.cli bench --out "$OUT" 2>&1 | grep -v "Loading weights" \

@@ -27,14 +27,15 @@ FORMATS = (None, "int8", "fp8", "int4")
 MAX_SEQ_LEN, CHUNK, RING = 256, 64, 3
 
 
-def all_streamed_budget(path: Path, quantization: str | None) -> int:
-    """Embedding and head resident, RING slots of one layer, KV and activations: every layer streams."""
-    cfg = ModelConfig.from_file(path)
+def all_streamed_budget(path: Path | ModelConfig, quantization: str | None, ring: int = RING) -> int:
+    """Embedding and head resident, `ring` slots of one layer, KV and activations: every layer streams.
+    `path`: a checkpoint directory or file, or the config itself (a tensor-parallel rank's, for example)."""
+    cfg = path if isinstance(path, ModelConfig) else ModelConfig.from_file(path)
     groups = model_groups(cfg, quantization_policy(quantization, torch.bfloat16, torch.device("cuda")), "layer")
     fixed = sum(essentials(cfg, torch.bfloat16, 1, MAX_SEQ_LEN, CHUNK).values())
     layers = [g.nbytes for g in groups if g.kind == "layer"]
     ends = sum(g.nbytes for g in groups if g.kind in ("embed", "head"))
-    return fixed + RING * max(layers) + ends
+    return fixed + ring * max(layers) + ends
 
 
 def step_time(rt: Runtime, steps: int = 24, repeats: int = 5, batch: int = 1, prompt: int = 16) -> float:

@@ -43,7 +43,7 @@ def run_spec_bench(out: Path, model: Path | None = None) -> dict:
     from ..default_model import fetch_default
     out.mkdir(parents=True, exist_ok=True)
     path = model or fetch_default()
-    budget = budgets_for(path, 1, 3, 2, 256)[0]
+    budget = budgets_for(path, 1, 3, 2, 256, max_seq_len=512)[0]
     rt = Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", gpu_budget=budget, ring_depth=3,
                                  max_seq_len=512, stream_unit="layer")
     rows = []

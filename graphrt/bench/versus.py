@@ -88,7 +88,8 @@ def graphrt_rows(path: Path, keep: Path | None = None) -> list[dict]:
             pred = p.prediction.step_time if p.prediction is not None and p.prediction.step_time else None
             r.update(streamed_layers=len({g.layer for g in p.groups if g.layer is not None and g.name not in p.resident}),
                      streamed_GB=p.streamed_bytes / 1e9, cpu_GB=p.cpu_bytes / 1e9, cpu_groups=len(p.cpu),
-                     budget_GiB=p.budget / 2**30, plan=p.describe(),
+                     budget_GiB=p.budget / 2**30, plan=p.describe(), torch_threads=torch.get_num_threads(),
+                     lane_threads=rt.engine.cpu_lane.host_threads if rt.engine.cpu_lane is not None else None,
                      predicted_tokens_per_s=batch / pred if pred and test == "decode" else None)
         except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
             r["error"] = f"{type(e).__name__}: {e}"[:500]

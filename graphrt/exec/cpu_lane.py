@@ -82,7 +82,12 @@ def launch_host_func(stream: torch.cuda.Stream, key: int) -> None:
 class CpuLane:
     """Runs `fn(h)` for CPU-lane groups: h [..., hidden] on the step's device -> fn's result on that device."""
 
-    def __init__(self, device: torch.device, max_tokens: int, hidden: int, dtype: torch.dtype):
+    def __init__(self, device: torch.device, max_tokens: int, hidden: int, dtype: torch.dtype,
+                 threads: int | None = None):
+        """threads: torch CPU threads for the host functions (default: the caller's count, which the
+        calibration measured with). OpenMP keeps the team size per thread, and the driver's callback thread
+        would otherwise start with OpenMP's default (every logical CPU), oversubscribing the cores."""
+        self.threads = threads or torch.get_num_threads()
         self.device = device
         self.cuda = device.type == "cuda"
         numel = max_tokens * hidden
@@ -90,6 +95,7 @@ class CpuLane:
             self.stage_in = torch.empty(numel, dtype=dtype, pin_memory=True)
             self.stage_out = torch.empty(numel, dtype=dtype, pin_memory=True)
         self.keys: list[int] = []   # host functions registered by captures (kept while graphs live)
+        self.host_threads: int | None = None   # torch threads the last host function ran with
 
     def run(self, h: torch.Tensor, fn: HostFn) -> torch.Tensor:
         if not self.cuda:
@@ -102,7 +108,12 @@ class CpuLane:
         x, y = self.stage_in[:n].view(h.shape), self.stage_out[:n].view(h.shape)
         x.copy_(h, non_blocking=True)                        # D2H node
 
+        threads, lane = self.threads, self
+
         def host() -> None:
+            if torch.get_num_threads() != threads:   # on the driver's thread: once
+                torch.set_num_threads(threads)
+            lane.host_threads = torch.get_num_threads()
             y.copy_(fn(x))
 
         key = register(host)

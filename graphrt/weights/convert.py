@@ -53,7 +53,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         "rope_theta": float(_field(r, "llama.rope.freq_base")), "rope_scaling": None,
         "max_position_embeddings": int(_field(r, "llama.context_length")),
         "tie_word_embeddings": "lm_head.weight" not in tensors, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "torch_dtype": "bfloat16",
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",   # what the file holds
         "bos_token_id": int(_field(r, "tokenizer.ggml.bos_token_id")),
         "eos_token_id": im_end if im_end is not None else int(_field(r, "tokenizer.ggml.eos_token_id")),
     }
