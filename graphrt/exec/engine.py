@@ -26,6 +26,8 @@ class Engine:
         """Tensor parallel: `config` is this rank's part of the model (weights/shard.py), `comm` its collectives,
         `vocab_start` the first vocabulary id of its embedding rows."""
         self.comm, self.vocab_start = comm, vocab_start
+        # logits are gathered over the ranks' equal vocabulary shards: the whole vocabulary
+        self.vocab_size = config.vocab_size * (comm.world if comm is not None else 1)
         self.config, self.options, self.store, self.dtype = config, options, store, dtype
         self.device = store.device
         self.plans, self.prologue = plans, prologue

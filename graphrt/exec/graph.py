@@ -28,7 +28,7 @@ class GraphCache:
         self.engine = engine
         self.tokens = torch.zeros(B, dtype=torch.int64, device=d)       # last sampled token per row
         self.positions = torch.zeros(B, dtype=torch.int64, device=d)    # its position
-        self.logits = torch.zeros(B, engine.config.vocab_size, dtype=torch.float32, device=d)
+        self.logits = torch.zeros(B, engine.vocab_size, dtype=torch.float32, device=d)
         self.history = torch.zeros(B, engine.options.max_seq_len, dtype=torch.int64, device=d)
         self.pick = torch.zeros(B, dtype=torch.int64, device=d)         # the one token of a decode step
         self.temperature = torch.zeros(B, device=d)
