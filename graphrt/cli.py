@@ -152,6 +152,7 @@ def _generate(a: argparse.Namespace) -> int:
     if spec:
         print(f"[graphrt] speculative ({a.draft}, k={a.draft_k}): {stats.tokens_per_pass:.2f} tokens per target "
               f"pass, {100 * stats.acceptance:.0f}% of drafts accepted", file=sys.stderr)
+    rt.shutdown()   # tensor parallel: graphs first, then the process group
     return 0
 
 

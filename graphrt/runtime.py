@@ -226,14 +226,27 @@ class Runtime:
                             logits_out=logits_out)
 
     def close(self) -> None:
-        """Give back the pinned host memory of streamed weights now (also done when collected), and drop the CPU
-        lane's host functions (they hold its groups' host buffers)."""
-        if self.engine.cpu_lane is not None:
-            self.graph_cache = None      # its graphs call those functions
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+        """Drop the captured graphs, give back the pinned host memory of streamed weights now (also done when
+        collected) and the CPU lane's host functions (they hold its groups' host buffers). Tensor parallel: call
+        it before `torch.distributed.destroy_process_group()`; a live graph holding captured NCCL collectives
+        makes the communicator's destruction hang (pytorch/pytorch#115388). DecodeGraphs the caller still holds
+        keep their graphs alive: drop them first."""
+        self.graph_cache = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.engine.cpu_lane is not None:   # no graph calls these functions any more
             self.engine.cpu_lane.release()
         self.engine.store.release()
+
+    def shutdown(self) -> None:
+        """`close()`, then leave the tensor-parallel process group (destroying it) if this runtime joined one."""
+        self.close()
+        if self.comm is not None:
+            import gc
+            import torch.distributed as dist
+            gc.collect()   # graphs kept only by reference cycles
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     def _use_graph(self, use_graph: bool | None) -> bool:
         if use_graph and self.device.type != "cuda":

@@ -47,6 +47,8 @@ def test_default_model_bf16_tracks_fp32(default_model):
             got = rt.generate(ids, 40, use_graph=use_graph)
             diff = next((i for i in range(40) if got[0, n + i] != want[0, n + i]), None)
             answer = rt.tokenizer.decode(got[0, n:].tolist())
+            if question.startswith("Complete"):   # wide margins up to "Paris" (a near-tie may come later)
+                assert "Paris" in answer, answer
             if diff is None:
                 print(f"bf16 == fp32 for 40 tokens (graph={use_graph}): {answer!r}")
                 continue
@@ -54,7 +56,6 @@ def test_default_model_bf16_tracks_fp32(default_model):
             margin = (top2[0] - top2[1]).item()
             print(f"bf16 (graph={use_graph}) leaves fp32 at token {diff}, fp32 margin {margin:.3f}: {answer!r}")
             assert margin < NEAR_TIE, (question, diff, margin)
-            assert not question.startswith("Complete"), "the wide-margin prompt must not diverge before Paris"
 
 
 MODELS = ["llama", "qwen2", "default"]

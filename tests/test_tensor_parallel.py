@@ -93,7 +93,7 @@ def _cuda_rank(rank: int, world: int, port: int, path: str, out: str) -> None:
     eager = rt.generate(ids, 64, use_graph=False)
     graph = rt.generate(ids, 64, use_graph=True)
     torch.save((eager.cpu(), graph.cpu(), rt.logits(ids).cpu()), f"{out}/cuda-rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    rt.shutdown()   # the graphs before the process group, else NCCL's teardown hangs (pytorch#115388)
 
 
 @pytest.mark.gpu

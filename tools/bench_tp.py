@@ -107,7 +107,7 @@ def main() -> None:
     same = torch.tensor([int(torch.equal(tokens.cpu(), rt.generate(ids, 16, use_graph=False).cpu()))], device="cuda")
     dist.all_reduce(same, op=dist.ReduceOp.MIN)
     plan = rt.placement.describe()
-    rt.close()
+    rt.close()          # its graphs go before the process group does (pytorch#115388)
     del rt
     gc.collect()
     torch.cuda.empty_cache()
