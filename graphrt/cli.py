@@ -136,7 +136,8 @@ def _generate(a: argparse.Namespace) -> int:
         from .speculative import Speculative
         spec, stats = Speculative(a.draft, k=a.draft_k), SpecStats()
     rt, ids = _load(a, prompt_ids)
-    use_graph = rt.device.type == "cuda" and not a.eager and spec is None   # speculative rounds run eagerly
+    # greedy speculative rounds are captured too; sampled ones run eagerly
+    use_graph = rt.device.type == "cuda" and not a.eager and (spec is None or not a.temperature)
     pieces = TextStream(rt.tokenizer, prompt_ids=ids)
     start = time.perf_counter()
     first_at, n = None, 0

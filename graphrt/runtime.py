@@ -20,6 +20,7 @@ from .config import ConfigError, ModelConfig, RuntimeOptions, parse_dtype
 from .exec.decode import Rows, decode_eager, decode_graph
 from .exec.comm import Comm
 from .exec.engine import Engine
+from .exec.spec_rounds import DeviceLookup, DeviceModelDraft, SpecRounds
 from .exec.speculative import SpecStats, speculative_decode
 from .exec.graph import DecodeGraph, GraphCache, pad_prompts
 from .plan.calibrate import cpu_rate
@@ -107,6 +108,7 @@ class Runtime:
                              shard.vocab[0] if shard is not None else 0)
         self.graph_cache: GraphCache | None = None
         self._drafts: dict = {}    # speculative drafts loaded for this runtime (checkpoint or "self-int4")
+        self._rounds: dict = {}    # greedy speculative rounds on the device, by (draft, k, ngram, batch, captured)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
@@ -168,16 +170,23 @@ class Runtime:
         _check_count("max_new_tokens", max_new_tokens, 1)
         params = SamplingParams(temperature, top_k, top_p, seed)
         self.engine.check_shape(len(lengths), start + max(lengths) + max_new_tokens)
-        if speculative is not None:  # eager rounds: draft k tokens, verify them in one target pass
-            if use_graph or start:
-                raise ConfigError("speculative decoding runs eagerly (use_graph=False) from position 0 for now")
+        if speculative is not None:  # draft k tokens, verify them in one target pass
+            if start:
+                raise ConfigError("speculative decoding starts from position 0 (not after a chat's earlier turns)")
             check_room(self, len(lengths), max(lengths), max_new_tokens, speculative.k)
             key = draft_key(speculative)
             if key is not None and key not in self._drafts:
                 self._drafts[key] = load_draft_runtime(self, speculative)
-            draft = make_draft(speculative, params, self._drafts.get(key))
-            blocks = speculative_decode(self.engine, draft, ids, lengths, max_new_tokens, params, speculative.k,
-                                        speculative_stats)
+            if params.greedy:   # rounds on the device: captured on CUDA unless use_graph=False
+                rounds = self._spec_rounds(speculative, key, len(lengths), self._use_graph(use_graph))
+                blocks = rounds.run(ids, lengths, max_new_tokens, speculative_stats)
+            else:               # sampling: eager rounds (the rejection rule)
+                if use_graph:
+                    raise ConfigError("sampled speculative decoding runs eagerly (use_graph=False); greedy "
+                                      "(temperature=0) rounds are captured")
+                draft = make_draft(speculative, params, self._drafts.get(key))
+                blocks = speculative_decode(self.engine, draft, ids, lengths, max_new_tokens, params,
+                                            speculative.k, speculative_stats)
         elif self._use_graph(use_graph):
             blocks = decode_graph(self.capture(len(lengths)), ids, lengths, max_new_tokens, params, chunk, start)
         else:
@@ -188,6 +197,18 @@ class Runtime:
             if rows.all_finished:
                 blocks.close()
                 return
+
+    def _spec_rounds(self, spec: Speculative, key, batch: int, capture: bool) -> SpecRounds:
+        """The device rounds for this draft, k, batch and mode (captured graphs are kept for the next call)."""
+        slot = (key, spec.k, spec.ngram, batch, capture)
+        if slot not in self._rounds:
+            if key is None:
+                draft = DeviceLookup(spec.ngram)
+            else:
+                d = self._drafts[key]
+                draft = DeviceModelDraft(d.engine, batch, streamed=bool(d.placement.streamed))
+            self._rounds[slot] = SpecRounds(self.engine, draft, batch, spec.k, capture)
+        return self._rounds[slot]
 
     @torch.inference_mode()
     def generate(self, prompts: Prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
@@ -231,7 +252,7 @@ class Runtime:
         it before `torch.distributed.destroy_process_group()`; a live graph holding captured NCCL collectives
         makes the communicator's destruction hang (pytorch/pytorch#115388). DecodeGraphs the caller still holds
         keep their graphs alive: drop them first."""
-        self.graph_cache = None
+        self.graph_cache, self._rounds = None, {}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.engine.cpu_lane is not None:   # no graph calls these functions any more

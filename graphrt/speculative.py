@@ -1,9 +1,10 @@
-"""Speculative decoding for `Runtime.generate(..., speculative=Speculative(...))` (eager: see exec/speculative.py).
+"""Speculative decoding for `Runtime.generate(..., speculative=Speculative(...))`: greedy rounds on the device,
+captured as CUDA graphs on a GPU (exec/spec_rounds.py); sampled rounds eager (exec/speculative.py).
 
 Drafts: "lookup" (prompt lookup: n-grams of the prompt and the output so far), "self-int4" (the target's own
 checkpoint quantized to int4 on load, fully resident), a path to a draft checkpoint with the target's vocabulary,
 or an already loaded `Runtime`. Greedy output equals the target's greedy output; sampled output has the
-target's distribution (the rejection rule). Not captured in CUDA graphs yet: rounds run eagerly.
+target's distribution (the rejection rule).
 """
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Speculative decoding (issue 12), eager, on the CPU: greedy output equals plain greedy output token for token in
-fp32 for every draft kind, batch 1 and ragged batch 2; sampled output has the target's distribution; bad input."""
+"""Speculative decoding (issue 12) on the CPU: greedy output equals plain greedy output token for token in fp32 for
+every draft kind, batch 1 and ragged batch 2 (greedy rounds run on the device state, exec/spec_rounds.py, the code
+CUDA captures); the device prompt lookup drafts what the host one does; sampled output has the target's
+distribution; bad input. On the GPU: captured rounds == eager rounds == plain greedy."""
 import pytest
 import torch
 
@@ -18,6 +20,22 @@ def target(make_ckpt):
 
 def rt_of(path, **kw):
     return Runtime.from_pretrained(path, device="cpu", max_batch_size=4, max_seq_len=96, **kw)
+
+
+def test_device_lookup_drafts_what_prompt_lookup_drafts():
+    from graphrt.exec.drafts import PromptLookup
+    from graphrt.exec.spec_rounds import DeviceLookup, SpecState
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        B, S, k, ngram = 3, 40, 4, 3
+        st = SpecState.empty(B, S, torch.device("cpu"))
+        st.history.copy_(torch.randint(0, 4, (B, S), generator=g))     # a small alphabet: many matches
+        st.pos.copy_(torch.randint(0, S - 1, (B,), generator=g))
+        st.last.copy_(st.history.gather(1, st.pos[:, None]).squeeze(1))
+        host = PromptLookup(ngram)
+        host.history = [st.history[b, :int(st.pos[b]) + 1].tolist() for b in range(B)]
+        want, _ = host.propose(st.last, st.pos, k)
+        assert torch.equal(DeviceLookup(ngram).propose(st, k, S), want), trial
 
 
 def test_verify_greedy_accepts_the_matching_prefix():
@@ -99,8 +117,8 @@ def test_bad_speculative_input(target, make_ckpt):
         rt.generate([[1] * 10], 80, speculative=Speculative("lookup", k=8))
     with pytest.raises(ConfigError, match="no such checkpoint"):
         rt.generate([[1, 2]], 4, speculative=Speculative("/nonexistent/draft", k=2))
-    with pytest.raises(ConfigError, match="eagerly"):
-        rt.generate([[1, 2]], 4, use_graph=True, speculative=Speculative("lookup"))
+    with pytest.raises(ConfigError, match="sampled speculative decoding runs eagerly"):
+        rt.generate([[1, 2]], 4, temperature=0.8, use_graph=True, speculative=Speculative("lookup"))
     for bad in (dict(k=0), dict(k=1.5), dict(ngram=0)):
         with pytest.raises(ValueError):
             Speculative("lookup", **bad)
@@ -122,11 +140,34 @@ def test_default_model_greedy_speculative_equals_greedy(default_model, draft):
 @pytest.mark.gpu
 @pytest.mark.parametrize("draft", ["lookup", "self-int4", "other-model"])
 def test_cuda_greedy_speculative_equals_greedy_fp32(make_ckpt, draft):
+    """Captured rounds (use_graph=True) == the same rounds run eagerly == plain greedy, fp32, batch 1 and 2."""
     path = make_ckpt("tiny-llama", layers=3, seed=4, intermediate=192)   # int4 "blocked" (fp32) needs in % 64
     rt = Runtime.from_pretrained(path, device="cuda", dtype="float32", max_batch_size=2, max_seq_len=96)
     spec = Speculative(str(make_ckpt("tiny-llama", seed=9, intermediate=192)) if draft == "other-model" else draft, k=3)
+    for prompts in ([REPEATING], [REPEATING, [7, 8, 9, 10, 11]]):
+        want = rt.generate(prompts, 24, use_graph=True)
+        eager, graph = SpecStats(), SpecStats()
+        assert rt.generate(prompts, 24, use_graph=False, speculative=spec, speculative_stats=eager) == want
+        assert rt.generate(prompts, 24, use_graph=True, speculative=spec, speculative_stats=graph) == want
+        assert (eager.row_passes, eager.accepted) == (graph.row_passes, graph.accepted)
+        print(f"{draft}, batch {len(prompts)}: {graph.tokens_per_pass:.2f} tokens per pass")
+
+
+@pytest.mark.gpu
+def test_cuda_captured_rounds_streamed_bf16(make_ckpt):
+    """bf16 with half the layers streamed: captured rounds (the target streams once per round) == eager rounds,
+    and == plain greedy decoding where no near-tie intervenes (the first difference is reported)."""
+    from test_cpu_lane import half_budget
+    path = make_ckpt("tiny-llama", layers=4, seed=4, dtype=torch.bfloat16)
+    probe = Runtime.from_pretrained(path, device="cpu", dtype="bfloat16", max_seq_len=96, max_batch_size=2,
+                                    gpu_budget=1 << 40)
+    rt = Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", max_seq_len=96, max_batch_size=2,
+                                 gpu_budget=half_budget(probe.placement))
+    assert rt.placement.streamed, rt.placement.describe()
+    spec = Speculative("self-int4", k=4)
     prompts = [REPEATING, [7, 8, 9, 10, 11]]
-    want = rt.generate(prompts, 24, use_graph=True)
-    stats = SpecStats()
-    assert rt.generate(prompts, 24, use_graph=False, speculative=spec, speculative_stats=stats) == want
-    print(f"{draft}: {stats.tokens_per_pass:.2f} tokens per pass")
+    eager = rt.generate(prompts, 32, use_graph=False, speculative=spec)
+    assert rt.generate(prompts, 32, use_graph=True, speculative=spec) == eager
+    plain = rt.generate(prompts, 32, use_graph=True)
+    print("first difference from plain:", [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
+                                           for x, y in zip(eager, plain)])

@@ -1,0 +1,255 @@
+"""Greedy speculative decoding with the whole round on the device, captured as CUDA graphs.
+
+A round, `spec_round`, reads and writes only device state (SpecState): the draft proposes k tokens from each
+row's history, the target verifies [last, d_1 .. d_k] at positions pos .. pos + k in ONE pass of its step plan
+(streamed groups stream once), the longest agreeing prefix is accepted with the target's own next token, the
+emitted tokens are written into the history and the row advances. Rows that reached their limit stay where they
+are. Nothing in a round reads the host, so on CUDA it is captured once per (ring phase, context bucket) and
+replayed; the host only picks the graph (the context bucket from an upper bound of the positions) and reads
+the rows' progress back every few rounds, asynchronously. On the CPU, or with use_graph=False, the same
+function runs eagerly: graph == eager is the same code.
+
+Drafts on the device:
+  DeviceLookup      prompt lookup over the history tensor: for n = ngram .. 1, the latest earlier occurrence of
+                    the row's last n tokens, then the k tokens after it (cut at the row's end, the last repeated);
+                    the same drafts as drafts.PromptLookup
+  DeviceModelDraft  a fully resident draft model's engine (drafts.ModelDraft's catch-up rule), greedy
+Sampling (temperature > 0) keeps the eager rounds of speculative.py.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..config import ConfigError
+from ..sampling import argmax_rows
+from .engine import Engine
+from .speculative import SpecStats, verify_greedy
+
+
+@dataclass
+class SpecState:
+    """Device tensors, one row per sequence (static buffers while rounds are captured)."""
+    history: torch.Tensor    # [B, S] int64: token at each position (prompt, then emitted tokens)
+    pos: torch.Tensor        # [B] position of `last` (its KV is written by the next round)
+    last: torch.Tensor       # [B] the row's latest token
+    made: torch.Tensor       # [B] tokens emitted so far (the first one, from the prefill, included)
+    limit: torch.Tensor      # [B] tokens wanted; a row with made >= limit is finished
+    accepted: torch.Tensor   # [B] drafted tokens accepted (statistics)
+    passes: torch.Tensor     # [B] rounds the row took part in (statistics)
+
+    @classmethod
+    def empty(cls, batch: int, max_seq_len: int, device: torch.device) -> "SpecState":
+        z = lambda: torch.zeros(batch, dtype=torch.int64, device=device)  # noqa: E731
+        return cls(torch.zeros(batch, max_seq_len, dtype=torch.int64, device=device), z(), z(), z(), z(), z(), z())
+
+
+class DeviceLookup:
+    def __init__(self, ngram: int = 3):
+        self.ngram = ngram
+
+    def start(self, ids: torch.Tensor, lengths: list[int]) -> None:
+        pass
+
+    def propose(self, st: SpecState, k: int, ctx_len: int) -> torch.Tensor:
+        h, pos = st.history, st.pos
+        B, S = h.shape
+        steps = torch.arange(k, device=h.device)
+        drafts = st.last[:, None].expand(B, k).clone()                  # no match: any tokens will do
+        found = torch.zeros(B, dtype=torch.bool, device=h.device)
+        for n in range(self.ngram, 0, -1):
+            tail = h.gather(1, (pos[:, None] - n + 1 + torch.arange(n, device=h.device)).clamp(min=0))   # [B, n]
+            match = (h.unfold(1, n, 1) == tail[:, None]).all(-1)                                      # [B, S-n+1]
+            start = torch.arange(S - n + 1, device=h.device)
+            match &= (start[None] <= (pos - n)[:, None])               # an earlier occurrence, ending before pos
+            at = torch.where(match, start[None], -1).max(dim=-1).values  # [B] the latest one (-1: none)
+            idx = torch.minimum(at[:, None] + n + steps, pos[:, None]).clamp(min=0)
+            use = (at >= 0) & ~found
+            drafts = torch.where(use[:, None], h.gather(1, idx), drafts)
+            found |= use
+        return drafts
+
+    def commit(self, st: SpecState, accepted: torch.Tensor, k: int) -> None:
+        pass
+
+
+class DeviceModelDraft:
+    """A fully resident draft engine (one step plan): k greedy draft steps per round, inside the round."""
+
+    def __init__(self, engine: Engine, batch: int, streamed: bool):
+        if streamed or len(engine.plans) != 1:
+            raise ConfigError("speculative rounds on the device need the draft model fully resident; give the "
+                              "runtime more GPU memory or use a smaller draft")
+        self.engine = engine
+        dev = engine.device
+        self.catch_up = torch.zeros(batch, dtype=torch.bool, device=dev)   # the last draft was accepted
+        self.pending = torch.zeros(batch, dtype=torch.int64, device=dev)   # ... and is not in the draft's KV
+        self.drafts = torch.zeros(batch, 1, dtype=torch.int64, device=dev)
+
+    def start(self, ids: torch.Tensor, lengths: list[int]) -> None:
+        e = self.engine
+        e.reset()
+        e.prefill(ids, lengths)
+        self.catch_up.zero_()
+
+    def _step(self, ids: torch.Tensor, positions: torch.Tensor, ctx_len: int) -> torch.Tensor:
+        e = self.engine
+        pick = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.int64, device=e.device)
+        return e.run_plan(e.plans[0], ids, positions, ctx_len, pick)[:, 0]              # [B, V]
+
+    def propose(self, st: SpecState, k: int, ctx_len: int) -> torch.Tensor:
+        """As drafts.ModelDraft: a row whose k drafts were all accepted first writes the k-th at pos - 1."""
+        last, pos = st.last, st.pos
+        first = torch.where(self.catch_up, self.pending, last)
+        ids = torch.stack([first, last], dim=1)
+        positions = torch.stack([torch.where(self.catch_up, pos - 1, pos), pos], dim=1)
+        ctx = self.engine.context(ctx_len)
+        logits = self._step(ids, positions, ctx)
+        out = []
+        for i in range(k):
+            tok = argmax_rows(logits)
+            out.append(tok)
+            if i + 1 < k:
+                logits = self._step(tok[:, None], (pos + i + 1)[:, None], ctx)
+        drafts = torch.stack(out, dim=1)
+        self.drafts = drafts
+        return drafts
+
+    def commit(self, st: SpecState, accepted: torch.Tensor, k: int) -> None:
+        self.catch_up.copy_(accepted == k)
+        self.pending.copy_(self.drafts[:, -1])
+
+
+def spec_round(target: Engine, draft, st: SpecState, k: int, phase: int, ctx_len: int) -> None:
+    """One round on the device (see the module docstring). ctx_len >= every row's pos + k + 1."""
+    dev = st.pos.device
+    steps = torch.arange(k + 1, device=dev)
+    drafts = draft.propose(st, k, ctx_len)                                              # [B, k]
+    tokens = torch.cat([st.last[:, None], drafts], dim=1)                               # [B, k+1]
+    logits = target.run_plan(target.plans[phase], tokens, st.pos[:, None] + steps, ctx_len, None)   # [B, k+1, V]
+    n, nxt = verify_greedy(logits, drafts)
+    live = st.made < st.limit
+    emitted = torch.cat([drafts, nxt[:, None]], dim=1).scatter(1, n[:, None], nxt[:, None])   # d_1..d_n, nxt
+    at = st.pos[:, None] + 1 + steps                                                    # [B, k+1] positions
+    keep = (steps[None] <= n[:, None]) & live[:, None]
+    st.history.scatter_(1, at, torch.where(keep, emitted, st.history.gather(1, at)))
+    draft.commit(st, n, k)
+    step = torch.where(live, n + 1, 0)
+    st.pos.add_(step)
+    st.made.add_(step)
+    st.last.copy_(torch.where(live, nxt, st.last))
+    st.accepted.add_(torch.where(live, n, 0))
+    st.passes.add_(live.long())
+
+
+class SpecRounds:
+    """Greedy speculative decoding of `batch` rows with k drafts per round; captured on CUDA when `capture`."""
+
+    def __init__(self, target: Engine, draft, batch: int, k: int, capture: bool):
+        self.target, self.draft, self.batch, self.k = target, draft, batch, k
+        self.capture = capture and target.device.type == "cuda"
+        self.state = SpecState.empty(batch, target.options.max_seq_len, target.device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        if self.capture:
+            self.pool = torch.cuda.graph_pool_handle()
+            self.stream = torch.cuda.Stream(target.device)
+
+    def _round(self, ctx_len: int) -> None:
+        e = self.target
+        key = (e.phase(), e.context(ctx_len))
+        if not self.capture:
+            spec_round(e, self.draft, self.state, self.k, *key)
+        else:
+            self.graphs[key].replay()
+        e.ring_step += 1
+
+    def _capture_all(self) -> None:
+        """Every (phase, context bucket) graph, before the prefill (warm-up and capture scribble the state)."""
+        e, st = self.target, self.state
+        ctxs = sorted({e.context(n) for n in range(1, e.options.max_seq_len + 1)}, reverse=True)
+        todo = [(p, c) for c in ctxs for p in range(len(e.plans)) if (p, c) not in self.graphs]
+        if not todo:
+            return
+        st.limit.zero_()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):   # warm-up outside capture (lazy library init)
+            spec_round(e, self.draft, st, self.k, *todo[0])
+        torch.cuda.current_stream().wait_stream(self.stream)
+        gc.collect()
+        gc.disable()
+        try:
+            for key in todo:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="global"):
+                    spec_round(e, self.draft, st, self.k, *key)
+                self.graphs[key] = graph
+        finally:
+            gc.enable()
+        torch.cuda.synchronize()
+        e.reset()
+
+    @torch.inference_mode()
+    def run(self, ids: torch.Tensor, lengths: list[int], max_new_tokens: int, stats: SpecStats | None = None,
+            sync_every: int = 4) -> Iterator[list[list[int]]]:
+        """Right-padded prompts [B, T] -> the tokens each row gained, as host lists, per block of rounds."""
+        B, T = ids.shape
+        if B != self.batch:
+            raise ConfigError(f"these speculative rounds were built for batch {self.batch}, got {B} prompts")
+        e, st, k = self.target, self.state, self.k
+        if self.capture:
+            self._capture_all()
+        ids = ids.to(e.device)
+        logits = e.prefill(ids, lengths)
+        first = argmax_rows(logits)
+        pos = torch.tensor(lengths, device=e.device)
+        st.history.zero_()
+        st.history[:, :T].copy_(ids)
+        st.history.scatter_(1, pos[:, None], first[:, None])
+        st.pos.copy_(pos)
+        st.last.copy_(first)
+        st.made.fill_(1)
+        st.limit.fill_(max_new_tokens)
+        st.accepted.zero_()
+        st.passes.zero_()
+        self.draft.start(ids, lengths)
+        yield [[t] for t in first.tolist()]
+        if max_new_tokens == 1:
+            return
+        shown = [1] * B                         # tokens of each row handed out
+        cap = max(lengths) + max_new_tokens + k  # no live row's pos + k + 1 goes past it
+        bound, pending = max(lengths), []       # bound: >= every row's pos
+        while True:
+            for _ in range(sync_every):
+                self._round(min(bound + k + 1, cap))
+                bound += k + 1
+            copy = (st.history.to("cpu", non_blocking=True), st.made.to("cpu", non_blocking=True),
+                    st.pos.max().to("cpu", non_blocking=True))
+            event = torch.cuda.Event() if e.device.type == "cuda" else None
+            if event is not None:
+                event.record()
+            pending.append((event, copy, sync_every))
+            if len(pending) < 2 and e.device.type == "cuda":
+                continue                            # keep one block of rounds queued ahead of the host
+            event, (hist, made, top), since = pending.pop(0)
+            if event is not None:
+                event.synchronize()
+            bound = min(bound, int(top) + (k + 1) * sum(s for _, _, s in pending))
+            gained = []
+            for b in range(B):
+                m = min(int(made[b]), max_new_tokens)
+                gained.append(hist[b, lengths[b] + shown[b]:lengths[b] + m].tolist())
+                shown[b] = m
+            yield gained
+            if min(shown) >= max_new_tokens:
+                break
+        if stats is not None:
+            torch.cuda.synchronize() if e.device.type == "cuda" else None
+            stats.rounds += int(st.passes.max())
+            stats.row_passes += int(st.passes.sum())
+            stats.accepted += int(st.accepted.sum())
+            stats.proposed += k * int(st.passes.sum())
+            stats.emitted += int((st.made - 1).sum())
+            stats.per_row = [min(int(m), max_new_tokens) for m in st.made.tolist()]
