@@ -172,7 +172,8 @@ class RuntimeOptions:
     ring_depth: int = 3                     # N static weight slots for streamed groups
     stream_unit: str = "auto"               # "layer", "attn_mlp" (predecessor's split) or "auto"
     placement: str = "auto"                 # "auto" | "first" | "last" | "spread"
-    prefill_chunk: int = 256                # prompt tokens per streamed prefill step
+    prefill_chunk: int | None = None        # prompt tokens per prefill step (one pass over streamed weights);
+                                            # None: the most the memory left after placement holds, >= 256
     progress: bool | None = None            # progress bar on loads; None: when stderr is a terminal
     h2d_bandwidth: float = 55e9             # bytes/s; planning estimate until measured
     hbm_bandwidth: float = 3.0e12           # bytes/s; planning estimate
@@ -192,7 +193,7 @@ class RuntimeOptions:
         if self.ring_depth < 2:
             raise ConfigError(f"ring_depth must be >= 2 (one slot computes while the next loads), "
                               f"got {self.ring_depth}")
-        if self.prefill_chunk < 1:
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.stream_unit not in ("auto", "layer", "attn_mlp"):
             raise ConfigError(f"stream_unit must be 'auto', 'layer' or 'attn_mlp', got {self.stream_unit!r}")

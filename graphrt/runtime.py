@@ -24,7 +24,7 @@ from .exec.spec_rounds import DeviceLookup, DeviceModelDraft, SpecRounds
 from .exec.speculative import SpecStats, speculative_decode
 from .exec.graph import DecodeGraph, GraphCache, pad_prompts
 from .plan.calibrate import cpu_rate
-from .plan.placement import CostModel, Placement, plan_placement
+from .plan.placement import CostModel, Placement, essentials, plan_placement
 from .plan.schedule import build_plans, build_prologue
 from .sampling import SEED_STRIDE, SamplingParams
 from .speculative import Speculative, check_room, draft_key, load_draft_runtime, make_draft
@@ -99,6 +99,13 @@ class Runtime:
         with nvtx.annotate("graphrt.plan", color="purple"):
             self.placement: Placement = self._plan()
         p = self.placement
+        if self.comm is not None and opts.prefill_chunk is None:   # every rank runs the same prompt steps
+            chunk = self.comm.min_int(p.prefill_chunk, self.device)
+            if chunk != p.prefill_chunk:
+                act = essentials(self.local_config, self.dtype, opts.max_batch_size, opts.max_seq_len, chunk)
+                self.placement = p = replace(p, prefill_chunk=chunk,
+                                             memory={**p.memory, "activations": act["activations"]})
+        self.options = opts = replace(opts, prefill_chunk=p.prefill_chunk)   # "auto" (None) resolved by the plan
         with nvtx.annotate("graphrt.load", color="purple"):
             store = WeightStore(self.source, p.groups, p.resident, p.ring_depth, p.slot_bytes, self.device,
                                 opts.progress, p.cpu, shard)

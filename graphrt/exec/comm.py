@@ -44,3 +44,9 @@ class Comm:
         parts = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts, dim=-1)
+
+    def min_int(self, value: int, device: torch.device) -> int:
+        """The smallest of every rank's `value` (ranks must agree on, e.g., the prefill chunk)."""
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())

@@ -1,7 +1,7 @@
 """Placement: which weight groups stay resident under a GPU memory budget and which stream."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -11,6 +11,7 @@ from .schedule import build_plans, build_prologue
 from .simulator import SimResult, simulate
 
 MARGIN = 256 * 2**20  # allocator fragmentation and library workspaces
+PREFILL_BASE = 256    # prompt tokens per prefill step the placement always leaves room for
 
 
 def _gib(nbytes: int) -> str:
@@ -59,6 +60,7 @@ class Placement:
     stream_unit: str = "layer"
     cpu: frozenset[str] = frozenset()  # groups computed on the CPU from host memory (the CPU lane)
     cpu_busy: float | None = field(default=None, compare=False)  # predicted CPU share of the step
+    prefill_chunk: int = PREFILL_BASE  # prompt tokens per prefill step (each streams the weights once)
 
     @property
     def streamed(self) -> list[str]:
@@ -97,6 +99,8 @@ class Placement:
                          f"{p.compute_stall * 1e3:.2f} ms/step")
             if self.cpu and self.cpu_busy is not None:
                 lines.append(f"CPU lane busy {100 * self.cpu_busy:.1f}% of the step")
+        lines.append(f"prefill: chunks of up to {self.prefill_chunk} tokens (activations "
+                     f"{self.memory.get('activations', 0) / gib:.2f} GiB)")
         return "\n".join(lines)
 
 
@@ -117,13 +121,34 @@ def essentials(cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int, max_se
     return {"kv_cache": kv, "activations": activations, "logits": logits, "margin": MARGIN}
 
 
+def widen_prefill_chunk(p: Placement, cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int,
+                        max_seq_len: int) -> Placement:
+    """The longest prefill chunk (PREFILL_BASE doubled, up to max_seq_len) whose activations fit in the memory
+    the placement left: a prompt of that length streams each weight once. The resident set does not change."""
+    act = lambda c: essentials(cfg, dtype, max_batch_size, max_seq_len, c)["activations"]  # noqa: E731
+    left = p.budget - sum(p.memory.values())
+    chunk = c = min(p.prefill_chunk, max_seq_len)
+    while c < max_seq_len:
+        c = min(2 * c, max_seq_len)
+        if act(c) - act(p.prefill_chunk) > left:
+            break
+        chunk = c
+    return replace(p, prefill_chunk=chunk, memory={**p.memory, "activations": act(chunk)})
+
+
 def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_batch_size: int = 1,
                    max_seq_len: int = 2048, dtype: torch.dtype | FormatPolicy = torch.bfloat16, *,
-                   stream_unit: str = "auto", strategy: str = "auto", prefill_chunk: int = 256,
+                   stream_unit: str = "auto", strategy: str = "auto", prefill_chunk: int | None = 256,
                    cost: CostModel | None = None, device_memory: int | None = None) -> Placement:
     """Choose resident groups that minimise the predicted step time within `gpu_budget` bytes.
     stream_unit "auto" plans with whole layers and with attention/MLP halves and keeps the faster:
-    both copy at the same bandwidth (measured), halves need smaller slots, layers fewer events."""
+    both copy at the same bandwidth (measured), halves need smaller slots, layers fewer events.
+    prefill_chunk None: plan with PREFILL_BASE, then widen the chunk into the memory the placement left."""
+    if prefill_chunk is None:
+        p = plan_placement(cfg, gpu_budget, ring_depth, max_batch_size, max_seq_len, dtype, stream_unit=stream_unit,
+                           strategy=strategy, prefill_chunk=PREFILL_BASE, cost=cost, device_memory=device_memory)
+        compute = dtype.compute_dtype if isinstance(dtype, FormatPolicy) else dtype
+        return widen_prefill_chunk(p, cfg, compute, max_batch_size, max_seq_len)
     if stream_unit == "auto":
         kw = dict(strategy=strategy, prefill_chunk=prefill_chunk, cost=cost, device_memory=device_memory)
         layer = plan_placement(cfg, gpu_budget, ring_depth, max_batch_size, max_seq_len, dtype,
@@ -149,7 +174,7 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
     base = sum(fixed.values())
     if base + total <= gpu_budget:
         return Placement(tuple(groups), frozenset(g.name for g in groups), ring_depth, 0, gpu_budget,
-                         {"weights": total, **fixed})
+                         {"weights": total, **fixed}, prefill_chunk=prefill_chunk)
     # Tied embeddings serve the first and the last compute: they stay resident.
     must = [g for g in groups if g.kind == "embed" and cfg.tie_word_embeddings]
     others = [g for g in groups if g not in must]
@@ -173,7 +198,7 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
     if best is None:
         raise BudgetError(f"no placement fits gpu_budget {gpu_budget / 2**30:.2f} GiB with ring_depth "
                           f"{ring_depth}; raise gpu_budget or lower ring_depth")
-    return best
+    return replace(best, prefill_chunk=prefill_chunk)
 
 
 def _candidates(groups, must, room: int, ring_depth: int, strategy: str):

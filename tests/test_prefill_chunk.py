@@ -1,0 +1,57 @@
+"""Prefill chunks sized from the memory the placement leaves (issue 9): a prompt up to that length streams each
+weight once. The widening never changes the resident set and never passes the budget; the chunk length does not
+change what a prompt computes (logits within fp32 reduction order)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from graphrt import Runtime
+from graphrt.config import ModelConfig
+from graphrt.plan.placement import PREFILL_BASE, essentials, plan_placement
+
+CONFIG = Path(__file__).resolve().parents[1] / "tools" / "configs" / "llama-3.1-8b.json"
+GiB = 2**30
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return ModelConfig.from_file(CONFIG)
+
+
+@pytest.mark.parametrize("budget_gib", [9, 12, 16, 40])
+def test_widened_chunk_fits_the_budget_and_keeps_the_placement(cfg, budget_gib):
+    budget = budget_gib * GiB
+    fixed = plan_placement(cfg, budget, 3, 1, 4096, torch.bfloat16, prefill_chunk=PREFILL_BASE)
+    auto = plan_placement(cfg, budget, 3, 1, 4096, torch.bfloat16, prefill_chunk=None)
+    assert auto.resident == fixed.resident and auto.streamed == fixed.streamed
+    assert PREFILL_BASE <= auto.prefill_chunk <= 4096
+    assert sum(auto.memory.values()) <= budget
+    assert auto.memory["activations"] == essentials(cfg, torch.bfloat16, 1, 4096, auto.prefill_chunk)["activations"]
+    if auto.prefill_chunk < 4096:   # the next doubling would not have fitted
+        bigger = essentials(cfg, torch.bfloat16, 1, 4096, min(2 * auto.prefill_chunk, 4096))["activations"]
+        assert sum(auto.memory.values()) - auto.memory["activations"] + bigger > budget
+    print(f"{budget_gib} GiB: chunk {auto.prefill_chunk}")
+
+
+def test_whole_prompt_when_everything_is_resident_and_room_is_left(cfg):
+    auto = plan_placement(cfg, 60 * GiB, 3, 1, 4096, torch.bfloat16, prefill_chunk=None)
+    assert not auto.streamed and auto.prefill_chunk == 4096
+    assert "prefill: chunks of up to 4096 tokens" in auto.describe()
+
+
+def test_a_given_chunk_is_kept(cfg):
+    p = plan_placement(cfg, 60 * GiB, 3, 1, 4096, torch.bfloat16, prefill_chunk=512)
+    assert p.prefill_chunk == 512
+
+
+def test_runtime_resolves_the_chunk_and_logits_do_not_depend_on_it(make_ckpt):
+    path = make_ckpt("tiny-llama", layers=2, seed=3)
+    auto = Runtime.from_pretrained(path, device="cpu", max_seq_len=64, max_batch_size=2)
+    assert auto.options.prefill_chunk == 64 == auto.placement.prefill_chunk      # CPU: no budget, one chunk
+    small = Runtime.from_pretrained(path, device="cpu", max_seq_len=64, max_batch_size=2, prefill_chunk=8)
+    assert small.options.prefill_chunk == 8
+    ids = torch.randint(3, 200, (2, 40), generator=torch.Generator().manual_seed(0))
+    a, b = auto.logits(ids), small.logits(ids)
+    assert ((a - b).norm() / b.norm()).item() < 1e-5
+    assert auto.generate(ids, 8).equal(small.generate(ids, 8))
