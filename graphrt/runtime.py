@@ -18,18 +18,16 @@ import torch
 from . import text
 from .config import ConfigError, ModelConfig, RuntimeOptions, parse_dtype
 from .exec.decode import Rows, decode_eager, decode_graph
-from .exec.comm import Comm
+from .exec.comm import join_rank
 from .exec.engine import Engine
-from .exec.spec_rounds import DeviceLookup, DeviceModelDraft, SpecRounds
-from .exec.speculative import SpecStats, speculative_decode
+from .exec.speculative import SpecStats
 from .exec.graph import DecodeGraph, GraphCache, pad_prompts
 from .plan.calibrate import cpu_rate
-from .plan.placement import CostModel, Placement, essentials, plan_placement
+from .plan.placement import CostModel, Placement, plan_placement, with_prefill_chunk
 from .plan.schedule import build_plans, build_prologue
 from .sampling import SEED_STRIDE, SamplingParams
-from .speculative import Speculative, check_room, draft_key, load_draft_runtime, make_draft
+from .speculative import Speculation, Speculative
 from .weights.layout import model_groups
-from .weights.shard import make_shard
 from .weights.sources import open_source, weight_policy
 from .weights.store import WeightStore
 
@@ -83,15 +81,7 @@ class Runtime:
         self.policy = weight_policy(self.source, opts.quantization, self.dtype, self.device)
         self.comm, shard = None, None
         if opts.tensor_parallel > 1:  # this process is one rank: it holds and computes its shard
-            if opts.cpu_lane:
-                raise ConfigError("tensor_parallel with cpu_lane is not supported yet; use one of them")
-            if str(self.source.path).endswith(".gguf"):
-                raise ConfigError(f"{self.source.path}: tensor parallelism does not read GGUF files yet")
-            if self.device.type == "cuda" and device in (None, "cuda"):   # torchrun: one GPU per local rank
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-                torch.cuda.set_device(self.device)
-            self.comm = Comm.join(opts.tensor_parallel, self.device)
-            shard = make_shard(cfg, self.comm.rank, self.comm.world)
+            self.comm, shard, self.device = join_rank(cfg, opts, self.source.path, self.device, device, self.dtype)
         self.local_config = shard.config if shard is not None else cfg   # what this process computes
         self.tokenizer = self.source.tokenizer
         self.chat_template = self.source.chat_template
@@ -100,11 +90,8 @@ class Runtime:
             self.placement: Placement = self._plan()
         p = self.placement
         if self.comm is not None and opts.prefill_chunk is None:   # every rank runs the same prompt steps
-            chunk = self.comm.min_int(p.prefill_chunk, self.device)
-            if chunk != p.prefill_chunk:
-                act = essentials(self.local_config, self.dtype, opts.max_batch_size, opts.max_seq_len, chunk)
-                self.placement = p = replace(p, prefill_chunk=chunk,
-                                             memory={**p.memory, "activations": act["activations"]})
+            self.placement = p = with_prefill_chunk(p, self.local_config, self.dtype, opts.max_batch_size,
+                                                    opts.max_seq_len, self.comm.min_int(p.prefill_chunk, self.device))
         self.options = opts = replace(opts, prefill_chunk=p.prefill_chunk)   # "auto" (None) resolved by the plan
         with nvtx.annotate("graphrt.load", color="purple"):
             store = WeightStore(self.source, p.groups, p.resident, p.ring_depth, p.slot_bytes, self.device,
@@ -114,8 +101,7 @@ class Runtime:
                              build_prologue(names, streamed, opts.ring_depth), self.dtype, self.comm,
                              shard.vocab[0] if shard is not None else 0)
         self.graph_cache: GraphCache | None = None
-        self._drafts: dict = {}    # speculative drafts loaded for this runtime (checkpoint or "self-int4")
-        self._rounds: dict = {}    # greedy speculative rounds on the device, by (draft, k, ngram, batch, captured)
+        self.speculation = Speculation()   # drafts loaded for this runtime and their device rounds
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
@@ -177,23 +163,12 @@ class Runtime:
         _check_count("max_new_tokens", max_new_tokens, 1)
         params = SamplingParams(temperature, top_k, top_p, seed)
         self.engine.check_shape(len(lengths), start + max(lengths) + max_new_tokens)
-        if speculative is not None:  # draft k tokens, verify them in one target pass
+        if speculative is not None:  # draft k tokens, verify them in one target pass (speculative.py)
             if start:
                 raise ConfigError("speculative decoding starts from position 0 (not after a chat's earlier turns)")
-            check_room(self, len(lengths), max(lengths), max_new_tokens, speculative.k)
-            key = draft_key(speculative)
-            if key is not None and key not in self._drafts:
-                self._drafts[key] = load_draft_runtime(self, speculative)
-            if params.greedy:   # rounds on the device: captured on CUDA unless use_graph=False
-                rounds = self._spec_rounds(speculative, key, len(lengths), self._use_graph(use_graph))
-                blocks = rounds.run(ids, lengths, max_new_tokens, speculative_stats)
-            else:               # sampling: eager rounds (the rejection rule)
-                if use_graph:
-                    raise ConfigError("sampled speculative decoding runs eagerly (use_graph=False); greedy "
-                                      "(temperature=0) rounds are captured")
-                draft = make_draft(speculative, params, self._drafts.get(key))
-                blocks = speculative_decode(self.engine, draft, ids, lengths, max_new_tokens, params,
-                                            speculative.k, speculative_stats)
+            capture = self._use_graph(use_graph) if params.greedy else bool(use_graph)
+            blocks = self.speculation.blocks(self, speculative, ids, lengths, max_new_tokens, params, capture,
+                                             speculative_stats)
         elif self._use_graph(use_graph):
             blocks = decode_graph(self.capture(len(lengths)), ids, lengths, max_new_tokens, params, chunk, start)
         else:
@@ -204,18 +179,6 @@ class Runtime:
             if rows.all_finished:
                 blocks.close()
                 return
-
-    def _spec_rounds(self, spec: Speculative, key, batch: int, capture: bool) -> SpecRounds:
-        """The device rounds for this draft, k, batch and mode (captured graphs are kept for the next call)."""
-        slot = (key, spec.k, spec.ngram, batch, capture)
-        if slot not in self._rounds:
-            if key is None:
-                draft = DeviceLookup(spec.ngram)
-            else:
-                d = self._drafts[key]
-                draft = DeviceModelDraft(d.engine, batch, streamed=bool(d.placement.streamed))
-            self._rounds[slot] = SpecRounds(self.engine, draft, batch, spec.k, capture)
-        return self._rounds[slot]
 
     @torch.inference_mode()
     def generate(self, prompts: Prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
@@ -259,7 +222,8 @@ class Runtime:
         it before `torch.distributed.destroy_process_group()`; a live graph holding captured NCCL collectives
         makes the communicator's destruction hang (pytorch/pytorch#115388). DecodeGraphs the caller still holds
         keep their graphs alive: drop them first."""
-        self.graph_cache, self._rounds = None, {}
+        self.graph_cache = None
+        self.speculation.release()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.engine.cpu_lane is not None:   # no graph calls these functions any more

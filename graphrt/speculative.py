@@ -14,6 +14,8 @@ from typing import Any, Union
 
 from .config import ConfigError
 from .exec.drafts import Draft, ModelDraft, PromptLookup
+from .exec.spec_rounds import DeviceLookup, DeviceModelDraft, SpecRounds
+from .exec.speculative import SpecStats, speculative_decode
 from .sampling import SamplingParams
 
 Runtime = Any   # graphrt.runtime.Runtime (not imported: runtime imports this module); drafts load as type(target)
@@ -85,3 +87,39 @@ def make_draft(spec: Speculative, params: SamplingParams, draft_runtime: "Runtim
         return PromptLookup(spec.ngram)
     return ModelDraft(draft_runtime.engine, params)
 
+
+class Speculation:
+    """One target runtime's drafts (loaded once) and the greedy device rounds built for them (captured graphs
+    kept for the next call, by draft, k, ngram, batch and mode)."""
+
+    def __init__(self):
+        self.drafts: dict = {}
+        self.rounds: dict = {}
+
+    def blocks(self, target: Runtime, spec: Speculative, ids, lengths: list[int], max_new_tokens: int,
+               params: SamplingParams, capture: bool, stats: SpecStats | None):
+        """The tokens each row gains, per block (see Runtime.stream). Greedy: device rounds, captured when
+        `capture`; sampling: eager rounds (the rejection rule), which refuse `capture`."""
+        check_room(target, len(lengths), max(lengths), max_new_tokens, spec.k)
+        key = draft_key(spec)
+        if key is not None and key not in self.drafts:
+            self.drafts[key] = load_draft_runtime(target, spec)
+        if not params.greedy:
+            if capture:
+                raise ConfigError("sampled speculative decoding runs eagerly (use_graph=False); greedy "
+                                  "(temperature=0) rounds are captured")
+            draft = make_draft(spec, params, self.drafts.get(key))
+            return speculative_decode(target.engine, draft, ids, lengths, max_new_tokens, params, spec.k, stats)
+        slot = (key, spec.k, spec.ngram, len(lengths), capture)
+        if slot not in self.rounds:
+            if key is None:
+                device_draft = DeviceLookup(spec.ngram)
+            else:
+                d = self.drafts[key]
+                device_draft = DeviceModelDraft(d.engine, len(lengths), streamed=bool(d.placement.streamed))
+            self.rounds[slot] = SpecRounds(target.engine, device_draft, len(lengths), spec.k, capture)
+        return self.rounds[slot].run(ids, lengths, max_new_tokens, stats)
+
+    def release(self) -> None:
+        """Drop the captured rounds (before the runtime's memory or process group goes)."""
+        self.rounds = {}

@@ -85,6 +85,25 @@ def test_shards_and_bad_sizes(cases):
         Runtime.from_pretrained("unused", tensor_parallel=0)
 
 
+def _mismatched_rank(rank: int, world: int, port: int, path: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    try:
+        Runtime.from_pretrained(path, device="cpu", tensor_parallel=world, max_seq_len=64 * (rank + 1))
+        msg = "no error"
+    except ConfigError as e:
+        msg = str(e)
+    with open(f"{out}/msg{rank}.txt", "w") as f:
+        f.write(msg)
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_started_with_different_options_fail_alike(cases, tmp_path):
+    mp.spawn(_mismatched_rank, args=(2, _free_port(), cases[0][1], str(tmp_path)), nprocs=2, join=True)
+    msgs = [(tmp_path / f"msg{r}.txt").read_text() for r in range(2)]
+    assert msgs[0] == msgs[1] and "different max_seq_len (rank 0: 64, rank 1: 128)" in msgs[0], msgs
+
+
 def _cuda_rank(rank: int, world: int, port: int, path: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")

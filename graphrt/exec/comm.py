@@ -12,7 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
+from ..config import ConfigError, ModelConfig
+from ..weights.shard import make_shard
 
 
 class Comm:
@@ -50,3 +51,33 @@ class Comm:
         t = torch.tensor([value], dtype=torch.int64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
+
+    def check_same(self, fields: dict) -> None:
+        """Every rank must have been started with the same model and options: compare `fields` (name -> a
+        printable value) across ranks; every rank raises the same ConfigError if one differs (none hangs)."""
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, {k: repr(v) for k, v in fields.items()})
+        for name in fields:
+            values = [g[name] for g in gathered]
+            if len(set(values)) > 1:
+                seen = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+                raise ConfigError(f"tensor-parallel ranks were started with different {name} ({seen}); start every "
+                                  "rank with the same model and options")
+
+
+def join_rank(cfg: ModelConfig, opts, source_path, device: torch.device, requested, dtype: torch.dtype):
+    """This process as one tensor-parallel rank: (Comm, its Shard, its device). Under torchrun a "cuda" device
+    means the GPU of the local rank. Checks that every rank was started with the same model and options."""
+    if opts.cpu_lane:
+        raise ConfigError("tensor_parallel with cpu_lane is not supported yet; use one of them")
+    if str(source_path).endswith(".gguf"):
+        raise ConfigError(f"{source_path}: tensor parallelism does not read GGUF files yet")
+    if device.type == "cuda" and requested in (None, "cuda"):   # torchrun: one GPU per local rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    comm = Comm.join(opts.tensor_parallel, device)
+    comm.check_same(dict(
+        model=(cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+               cfg.intermediate_size, cfg.vocab_size), dtype=dtype, quantization=opts.quantization,
+        max_batch_size=opts.max_batch_size, max_seq_len=opts.max_seq_len, device_type=device.type))
+    return comm, make_shard(cfg, comm.rank, comm.world), device

@@ -133,7 +133,13 @@ def widen_prefill_chunk(p: Placement, cfg: ModelConfig, dtype: torch.dtype, max_
         if act(c) - act(p.prefill_chunk) > left:
             break
         chunk = c
-    return replace(p, prefill_chunk=chunk, memory={**p.memory, "activations": act(chunk)})
+    return with_prefill_chunk(p, cfg, dtype, max_batch_size, max_seq_len, chunk)
+
+
+def with_prefill_chunk(p: Placement, cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int, max_seq_len: int,
+                       chunk: int) -> Placement:
+    act = essentials(cfg, dtype, max_batch_size, max_seq_len, chunk)["activations"]
+    return replace(p, prefill_chunk=chunk, memory={**p.memory, "activations": act})
 
 
 def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_batch_size: int = 1,
