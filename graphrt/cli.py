@@ -85,7 +85,8 @@ def _model_arg(a: argparse.Namespace) -> Path:
 
 def _load(a: argparse.Namespace, prompt_ids_of=None):
     """Open the model, check the prompt against its limits, then load weights: (runtime, prompt ids)."""
-    from .runtime import Runtime, resolve_device
+    from .config import resolve_device
+    from .runtime import Runtime
     from .weights.sources import open_source
 
     device = resolve_device(a.device)
@@ -97,7 +98,7 @@ def _load(a: argparse.Namespace, prompt_ids_of=None):
     if a.gpu_budget:
         options["gpu_budget"] = a.gpu_budget
     from .config import RuntimeOptions
-    from .runtime import resolve_max_seq_len
+    from .config import resolve_max_seq_len
     opts = resolve_max_seq_len(RuntimeOptions.from_kwargs(**options), source.config)
     ids = prompt_ids_of(source) if prompt_ids_of else []
     limit = min(opts.max_seq_len, source.config.max_position_embeddings)

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .config import DTYPES, ModelConfig, parse_bytes, parse_dtype
+from .config import DEFAULT_MAX_SEQ_LEN, DTYPES, ModelConfig, parse_bytes, parse_dtype
 from .plan.placement import CostModel, plan_placement
-from .runtime import DEFAULT_MAX_SEQ_LEN
 from .weights.formats.policy import QUANTIZATIONS
 
 

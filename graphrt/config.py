@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +216,35 @@ class RuntimeOptions:
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown}; known options: {sorted(known)}")
         return cls(**kwargs)
+
+
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'cuda', 'cuda:1', 'cpu' or None (CUDA when available); anything else is a ConfigError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device={device!r}; use 'cuda', 'cuda:N' or 'cpu'") from None
+    if dev.type not in ("cuda", "cpu"):
+        raise ConfigError(f"device={device!r} is not supported; graphrt runs on 'cuda' or 'cpu'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r} was asked for but CUDA is not available; use device='cpu'")
+        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+        if dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
+def resolve_max_seq_len(opts: RuntimeOptions, cfg: ModelConfig) -> RuntimeOptions:
+    """max_seq_len None -> min(2048, the model's positions); larger than the model's positions: error."""
+    if opts.max_seq_len is None:
+        return replace(opts, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings))
+    if opts.max_seq_len > cfg.max_position_embeddings:
+        raise ConfigError(f"max_seq_len={opts.max_seq_len} exceeds the model's {cfg.max_position_embeddings} "
+                          "positions (max_position_embeddings in its config); use at most that")
+    return opts

@@ -16,7 +16,7 @@ import nvtx
 import torch
 
 from . import text
-from .config import ConfigError, ModelConfig, RuntimeOptions, parse_dtype
+from .config import ConfigError, RuntimeOptions, parse_dtype, resolve_device, resolve_max_seq_len
 from .exec.decode import Rows, decode_eager, decode_graph
 from .exec.comm import join_rank
 from .exec.engine import Engine
@@ -31,38 +31,8 @@ from .weights.layout import model_groups
 from .weights.sources import open_source, weight_policy
 from .weights.store import WeightStore
 
-DEFAULT_MAX_SEQ_LEN = 2048
 DEVICE_MARGIN = 2**30  # left free by the default budget (CUDA context, cuBLAS workspaces)
 Prompts = "torch.Tensor | Sequence[Sequence[int]]"
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'cuda', 'cuda:1', 'cpu' or None (CUDA when available); anything else is a ConfigError."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device={device!r}; use 'cuda', 'cuda:N' or 'cpu'") from None
-    if dev.type not in ("cuda", "cpu"):
-        raise ConfigError(f"device={device!r} is not supported; graphrt runs on 'cuda' or 'cpu'")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={device!r} was asked for but CUDA is not available; use device='cpu'")
-        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
-        if dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) exist")
-    return dev
-
-
-def resolve_max_seq_len(opts: RuntimeOptions, cfg: ModelConfig) -> RuntimeOptions:
-    """max_seq_len None -> min(2048, the model's positions); larger than the model's positions: error."""
-    if opts.max_seq_len is None:
-        return replace(opts, max_seq_len=min(DEFAULT_MAX_SEQ_LEN, cfg.max_position_embeddings))
-    if opts.max_seq_len > cfg.max_position_embeddings:
-        raise ConfigError(f"max_seq_len={opts.max_seq_len} exceeds the model's {cfg.max_position_embeddings} "
-                          "positions (max_position_embeddings in its config); use at most that")
-    return opts
 
 
 class Runtime:
@@ -95,11 +65,14 @@ class Runtime:
         self.options = opts = replace(opts, prefill_chunk=p.prefill_chunk)   # "auto" (None) resolved by the plan
         with nvtx.annotate("graphrt.load", color="purple"):
             store = WeightStore(self.source, p.groups, p.resident, p.ring_depth, p.slot_bytes, self.device,
-                                opts.progress, p.cpu, shard)
+                                opts.progress, p.cpu, shard, p.prompt_streamed)
         names, streamed = [g.name for g in p.groups], set(p.streamed)
+        prompt = streamed | p.prompt_streamed
         self.engine = Engine(self.local_config, opts, store, build_plans(names, streamed, opts.ring_depth),
                              build_prologue(names, streamed, opts.ring_depth), self.dtype, self.comm,
-                             shard.vocab[0] if shard is not None else 0)
+                             shard.vocab[0] if shard is not None else 0,
+                             (build_plans(names, prompt, opts.ring_depth), build_prologue(names, prompt, opts.ring_depth))
+                             if p.prompt_streamed else None)
         self.graph_cache: GraphCache | None = None
         self.speculation = Speculation()   # drafts loaded for this runtime and their device rounds
 
@@ -132,7 +105,10 @@ class Runtime:
                            cost=cost, device_memory=device_memory)
         if p.cpu:
             on_cpu = {g.name: g for g in model_groups(cfg, cpu_policy, p.stream_unit) if g.name in p.cpu}
-            p = replace(p, groups=tuple(on_cpu.get(g.name, g) for g in p.groups))
+            # prompts stream the CPU-lane groups whose bytes the GPU computes as they are and a slot holds
+            portable = frozenset(g.name for g in p.groups if g.name in on_cpu and on_cpu[g.name] == g
+                                 and p.streamed and g.nbytes <= p.slot_bytes)
+            p = replace(p, groups=tuple(on_cpu.get(g.name, g) for g in p.groups), prompt_streamed=portable)
         return p
 
     # ---- token ids in, token ids out ------------------------------------------------------------

@@ -71,6 +71,30 @@ def test_cpu_lane_runtime_equals_all_resident(model, quantization):
     rt.close()
 
 
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_prompts_stream_the_lane_groups_decode_computes_them_on_the_cpu(tmp_path, quantization):
+    """Where a ring slot holds an MLP group (here attention groups are the larger), prompt steps copy the CPU
+    lane's groups through the ring and the GPU math computes them; decode steps keep them on the CPU."""
+    cfg = make_config(**dict(PRESETS["tiny-llama"], layers=6, intermediate=48))
+    model = write_checkpoint(tmp_path / "m", cfg, random_tensors(cfg, 5))
+    ids = torch.randint(3, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    kw = dict(device="cpu", max_batch_size=2, max_seq_len=64, quantization=quantization)
+    ref = Runtime.from_pretrained(model, **kw)
+    probe = Runtime.from_pretrained(model, **kw, gpu_budget=1 << 60, stream_unit="attn_mlp")
+    rt = Runtime.from_pretrained(model, **kw, gpu_budget=half_budget(probe.placement), stream_unit="attn_mlp",
+                                 cpu_lane=True, cpu_rate=1e12, h2d_bandwidth=1e6)
+    p = rt.placement
+    assert p.cpu and p.prompt_streamed == p.cpu and "prompts stream" in p.describe(), p.describe()
+    calls = []
+    run = rt.engine.cpu_lane.run
+    rt.engine.cpu_lane.run = lambda h, fn: calls.append(h.shape[1]) or run(h, fn)
+    assert torch.equal(rt.logits(ids), ref.logits(ids))
+    assert calls == []                                   # the prompt never reached the lane
+    assert rt.generate(ids, 8).equal(ref.generate(ids, 8))
+    assert calls and set(calls) == {1}                   # decode steps, one token each
+    rt.close()
+
+
 def test_cpu_lane_options_are_checked():
     with pytest.raises(ConfigError, match="cpu_rate must be > 0"):
         Runtime.from_pretrained("unused", cpu_rate=0.0)

@@ -22,15 +22,19 @@ from .executor import StepExecutor
 
 class Engine:
     def __init__(self, config: ModelConfig, options: RuntimeOptions, store: WeightStore, plans: list[StepPlan],
-                 prologue: StepPlan, dtype: torch.dtype, comm: Comm | None = None, vocab_start: int = 0):
+                 prologue: StepPlan, dtype: torch.dtype, comm: Comm | None = None, vocab_start: int = 0,
+                 prompt_plans: tuple[list[StepPlan], StepPlan] | None = None):
         """Tensor parallel: `config` is this rank's part of the model (weights/shard.py), `comm` its collectives,
-        `vocab_start` the first vocabulary id of its embedding rows."""
+        `vocab_start` the first vocabulary id of its embedding rows. `prompt_plans` (plans, prologue): the plans
+        prompt steps use when they stream the CPU lane's groups instead (store.host holds those groups too)."""
         self.comm, self.vocab_start = comm, vocab_start
         # logits are gathered over the ranks' equal vocabulary shards: the whole vocabulary
         self.vocab_size = config.vocab_size * (comm.world if comm is not None else 1)
         self.config, self.options, self.store, self.dtype = config, options, store, dtype
         self.device = store.device
         self.plans, self.prologue = plans, prologue
+        self.prompt_plans = prompt_plans
+        self.prompt_mode = False    # the ring follows the prompt plans (switching runs the other prologue)
         self.executor = StepExecutor(store, options.poison_freed_slots)
         cfg = config
         self.kv = torch.zeros(cfg.num_layers, 2, options.max_batch_size, cfg.num_kv_heads, options.max_seq_len,
@@ -67,20 +71,30 @@ class Engine:
         """Forget the ring's prefetched groups; the next step starts with the prologue."""
         self.ring_cold, self.ring_step = True, 0
 
+    def use_plans(self, prompt: bool, annotate: bool = True) -> None:
+        """Make the ring follow the prompt plans or the decode plans, running the prologue when it is cold or
+        switches (the prologue's copies wait for every earlier compute, so the slots are free)."""
+        prompt = prompt and self.prompt_plans is not None
+        if self.ring_cold or prompt != self.prompt_mode:
+            self.executor.run(self.prompt_plans[1] if prompt else self.prologue, lambda g, w: None, annotate)
+            self.ring_cold, self.ring_step, self.prompt_mode = False, 0, prompt
+
     def forward_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx_len: int,
-                     pick: torch.Tensor | None, annotate: bool = True) -> torch.Tensor:
+                     pick: torch.Tensor | None, annotate: bool = True, prompt: bool = False) -> torch.Tensor:
         """ids, positions [B, T] on the device -> float32 logits [B, T or 1, vocab]; appends K/V.
-        pick [B] (token index per row) asks for one position per row; None for every position."""
-        if self.ring_cold:
-            self.executor.run(self.prologue, lambda g, w: None, annotate)
-            self.ring_cold, self.ring_step = False, 0
-        logits = self.run_plan(self.plans[self.phase()], ids, positions, ctx_len, pick, annotate)
+        pick [B] (token index per row) asks for one position per row; None for every position. `prompt`: a
+        prompt step (it streams the CPU lane's groups where prompt plans exist)."""
+        self.use_plans(prompt, annotate)
+        plans = self.prompt_plans[0] if self.prompt_mode else self.plans
+        logits = self.run_plan(plans[self.ring_step % len(plans)], ids, positions, ctx_len, pick, annotate,
+                               self.prompt_mode)
         self.ring_step += 1
         return logits
 
     def run_plan(self, plan: StepPlan, ids: torch.Tensor, positions: torch.Tensor, ctx_len: int,
-                 pick: torch.Tensor | None, annotate: bool = True) -> torch.Tensor:
-        """Issue one step plan (eagerly, or into a graph being captured); no ring bookkeeping."""
+                 pick: torch.Tensor | None, annotate: bool = True, prompt: bool = False) -> torch.Tensor:
+        """Issue one step plan (eagerly, or into a graph being captured); no ring bookkeeping. `prompt`: a plan
+        of prompt_plans (the CPU lane's groups it streams are computed from their slots)."""
         cfg = self.config
         ctx = llama.step_context(positions, self.inv_freq, self.dtype, cfg.num_heads // cfg.num_kv_heads, ctx_len)
         act: dict[str, torch.Tensor] = {}
@@ -96,7 +110,8 @@ class Engine:
                 fn = llama.layer_forward if layout.kind == "layer" else llama.attn_forward
                 kv = self.kv[layout.layer]
                 act["h"] = fn(act["h"], w, cfg, kv[0], kv[1], ctx, reduce)
-            elif layout.kind == "mlp" and group in self.store.cpu:  # the CPU lane: host weights, CPU math
+            elif layout.kind == "mlp" and group in self.store.cpu and not (  # the CPU lane: host weights, CPU math
+                    prompt and group in self.store.host):
                 act["h"] = self.cpu_lane.run(act["h"], lambda x: llama.mlp_forward(x, w, cfg))
             elif layout.kind == "mlp":
                 act["h"] = llama.mlp_forward(act["h"], w, cfg, reduce)
@@ -132,12 +147,13 @@ class Engine:
         with nvtx.annotate("graphrt.prefill", color="orange"):
             for c0, part, pos, ctx in self._chunks(ids, start):
                 n = part.shape[1]
-                logits = self.forward_step(part, pos, ctx, (last - c0).clamp(0, n - 1))[:, 0]
+                logits = self.forward_step(part, pos, ctx, (last - c0).clamp(0, n - 1), prompt=True)[:, 0]
                 ends_here = ((last >= c0) & (last < c0 + n))[:, None]
                 out = logits if out is None else torch.where(ends_here, logits, out)
+            self.use_plans(prompt=False)   # decode steps (and captured graphs) follow the decode plans
         return out
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Every position's float32 logits [B, T, vocab] of prompts [B, T] from position 0."""
-        return torch.cat([self.forward_step(part, pos, ctx, None) for _, part, pos, ctx in self._chunks(ids, 0)],
-                         dim=1)
+        return torch.cat([self.forward_step(part, pos, ctx, None, prompt=True)
+                          for _, part, pos, ctx in self._chunks(ids, 0)], dim=1)

@@ -61,6 +61,7 @@ class Placement:
     cpu: frozenset[str] = frozenset()  # groups computed on the CPU from host memory (the CPU lane)
     cpu_busy: float | None = field(default=None, compare=False)  # predicted CPU share of the step
     prefill_chunk: int = PREFILL_BASE  # prompt tokens per prefill step (each streams the weights once)
+    prompt_streamed: frozenset[str] = frozenset()  # CPU-lane groups that prompt steps stream through the ring
 
     @property
     def streamed(self) -> list[str]:
@@ -100,7 +101,9 @@ class Placement:
             if self.cpu and self.cpu_busy is not None:
                 lines.append(f"CPU lane busy {100 * self.cpu_busy:.1f}% of the step")
         lines.append(f"prefill: chunks of up to {self.prefill_chunk} tokens (activations "
-                     f"{self.memory.get('activations', 0) / gib:.2f} GiB)")
+                     f"{self.memory.get('activations', 0) / gib:.2f} GiB)" +
+                     (f"; prompts stream {len(self.prompt_streamed)} of the CPU lane's groups through the ring "
+                      "(a prompt's many tokens cost the CPU more than the copy)" if self.prompt_streamed else ""))
         return "\n".join(lines)
 
 

@@ -62,7 +62,9 @@ class WeightStore:
 
     def __init__(self, ckpt: Checkpoint, groups: tuple[GroupLayout, ...], resident: frozenset[str],
                  ring_depth: int, slot_bytes: int, device: torch.device, progress: bool | None,
-                 cpu: frozenset[str] = frozenset(), shard=None):
+                 cpu: frozenset[str] = frozenset(), shard=None, prompt_streamed: frozenset[str] = frozenset()):
+        """prompt_streamed: CPU-lane groups that prompt steps also copy into ring slots (their one host buffer
+        is pinned on CUDA and serves both)."""
         self.device = device
         self.layouts: dict[str, GroupLayout] = {g.name: g for g in groups}
         self.resident: dict[str, torch.Tensor] = {}
@@ -75,8 +77,13 @@ class WeightStore:
 
         def buffer_for(g: GroupLayout) -> torch.Tensor:
             if g.name in self.cpu:
-                self.cpu_buffers[g.name] = torch.empty(g.nbytes, dtype=torch.uint8)
-                return self.cpu_buffers[g.name]
+                if g.name in prompt_streamed and self.ring is not None:
+                    buf = pinned_empty(g.nbytes) if device.type == "cuda" else torch.empty(g.nbytes, dtype=torch.uint8)
+                    self.host[g.name] = buf
+                else:
+                    buf = torch.empty(g.nbytes, dtype=torch.uint8)
+                self.cpu_buffers[g.name] = buf
+                return buf
             if g.name in resident:
                 staging[g.name] = torch.empty(g.nbytes, dtype=torch.uint8)
                 return staging[g.name]
