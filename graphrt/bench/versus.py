@@ -68,6 +68,22 @@ def prefill_time(rt: Runtime, tokens: int) -> float:
     return seconds
 
 
+def host_limit(rt: Runtime, batch: int) -> dict:
+    """The step's host-memory limit: the bytes that do not live on the GPU over the H2D bandwidth (measured
+    now) plus, with a CPU lane, the CPU's calibrated rate with copies running beside it (the two-lane limit)."""
+    from ..plan.calibrate import cpu_rate
+    from ..weights.sources import weight_policy
+    p = rt.placement
+    h2d = measure_limits()["h2d_GBps"] * 1e9
+    rate = 0.0
+    if p.cpu:
+        policy = weight_policy(rt.source, rt.options.quantization, rt.dtype, torch.device("cpu"))
+        rate = cpu_rate(rt.local_config, policy, rt.options.max_batch_size, concurrent_h2d=True)
+    host = p.streamed_bytes + p.cpu_bytes
+    return dict(h2d_GBps=h2d / 1e9, cpu_rate_GBps=rate / 1e9, host_GB=host / 1e9,
+                limit_tokens_per_s=batch * (h2d + rate) / host)
+
+
 def graphrt_rows(path: Path, keep: Path | None = None) -> list[dict]:
     """Every graphrt row. With `keep`, rows are saved there as they come and rows already there are not run
     again (a device call that ran out of time resumes); a row that fails is kept with its error."""
@@ -86,6 +102,7 @@ def graphrt_rows(path: Path, keep: Path | None = None) -> list[dict]:
             r["tokens_per_s"] = measure(rt)
             p = rt.placement
             pred = p.prediction.step_time if p.prediction is not None and p.prediction.step_time else None
+            r.update(host_limit(rt, batch) if test == "decode" and (p.streamed or p.cpu) else {})
             r.update(streamed_layers=len({g.layer for g in p.groups if g.layer is not None and g.name not in p.resident}),
                      streamed_GB=p.streamed_bytes / 1e9, cpu_GB=p.cpu_bytes / 1e9, cpu_groups=len(p.cpu),
                      budget_GiB=p.budget / 2**30, plan=p.describe(), torch_threads=torch.get_num_threads(),
@@ -146,21 +163,25 @@ def markdown(res: dict) -> str:
              f"weights in host memory (graphrt: the smallest budget streaming <= {HOST_LAYERS} layers through "
              f"{RING} slots). Pinned H2D {res['limits']['h2d_GBps']:.1f} GB/s. llama.cpp: {res['peer_source']}.", "",
              "split+cpu = the same budget with graphrt's CPU lane (MLP groups computed on the CPU from host memory).", "",
-             "| test | weights (graphrt / llama.cpp) | placement | batch | graphrt tok/s | plan's prediction | "
-             "llama.cpp tok/s | ratio |", "|---|---|---|---|---|---|---|---|"]
+             "limit = batch x (H2D bandwidth + the CPU lane's calibrated rate) / bytes not on the GPU (streamed and "
+             "CPU-lane): the two-lane limit with the lane, the PCIe roofline without.", "",
+             "| test | weights (graphrt / llama.cpp) | placement | batch | graphrt tok/s | plan's prediction | limit "
+             "(% reached) | llama.cpp tok/s | ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for key, r in mine.items():
         fmt, place, test, batch = key
         if "error" in r:
             lines.append(f"| {test} | {fmt} / {PEER_FORMAT[fmt]} | {place} | {batch} | failed: {r['error'][:120]} "
-                         "| - | - | - |")
+                         "| - | - | - | - |")
             continue
         p = peer.get(key)
         theirs = f"{p['tokens_per_s']:.1f}" if p else "not run"
         ratio = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}" if p else "-"
         where = f"{r['streamed_layers']} layers in host memory" + (f", {r['cpu_groups']} MLPs on the CPU" if r.get("cpu_groups") else "")
         pred = f"{r['predicted_tokens_per_s']:.1f}" if r.get("predicted_tokens_per_s") else "-"
+        limit = (f"{r['limit_tokens_per_s']:.1f} ({100 * r['tokens_per_s'] / r['limit_tokens_per_s']:.0f}%)"
+                 if r.get("limit_tokens_per_s") else "-")
         lines.append(f"| {test} | {fmt} / {PEER_FORMAT[fmt]} | {place} ({where}) | {batch} | "
-                     f"{r['tokens_per_s']:.1f} | {pred} | {theirs} | {ratio} |")
+                     f"{r['tokens_per_s']:.1f} | {pred} | {limit} | {theirs} | {ratio} |")
     if res.get("peer_errors"):
         lines += ["", "llama.cpp errors:", ""] + [f"- {e}" for e in res["peer_errors"]]
     return "\n".join(lines) + "\n"
