@@ -171,3 +171,18 @@ def test_cuda_captured_rounds_streamed_bf16(make_ckpt):
     plain = rt.generate(prompts, 32, use_graph=True)
     print("first difference from plain:", [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
                                            for x, y in zip(eager, plain)])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_rows_of_different_lengths_with_max_seq_len_exactly_enough(target, temperature):
+    """The short row is done rounds before the long one; with max_seq_len = longest + new tokens + k exactly,
+    no round may write past the cache (the done row stays within its room)."""
+    k, new = 4, 20
+    prompts = [REPEATING[:3], REPEATING]
+    rt = Runtime.from_pretrained(target, device="cpu", max_batch_size=2, max_seq_len=len(REPEATING) + new + k)
+    spec = Speculative("lookup", k=k)
+    kw = dict(temperature=temperature, seed=3)
+    got = rt.generate(prompts, new, speculative=spec, **kw)
+    assert [len(r) for r in got] == [len(p) + new for p in prompts]
+    if temperature == 0.0:
+        assert got == rt.generate(prompts, new)

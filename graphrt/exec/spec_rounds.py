@@ -133,11 +133,13 @@ def spec_round(target: Engine, draft, st: SpecState, k: int, phase: int, ctx_len
     n, nxt = verify_greedy(logits, drafts)
     live = st.made < st.limit
     emitted = torch.cat([drafts, nxt[:, None]], dim=1).scatter(1, n[:, None], nxt[:, None])   # d_1..d_n, nxt
-    at = st.pos[:, None] + 1 + steps                                                    # [B, k+1] positions
-    keep = (steps[None] <= n[:, None]) & live[:, None]
+    # a row takes at most the tokens it still wants, so its pos never passes prompt + limit - 1: a finished row
+    # keeps writing K/V (masked) at pos .. pos + k < max_seq_len (check_room) and its history is left as it is
+    step = torch.where(live, torch.minimum(n + 1, st.limit - st.made), 0)
+    at = (st.pos[:, None] + 1 + steps).clamp(max=st.history.shape[1] - 1)              # [B, k+1] positions
+    keep = steps[None] < step[:, None]
     st.history.scatter_(1, at, torch.where(keep, emitted, st.history.gather(1, at)))
     draft.commit(st, n, k)
-    step = torch.where(live, n + 1, 0)
     st.pos.add_(step)
     st.made.add_(step)
     st.last.copy_(torch.where(live, nxt, st.last))

@@ -115,7 +115,9 @@ def speculative_decode(engine: Engine, draft: Draft, ids: torch.Tensor, lengths:
             gained.append(toks)
         stats.rounds += 1
         draft.commit(n, gained)
+        # a row advances by the tokens it kept: a finished row stays within prompt + max_new_tokens, so its
+        # rounds' writes at pos .. pos + k stay inside max_seq_len (check_room)
+        pos = pos + torch.tensor([len(t) for t in gained], device=dev)
         done = torch.tensor([m >= max_new_tokens for m in made], device=dev)
-        pos = torch.where(done, pos, pos + n + 1)                 # a finished row stays where it is
         last = torch.where(done, last, nxt)
         yield gained
