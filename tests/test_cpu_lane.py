@@ -152,6 +152,12 @@ def test_cuda_cpu_lane_graph_equals_eager_and_tracks_all_gpu(model):
     cpu_lane.check()
     assert rt.engine.cpu_lane.host_threads == 2     # the driver's thread ran with the lane's count
     torch.set_num_threads(threads)
+    # greedy speculative rounds (k + 1 tokens a step) captured with the lane's host nodes == the same rounds eager
+    from graphrt.speculative import Speculative
+    spec = Speculative("lookup", k=3)
+    assert torch.equal(rt.generate(ids, 24, use_graph=True, speculative=spec),
+                       rt.generate(ids, 24, use_graph=False, speculative=spec))
+    cpu_lane.check()
     # bf16 on the CPU vs the GPU: logits within 2e-2 relative (the bound), tokens reported
     got, want = rt.logits(ids), ref.logits(ids)
     rel = ((got - want).norm() / want.norm()).item()

@@ -90,12 +90,20 @@ class CpuLane:
         self.threads = threads or torch.get_num_threads()
         self.device = device
         self.cuda = device.type == "cuda"
-        numel = max_tokens * hidden
+        self.hidden, self.dtype, self.retired = hidden, dtype, []
         if self.cuda:  # pinned staging, reused by every group: the compute stream orders their uses
-            self.stage_in = torch.empty(numel, dtype=dtype, pin_memory=True)
-            self.stage_out = torch.empty(numel, dtype=dtype, pin_memory=True)
+            self.stage_in = torch.empty(max_tokens * hidden, dtype=dtype, pin_memory=True)
+            self.stage_out = torch.empty(max_tokens * hidden, dtype=dtype, pin_memory=True)
         self.keys: list[int] = []   # host functions registered by captures (kept while graphs live)
         self.host_threads: int | None = None   # torch threads the last host function ran with
+
+    def reserve(self, tokens: int) -> None:
+        """Staging for steps of `tokens` activation rows (batch x tokens per row; call before capturing such
+        steps, e.g. speculative rounds of k + 1 tokens). Graphs captured earlier keep the old buffers alive."""
+        if self.cuda and tokens * self.hidden > self.stage_in.numel():
+            self.retired += [self.stage_in, self.stage_out]
+            self.stage_in = torch.empty(tokens * self.hidden, dtype=self.dtype, pin_memory=True)
+            self.stage_out = torch.empty(tokens * self.hidden, dtype=self.dtype, pin_memory=True)
 
     def run(self, h: torch.Tensor, fn: HostFn) -> torch.Tensor:
         if not self.cuda:

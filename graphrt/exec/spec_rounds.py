@@ -175,6 +175,8 @@ class SpecRounds:
         todo = [(p, c) for c in ctxs for p in range(len(e.plans)) if (p, c) not in self.graphs]
         if not todo:
             return
+        if e.cpu_lane is not None:   # the CPU lane's staging for k + 1 tokens per row
+            e.cpu_lane.reserve(self.batch * (self.k + 1))
         st.limit.zero_()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):   # warm-up outside capture (lazy library init)
