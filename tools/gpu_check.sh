@@ -33,7 +33,8 @@ fi
 has() { [[ " $parts " == *" $1 "* || " $parts " == *" all "* ]]; }
 pytest_gpu() {  # $1: log name, rest: pytest selection
   local log=$1; shift
-  python3 -m pytest -q -rs -m gpu -p no:cacheprovider --durations=10 "$@" 2>&1 | tee "$OUT/$log.log" \
+  timeout ${TEST_TIMEOUT_S:-420} python3 -m pytest -q -rs -m gpu -p no:cacheprovider --durations=10 "$@" 2>&1 \
+    | tee "$OUT/$log.log" \
     | grep -v -E "^$|Loading weights" | tail -25
 }
 wait_build() {  # until llama.cpp's detached build has ended (the CPU lane must not share the CPU with it)
@@ -86,7 +87,8 @@ if has peer-finish; then  # llama.cpp on the same model and split, then one tabl
     | tee "$OUT/versus.log" | tail -40
 fi
 if has spec; then  # needs the default model (GRAPHRT_DEFAULT_GGUF, see above)
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_speculative.py 2>&1 | tail -3
+  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_speculative.py 2>&1 | tee "$OUT/gpu_spec_tests.log" \
+    | tail -3
   timeout 500 python3 -m graphrt.cli bench --only spec --out "$OUT" 2>&1 | grep -v "Loading weights" \
     | tee "$OUT/bench_spec.log" | tail -30
 fi
