@@ -85,6 +85,34 @@ def test_shards_and_bad_sizes(cases):
         Runtime.from_pretrained("unused", tensor_parallel=0)
 
 
+GGUF_TYPES = {"token_embd.weight": "Q8_0", "output.weight": "Q4_0", "blk.0.attn_output.weight": "Q4_0",
+              "blk.0.ffn_down.weight": "F16", "blk.1.ffn_down.weight": "Q4_1", "blk.1.attn_q.weight": "Q5_1",
+              "blk.1.attn_k.weight": "F32", "blk.0.ffn_up.weight": "Q5_0"}
+
+
+def _gguf_rank(rank: int, world: int, port: int, path: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    rt = Runtime.from_pretrained(path, device="cpu", tensor_parallel=world, max_batch_size=2, max_seq_len=64)
+    torch.save((rt.logits(IDS % 96), rt.generate(IDS % 96, 12)), f"{out}/gguf{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_read_a_quantized_gguf(tmp_path):
+    """Each rank takes whole rows, or the whole blocks of its columns, of the file's quantized bytes: the same
+    numbers as one process (fp32 reduction order), the same greedy tokens."""
+    from test_gguf_source import write_gguf
+    path, _ = write_gguf(tmp_path / "m.gguf", types=GGUF_TYPES, hidden=64, inter=128, heads=4, kv=2, vocab=96)
+    mp.spawn(_gguf_rank, args=(2, _free_port(), str(path), str(tmp_path)), nprocs=2, join=True)
+    one = Runtime.from_pretrained(path, device="cpu", max_batch_size=2, max_seq_len=64)
+    want_logits, want_tokens = one.logits(IDS % 96), one.generate(IDS % 96, 12)
+    for r in range(2):
+        logits, tokens = torch.load(tmp_path / f"gguf{r}.pt")
+        assert ((logits - want_logits).norm() / want_logits.norm()).item() < 1e-5, r
+        assert torch.equal(tokens, want_tokens), r
+
+
 def _mismatched_rank(rank: int, world: int, port: int, path: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))

@@ -70,8 +70,6 @@ def join_rank(cfg: ModelConfig, opts, source_path, device: torch.device, request
     means the GPU of the local rank. Checks that every rank was started with the same model and options."""
     if opts.cpu_lane:
         raise ConfigError("tensor_parallel with cpu_lane is not supported yet; use one of them")
-    if str(source_path).endswith(".gguf"):
-        raise ConfigError(f"{source_path}: tensor parallelism does not read GGUF files yet")
     if device.type == "cuda" and requested in (None, "cuda"):   # torchrun: one GPU per local rank
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

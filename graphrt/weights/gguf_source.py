@@ -21,7 +21,7 @@ import torch
 from ..config import ConfigError, ModelConfig
 from .checkpoint import CheckpointError
 from .formats import Dense, GGUFQuant, WeightFormat, stack_rows
-from .formats.gguf import SUPPORTED_TYPES, dequantize, type_name
+from .formats.gguf import GGML_TYPES, SUPPORTED_TYPES, dequantize, type_name
 from .layout import GroupLayout, expected_tensors
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM"}
@@ -219,8 +219,25 @@ class GGUFCheckpoint:
                 out.append((name, fmt))
         return tuple(out)
 
-    def raw_rows(self, name: str) -> torch.Tensor:
-        """The file's bytes of tensor `name` as uint8 [rows, bytes per row] (rows in Hugging Face order)."""
+    def raw_rows(self, name: str, shard=None) -> torch.Tensor:
+        """The file's bytes of tensor `name` as uint8 [rows, bytes per row] (rows in Hugging Face order). With a
+        tensor-parallel `shard`: its rows, or for a column split the whole blocks of its columns."""
+        raw = self._raw_rows(name)
+        part = shard.split(name) if shard is not None else None
+        if part is None or raw.shape[0] == 1 and part[0] == "rows":
+            return raw
+        kind, a, b = part
+        if kind == "rows":
+            return raw[a:b].contiguous()
+        ggml = self.file_type(name)
+        _, block, size = GGML_TYPES[ggml]
+        if a % block or b % block:
+            raise ConfigError(f"{self.path}: {name} ({ggml}, blocks of {block} values) cannot be split at columns "
+                              f"{a}..{b} for tensor parallelism; use a tensor-parallel size whose slices are whole "
+                              "blocks, or one GPU")
+        return raw[:, a // block * size:b // block * size].contiguous()
+
+    def _raw_rows(self, name: str) -> torch.Tensor:
         t = self._tensors[name]
         data = np.asarray(t.data)
         rows = int(t.shape[1]) if len(t.shape) == 2 else 1
@@ -231,31 +248,30 @@ class GGUFCheckpoint:
             raw = unpermute_rows(raw, self.config.num_kv_heads)
         return raw
 
-    def dequantized(self, name: str) -> torch.Tensor:
-        """Tensor `name` in float32, Hugging Face shape and row order (bit-exact with gguf.quants.dequantize)."""
-        shape = tuple(int(d) for d in reversed(self._tensors[name].shape))
-        return dequantize(self.raw_rows(name), self.file_type(name)).view(shape)
+    def dequantized(self, name: str, shard=None) -> torch.Tensor:
+        """Tensor `name` (or a shard's part of it) in float32, Hugging Face shape and row order (bit-exact with
+        gguf.quants.dequantize)."""
+        values = dequantize(self.raw_rows(name, shard), self.file_type(name))
+        return values.view(-1) if len(self._tensors[name].shape) == 1 else values
 
-    def _stored(self, name: str, fmt: WeightFormat, device: torch.device) -> dict[str, torch.Tensor]:
+    def _stored(self, name: str, fmt: WeightFormat, device: torch.device, shard=None) -> dict[str, torch.Tensor]:
         kind = self.file_type(name)
         if isinstance(fmt, GGUFQuant) and fmt.ggml_type == kind:
-            return {"q": self.raw_rows(name)}
+            return {"q": self.raw_rows(name, shard)}
         if isinstance(fmt, Dense) and _FLOAT_TYPES.get(kind) == fmt.dtype:
-            return {"w": self.raw_rows(name).view(fmt.dtype)}
-        return fmt.encode(self.dequantized(name), device)
+            return {"w": self.raw_rows(name, shard).view(fmt.dtype)}
+        return fmt.encode(self.dequantized(name, shard), device)
 
     def fill_groups(self, groups: list[GroupLayout], buffer_for, device: torch.device,
                     shard=None) -> Iterator[GroupLayout]:
         """For each group, write its tensors (one at a time) into `buffer_for(group)` (a uint8 tensor) in their
-        layout formats, yielding the group when it is complete. (No tensor parallelism for GGUF files yet.)"""
-        if shard is not None:
-            raise ConfigError(f"{self.path}: tensor parallelism does not read GGUF files yet; convert the file to a "
-                              "Hugging Face directory (graphrt's weights/convert.py) or run on one GPU")
+        layout formats, yielding the group when it is complete. With a tensor-parallel `shard`, each tensor is its
+        rank's part: whole rows, or the whole blocks of its columns (the file's bytes either way)."""
         for g in groups:
             buffer = buffer_for(g)
             for t in g.tensors:
-                stored = stack_rows(t.format, [self._stored(name, t.format, device) if t.is_matrix else
-                                               {"w": self.dequantized(name)} for name in t.checkpoint_names])
+                stored = stack_rows(t.format, [self._stored(name, t.format, device, shard) if t.is_matrix else
+                                               {"w": self.dequantized(name, shard)} for name in t.checkpoint_names])
                 for part, offset in t.parts:
                     buffer[offset:offset + part.nbytes].view(part.dtype).view(part.shape).copy_(stored[part.name])
             yield g

@@ -30,27 +30,34 @@ class Shard:
     ffn: tuple[int, int]            # intermediate rows [f0, f1)
     vocab: tuple[int, int]          # vocabulary ids [v0, v1)
 
-    def slice(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """This rank's part of checkpoint tensor `name` (HF naming; `weight_scale`s follow their weight's rows)."""
+    def split(self, name: str) -> tuple[str, int, int] | None:
+        """("rows" | "cols", start, end): the part of checkpoint tensor `name` (HF naming) this rank holds;
+        None: the whole tensor (norms; the row scales of column-split matrices)."""
         D = self.config.head_dim
-        rows = lambda a, b: t[a:b] if t.dim() >= 1 and t.numel() > 1 else t    # noqa: E731
-        cols = lambda a, b: t[:, a:b]                                           # noqa: E731
         base = name.rsplit(".", 1)[0]
         if base.endswith("self_attn.q_proj"):
-            return rows(self.heads[0] * D, self.heads[1] * D)
+            return "rows", self.heads[0] * D, self.heads[1] * D
         if base.endswith(("self_attn.k_proj", "self_attn.v_proj")):
-            return rows(self.kv_heads[0] * D, self.kv_heads[1] * D)
+            return "rows", self.kv_heads[0] * D, self.kv_heads[1] * D
         if base.endswith(("mlp.gate_proj", "mlp.up_proj")):
-            return rows(*self.ffn)
+            return ("rows", *self.ffn)
         if base in ("model.embed_tokens", "lm_head"):
-            return rows(*self.vocab)
+            return ("rows", *self.vocab)
         if name.endswith("weight_scale"):                   # column-split matrices keep their row scales
-            return t
+            return None
         if base.endswith("self_attn.o_proj"):
-            return cols(self.heads[0] * D, self.heads[1] * D)
+            return "cols", self.heads[0] * D, self.heads[1] * D
         if base.endswith("mlp.down_proj"):
-            return cols(*self.ffn)
-        return t                                            # norms
+            return ("cols", *self.ffn)
+        return None                                         # norms
+
+    def slice(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """This rank's part of checkpoint tensor `name` (HF naming; `weight_scale`s follow their weight's rows)."""
+        part = self.split(name)
+        if part is None or (part[0] == "rows" and (t.dim() == 0 or t.numel() == 1)):
+            return t
+        kind, a, b = part
+        return t[a:b] if kind == "rows" else t[:, a:b]
 
 
 def make_shard(cfg: ModelConfig, rank: int, world: int) -> Shard:
