@@ -190,3 +190,18 @@ def test_plan_tp_plans_one_rank(capsys):
     assert "tensor parallel 2: each rank holds 32 of 64 heads" in two
     speed = lambda out: float(out.split("predicted decode")[1].split("tokens/s")[0].split()[-1])  # noqa: E731
     assert speed(two) > 1.8 * speed(one)     # half the bytes per rank and link
+
+
+def test_plan_tp_for_405b(capsys):
+    """`graphrt plan --tp K` for Llama-3.1-405B: int4 on 80 GB GPUs streams on 1 and 2 ranks, fits on 8."""
+    from pathlib import Path
+    from graphrt.cli import main
+    config = str(Path(__file__).resolve().parents[1] / "tools" / "configs" / "llama-3.1-405b.json")
+    outs = {}
+    for tp in (1, 2, 8):
+        assert main(["plan", config, "--gpu-budget", "80GB", "--quantization", "int4", "--tp", str(tp)]) == 0
+        outs[tp] = capsys.readouterr().out
+    assert "streamed 0 groups" not in outs[1] and "streamed 0 groups" not in outs[2]
+    assert "tensor parallel 8: each rank holds 16 of 128 heads" in outs[8] and "everything is resident" in outs[8]
+    speed = lambda out: float(out.split("predicted decode: ")[1].split()[0])  # noqa: E731
+    assert speed(outs[2]) > 2 * speed(outs[1])
