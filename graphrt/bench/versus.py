@@ -3,7 +3,7 @@ every weight on the GPU and "split" (the budget that leaves HOST_LAYERS of 16 la
 
 graphrt rows (graph path): decode at batch 1 for bf16, int8 and int4 (quantized on load), on the GPU, split
 (streaming only) and split+cpu (the same budget, the planner free to use the CPU lane); decode at batch 4, 8 and
-16 split and split+cpu (bf16); prefill of a 4096-token prompt on the GPU and split (bf16). The peer
+16 split and split+cpu (bf16); prefill of a 4096-token prompt on the GPU, split and split+cpu (bf16). The peer
 (peer.py, llama.cpp built by tools/llamacpp/build.sh) runs the same model as F16, Q8_0 and Q4_K_M GGUFs. Writes
 versus.json and versus.md (both systems, one table; ratios are graphrt / llama.cpp from this run).
 """
@@ -129,9 +129,10 @@ def graphrt_rows(path: Path, keep: Path | None = None) -> list[dict]:
             lambda b=batch, c=place == "split+cpu": _runtime(path, None, split_budget(cfg, None, b, 512), b, 512,
                                                               cpu_lane=c),
             lambda rt, b=batch: b / step_time(rt, steps=16, repeats=3, batch=b, prompt=128))
-    for place in ("gpu", "split"):
+    for place in ("gpu", "split", "split+cpu"):   # split+cpu: prompts stream the lane's groups (prompt plans)
         row("bf16", place, "prefill", 1,
-            lambda s=place == "split": _runtime(path, None, split_budget(cfg, None, 1, 4352) if s else None, 1, 4352),
+            lambda pl=place: _runtime(path, None, split_budget(cfg, None, 1, 4352) if pl != "gpu" else None, 1, 4352,
+                                      cpu_lane=pl == "split+cpu"),
             lambda rt: 4096 / prefill_time(rt, 4096))
     return rows
 
