@@ -216,8 +216,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ring-depth", type=_positive(2), default=3, help="streamed weight slots")
     p.add_argument("--cpu-lane", action="store_true", help="let the planner compute MLP groups on the CPU from host "
                    "memory beside the streamed ones (the CPU's rate is measured once and cached)")
-    p.add_argument("--cpu-threads", type=_positive(), help="CPU threads for the CPU lane (default: torch's, at "
-                   "most one fewer than the CPUs on a GPU machine)")
+    p.add_argument("--cpu-threads", type=_positive(), help="CPU threads for the CPU lane (default on a GPU machine: "
+                   "the fastest team size the calibration measured; else torch's)")
     p.add_argument("--max-seq-len", type=_positive(), help="longest sequence (default: 2048 or "
                    "the model's positions, whichever is smaller)")
     p.add_argument("--max-new-tokens", type=_positive(), default=None)

@@ -181,7 +181,7 @@ class RuntimeOptions:
     quantization: str | None = None         # quantize on load: "int8", "fp8", "int4"; None keeps the file's
     cpu_lane: bool = False                  # let the planner compute MLP groups on the CPU from host memory
     cpu_rate: float | None = None           # bytes/s of weights the CPU computes; None: calibrate (cached)
-    cpu_threads: int | None = None          # torch CPU threads for the CPU lane; None: torch's (GPU: <= CPUs - 1)
+    cpu_threads: int | None = None          # torch CPU threads for the CPU lane; None: calibrated (GPU)
     tensor_parallel: int = 1                # ranks (one process each, torchrun) sharing the model Megatron-style
     extra: dict = field(default_factory=dict, repr=False)
 

@@ -22,7 +22,7 @@ from .exec.comm import join_rank
 from .exec.engine import Engine
 from .exec.speculative import SpecStats
 from .exec.graph import DecodeGraph, GraphCache, pad_prompts
-from .plan.calibrate import cpu_rate
+from .plan.calibrate import best_threads, cpu_rate, thread_candidates
 from .plan.placement import CostModel, Placement, plan_placement, with_prefill_chunk
 from .plan.schedule import build_plans, build_prologue
 from .sampling import SEED_STRIDE, SamplingParams
@@ -93,12 +93,18 @@ class Runtime:
         cost = CostModel(o.h2d_bandwidth, o.hbm_bandwidth)
         if o.cpu_lane:   # the CPU lane's groups are stored in the CPU's formats (e.g. int4 in its kernel's packing)
             cpu_policy = weight_policy(self.source, o.quantization, self.dtype, torch.device("cpu"))
-            # the lane's thread count (calibrated with, and used by its host functions): --cpu-threads, else
-            # torch's, leaving one core to the thread that drives the GPU (it spins while it waits)
-            threads = o.cpu_threads or (min(torch.get_num_threads(), max(1, (os.cpu_count() or 2) - 1))
-                                        if self.device.type == "cuda" else torch.get_num_threads())
-            torch.set_num_threads(threads)
-            rate = o.cpu_rate or cpu_rate(cfg, cpu_policy, o.max_batch_size, concurrent_h2d=self.device.type == "cuda")
+            # the lane's thread count, used by its host functions: --cpu-threads, else on a GPU machine the
+            # fastest measured team size (one thread drives the GPU), else torch's
+            cuda = self.device.type == "cuda"
+            if o.cpu_threads or o.cpu_rate or not cuda:
+                threads = o.cpu_threads or (min(torch.get_num_threads(), max(1, (os.cpu_count() or 2) - 1))
+                                            if cuda else torch.get_num_threads())
+                torch.set_num_threads(threads)
+                rate = o.cpu_rate or cpu_rate(cfg, cpu_policy, o.max_batch_size, concurrent_h2d=cuda)
+            else:
+                threads, rate = best_threads(cfg, cpu_policy, o.max_batch_size, thread_candidates(os.cpu_count() or 2),
+                                             concurrent_h2d=True)
+                torch.set_num_threads(threads)
             cost = replace(cost, cpu_rate=rate)
         p = plan_placement(cfg, budget, o.ring_depth, o.max_batch_size, o.max_seq_len, self.policy,
                            stream_unit=o.stream_unit, strategy=o.placement, prefill_chunk=o.prefill_chunk,

@@ -178,3 +178,20 @@ def test_plan_cli_shows_the_cpu_lane(capsys):
     assert "CPU lane:" in with_lane and "CPU lane busy" in with_lane and "CPU lane" not in without
     speed = lambda out: float(out.split("predicted decode: ")[1].split()[0])  # noqa: E731
     assert speed(with_lane) > speed(without)
+
+
+def test_thread_count_comes_from_the_calibration(tmp_path, monkeypatch):
+    """On a GPU machine the lane's default team size is the fastest measured candidate (each cached), and the
+    caller's thread count is left as it was."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert calibrate.thread_candidates(16) == [15, 12, 8] and calibrate.thread_candidates(1) == [1]
+    cfg = ModelConfig.from_dict(make_config(**dict(PRESETS["tiny-llama"], hidden=256, intermediate=512)))
+    policy = quantization_policy(None, torch.float32, torch.device("cpu"))
+    rates = {3: 5e9, 2: 9e9, 1: 4e9}
+    seen = []
+    monkeypatch.setattr(calibrate, "measure", lambda *a, **k: seen.append(torch.get_num_threads())
+                        or rates[torch.get_num_threads()])
+    before = torch.get_num_threads()
+    assert calibrate.best_threads(cfg, policy, 1, [3, 2, 1]) == (2, 9e9)
+    assert sorted(seen) == [1, 2, 3] and torch.get_num_threads() == before
+    assert calibrate.best_threads(cfg, policy, 1, [3, 2, 1]) == (2, 9e9) and len(seen) == 3   # from the cache

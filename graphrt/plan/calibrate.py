@@ -6,7 +6,8 @@ and scales of the right dtypes; speed does not depend on the values), runs the l
 `concurrent_h2d` (a CUDA device), pinned host-to-device copies run on a side stream meanwhile: the two host
 paths share DRAM bandwidth, and the lane runs beside the ring. Results are cached in
 $XDG_CACHE_HOME/graphrt/cpu_rates.json (or ~/.cache/...), keyed by CPU, threads, torch version, the group's
-formats and shape, the batch and the concurrency, so a load measures once.
+formats and shape, the batch and the concurrency, so a load measures once. `best_threads` measures a few team
+sizes (`thread_candidates`) and keeps the fastest: the lane's default thread count on a GPU machine.
 """
 from __future__ import annotations
 
@@ -104,3 +105,26 @@ def cpu_rate(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d:
         tmp.write_text(json.dumps(cache, indent=1))
         tmp.replace(path)  # never a half-written cache
     return rate
+
+
+def thread_candidates(cpus: int) -> list[int]:
+    """Team sizes the lane tries on a GPU machine (one thread drives the GPU): all CPUs but one, three quarters
+    and half of them (the half: one thread per core where each core runs two hardware threads)."""
+    return sorted({max(1, cpus - 1), max(1, cpus * 3 // 4), max(1, cpus // 2)}, reverse=True)
+
+
+def best_threads(cfg: ModelConfig, policy: FormatPolicy, batch: int, candidates: list[int],
+                 concurrent_h2d: bool = False) -> tuple[int, float]:
+    """(threads, bytes/s) of the fastest team size among `candidates`, each rate measured once and cached; the
+    caller's thread count is left as it was."""
+    before = torch.get_num_threads()
+    best: tuple[int, float] | None = None
+    try:
+        for n in candidates:
+            torch.set_num_threads(n)
+            rate = cpu_rate(cfg, policy, batch, concurrent_h2d=concurrent_h2d)
+            if best is None or rate > best[1]:
+                best = (n, rate)
+    finally:
+        torch.set_num_threads(before)
+    return best
