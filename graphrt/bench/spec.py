@@ -40,6 +40,17 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def first_difference(rt: Runtime, plain: list[int], got: list[int], prompt_len: int) -> dict:
+    """Where speculative output (prompt + new tokens) leaves plain output, counted in new tokens (bf16: a
+    k+1-token pass rounds unlike a 1-token step), and the plain run's top-1 minus top-2 logit there: a near-tie
+    explains the difference."""
+    at = next((i for i, (a, b) in enumerate(zip(plain, got)) if a != b), None)
+    if at is None:
+        return {}
+    top2 = rt.logits(torch.tensor([plain[:at]]))[0, -1].topk(2).values
+    return dict(first_difference_at=at - prompt_len, logit_margin_there=(top2[0] - top2[1]).item())
+
+
 def run_spec_bench(out: Path, model: Path | None = None) -> dict:
     from ..default_model import fetch_default
     out.mkdir(parents=True, exist_ok=True)
@@ -62,11 +73,11 @@ def run_spec_bench(out: Path, model: Path | None = None) -> dict:
             stats = SpecStats()
             s = _timed(lambda: rt.generate(ids, NEW_TOKENS, speculative=spec, speculative_stats=stats,
                                            use_graph=graph))
-            same = rt.generate(ids, NEW_TOKENS, speculative=spec, use_graph=graph) == plain
+            got = rt.generate(ids, NEW_TOKENS, speculative=spec, use_graph=graph)
             system = f"speculative {draft} k={k}" + ("" if graph else " (eager rounds)")
             rows.append(dict(base, system=system, tokens_per_s=NEW_TOKENS / s,
                              tokens_per_pass=stats.tokens_per_pass, acceptance=stats.acceptance,
-                             same_tokens_as_plain=same))
+                             same_tokens_as_plain=got == plain, **first_difference(rt, plain[0], got[0], len(ids[0]))))
             print(json.dumps(rows[-1]), flush=True)
     for r in rows:
         plain = next(p for p in rows if p["prompt"] == r["prompt"] and p["system"] == "graph, plain")
@@ -76,10 +87,14 @@ def run_spec_bench(out: Path, model: Path | None = None) -> dict:
     (out / "spec.json").write_text(json.dumps(res, indent=1))
     lines = [f"# speculative decoding: {res['device']}, torch {res['torch']}", "", f"Model `{path}`, bf16, batch 1, "
              f"{NEW_TOKENS} new tokens; plan: {rt.placement.describe().splitlines()[1]}", "",
-             "| prompt | system | tokens/s | x plain | tokens per pass | acceptance | same tokens |", "|---" * 7 + "|"]
+             "| prompt | system | tokens/s | x plain | tokens per pass | acceptance | same tokens (else: first "
+             "difference, plain run's logit margin there) |", "|---" * 7 + "|"]
     for r in rows:
+        same = r.get("same_tokens_as_plain", "-")
+        if same is False:
+            same = f"from token {r['first_difference_at']} (margin {r['logit_margin_there']:.3f})"
         lines.append(f"| {r['prompt']} | {r['system']} | {r['tokens_per_s']:.1f} | {r['x_plain']:.2f} | "
-                     f"{r['tokens_per_pass']:.2f} | {r.get('acceptance', 1.0):.2f} | {r.get('same_tokens_as_plain', '-')} |")
+                     f"{r['tokens_per_pass']:.2f} | {r.get('acceptance', 1.0):.2f} | {same} |")
     (out / "spec.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return res
