@@ -77,7 +77,8 @@ def run_spec_bench(out: Path, model: Path | None = None) -> dict:
             system = f"speculative {draft} k={k}" + ("" if graph else " (eager rounds)")
             rows.append(dict(base, system=system, tokens_per_s=NEW_TOKENS / s,
                              tokens_per_pass=stats.tokens_per_pass, acceptance=stats.acceptance,
-                             same_tokens_as_plain=got == plain, **first_difference(rt, plain[0], got[0], len(ids[0]))))
+                             same_tokens_as_plain=got == plain,
+                             **first_difference(rt, plain[0], got[0], len(ids[0]))))
             print(json.dumps(rows[-1]), flush=True)
     for r in rows:
         plain = next(p for p in rows if p["prompt"] == r["prompt"] and p["system"] == "graph, plain")
