@@ -53,11 +53,16 @@ def _random_buffer(g: GroupLayout) -> torch.Tensor:
     return buf
 
 
-def measure(cfg: ModelConfig, policy: FormatPolicy, batch: int, seconds: float = 0.3,
-            concurrent_h2d: bool = False) -> float:
-    """Bytes/s of one MLP group computed by the CPU lane's math (no cache)."""
+def mlp_group(cfg: ModelConfig, policy: FormatPolicy) -> tuple[int, dict]:
+    """(bytes, weight views) of one MLP group in `policy`'s formats, random contents."""
     g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
-    w = g.views(_random_buffer(g))
+    return g.nbytes, g.views(_random_buffer(g))
+
+
+def measure(cfg: ModelConfig, policy: FormatPolicy, batch: int, seconds: float = 0.3,
+            concurrent_h2d: bool = False, group: tuple[int, dict] | None = None) -> float:
+    """Bytes/s of one MLP group computed by the CPU lane's math (no cache); `group` from mlp_group, or built."""
+    nbytes, w = group or mlp_group(cfg, policy)
     x = torch.randn(batch, 1, cfg.hidden_size).to(policy.compute_dtype)
     copies = None
     if concurrent_h2d and torch.cuda.is_available():
@@ -78,26 +83,37 @@ def measure(cfg: ModelConfig, policy: FormatPolicy, batch: int, seconds: float =
             times.append(time.perf_counter() - t)
     if copies is not None:
         copies.synchronize()
-    return g.nbytes / statistics.median(times)
+    return nbytes / statistics.median(times)
+
+
+def _key(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: bool) -> str:
+    """What a cached rate depends on: CPU, this thread's team size, torch, the group's formats and shape."""
+    g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
+    formats = ",".join(sorted({type(t.format).__name__ + ":" + getattr(t.format, "name", "") for t in g.tensors}))
+    return "|".join(map(str, (_cpu_name(), torch.get_num_threads(), torch.__version__, formats,
+                              policy.compute_dtype, cfg.hidden_size, cfg.intermediate_size, batch, concurrent_h2d)))
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(cache_file().read_text()) if cache_file().is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _cached(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: bool) -> bool:
+    return _key(cfg, policy, batch, concurrent_h2d) in _read_cache()
 
 
 def cpu_rate(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: bool = False,
-             use_cache: bool = True) -> float:
+             use_cache: bool = True, group: tuple[int, dict] | None = None) -> float:
     """The cached rate for this machine and group, measuring it the first time."""
-    g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
-    formats = ",".join(sorted({type(t.format).__name__ + ":" + getattr(t.format, "name", "") for t in g.tensors}))
-    key = "|".join(map(str, (_cpu_name(), torch.get_num_threads(), torch.__version__, formats,
-                             policy.compute_dtype, cfg.hidden_size, cfg.intermediate_size, batch, concurrent_h2d)))
+    key = _key(cfg, policy, batch, concurrent_h2d)
     path = cache_file()
-    cache = {}
-    if use_cache and path.is_file():
-        try:
-            cache = json.loads(path.read_text())
-        except (OSError, ValueError):
-            cache = {}
+    cache = _read_cache() if use_cache else {}
     if key in cache:
         return float(cache[key])
-    rate = measure(cfg, policy, batch, concurrent_h2d=concurrent_h2d)
+    rate = measure(cfg, policy, batch, concurrent_h2d=concurrent_h2d, group=group)
     if use_cache:
         cache[key] = rate
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,10 +135,13 @@ def best_threads(cfg: ModelConfig, policy: FormatPolicy, batch: int, candidates:
     caller's thread count is left as it was."""
     before = torch.get_num_threads()
     best: tuple[int, float] | None = None
+    group = None
     try:
         for n in candidates:
             torch.set_num_threads(n)
-            rate = cpu_rate(cfg, policy, batch, concurrent_h2d=concurrent_h2d)
+            if group is None and not _cached(cfg, policy, batch, concurrent_h2d):
+                group = mlp_group(cfg, policy)     # built once for every team size measured
+            rate = cpu_rate(cfg, policy, batch, concurrent_h2d=concurrent_h2d, group=group)
             if best is None or rate > best[1]:
                 best = (n, rate)
     finally:
