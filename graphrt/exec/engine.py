@@ -42,7 +42,8 @@ class Engine:
         self.inv_freq = llama.rope_inv_freq(cfg).to(self.device)
         self.ring_step = 0          # steps run since the last prologue; selects the ring phase
         self.ring_cold = True       # the prologue must run before the next step
-        # staging for captured (decode) steps, one token per row; prompts run the lane eagerly
+        # staging for captured decode steps, one token per row (speculative rounds reserve k + 1); prompts run
+        # the lane eagerly or stream its groups (prompt plans)
         self.cpu_lane = CpuLane(self.device, options.max_batch_size, cfg.hidden_size, dtype) if store.cpu else None
 
     # ---- limits --------------------------------------------------------------------------------
