@@ -20,6 +20,25 @@ from ..sampling import SamplingParams, sample
 from .engine import Engine
 
 
+def capture_graphs(keys: list[tuple], body, pool, stream: torch.cuda.Stream) -> dict[tuple, torch.cuda.CUDAGraph]:
+    """One CUDA graph of `body(*key)` per key, all in `pool`, captured on `stream` (warm it up first); then a
+    synchronize. A runtime collected mid-capture would synchronize and unpin its host buffers, which a capture
+    forbids: collect first, and not during the capture."""
+    graphs = {}
+    gc.collect()
+    gc.disable()
+    try:
+        for key in keys:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="global"):
+                body(*key)
+            graphs[key] = graph
+    finally:
+        gc.enable()
+    torch.cuda.synchronize()
+    return graphs
+
+
 class GraphCache:
     """Static buffers and captured graphs shared by every DecodeGraph of one engine."""
 
@@ -80,19 +99,7 @@ class GraphCache:
                     self.step_body(*key)
                     self.positions.zero_()
             torch.cuda.current_stream().wait_stream(self.stream)
-            # A runtime collected mid-capture would synchronize and unpin its host buffers, which a
-            # capture forbids: collect first, and not during the capture.
-            gc.collect()
-            gc.disable()
-            try:
-                for key in todo:
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="global"):
-                        self.step_body(*key)
-                    self.graphs[key] = graph
-            finally:
-                gc.enable()
-            torch.cuda.synchronize()
+            self.graphs.update(capture_graphs(todo, self.step_body, self.pool, self.stream))
         e.reset()
 
 

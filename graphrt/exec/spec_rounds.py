@@ -18,7 +18,6 @@ Sampling (temperature > 0) keeps the eager rounds of speculative.py.
 """
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -27,6 +26,7 @@ import torch
 from ..config import ConfigError
 from ..sampling import argmax_rows
 from .engine import Engine
+from .graph import capture_graphs
 from .speculative import SpecStats, verify_greedy
 
 
@@ -182,17 +182,8 @@ class SpecRounds:
         with torch.cuda.stream(self.stream):   # warm-up outside capture (lazy library init)
             spec_round(e, self.draft, st, self.k, *todo[0])
         torch.cuda.current_stream().wait_stream(self.stream)
-        gc.collect()
-        gc.disable()
-        try:
-            for key in todo:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="global"):
-                    spec_round(e, self.draft, st, self.k, *key)
-                self.graphs[key] = graph
-        finally:
-            gc.enable()
-        torch.cuda.synchronize()
+        self.graphs.update(capture_graphs(todo, lambda *key: spec_round(e, self.draft, st, self.k, *key),
+                                          self.pool, self.stream))
         e.reset()
 
     @torch.inference_mode()
