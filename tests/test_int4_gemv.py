@@ -104,7 +104,10 @@ def test_cuda_kernel_and_graph(case):
     x, fmt, parts, bias, ref = make(case, torch.device("cuda"))
     y = int4_gemv(x, parts["w"], parts["scales_and_zeros"], bias, split_k=case["split"])
     check(case, y, ref)
-    assert torch.equal(fmt.linear(x, parts, bias), int4_gemv(x, parts["w"], parts["scales_and_zeros"], bias))
+    from graphrt.weights.formats import int4_cuda
+    w, sz = parts["w"], parts["scales_and_zeros"]
+    chosen = int4_cuda.int4_gemv_row if x.shape[0] == 1 and int4_cuda.supports(x, w, sz) else int4_gemv
+    assert torch.equal(fmt.linear(x, parts, bias), chosen(x, w, sz, bias))
     static_x = x.clone()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -112,3 +115,34 @@ def test_cuda_kernel_and_graph(case):
     static_x.copy_(x * 2)
     g.replay()
     assert torch.equal(out, fmt.linear(x * 2, parts, bias))
+
+
+ROW_CASES = [dict(x=x, m=1, k=k, n=n, g=g, split=None, bias=bias)
+             for x, k, n, g, bias in [("bfloat16", 4096, 1024, 128, False), ("bfloat16", 14336, 512, 128, True),
+                                      ("float32", 576, 64, 32, False), ("float16", 4096, 256, 64, True),
+                                      ("bfloat16", 2048, 96, 256, False), ("float32", 64, 8, 32, True)]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ROW_CASES + [c for c in CASES if c["m"] == 1], ids=case_id)
+def test_nvrtc_row_kernel(case):
+    """The NVRTC one-row kernel (int4_cuda.py) against float64 x @ dense(parts, float32).T, in a CUDA graph too,
+    and chosen by Int4("blocked").linear for one row."""
+    from graphrt.weights.formats import int4_cuda
+    if not int4_cuda.available(0):
+        pytest.fail("the NVRTC int4 kernel does not compile on this GPU (torch.cuda._compile_kernel / NVRTC)")
+    x, fmt, parts, bias, ref = make(case, torch.device("cuda"))
+    w, sz = parts["w"], parts["scales_and_zeros"]
+    assert int4_cuda.supports(x, w, sz)
+    y = int4_cuda.int4_gemv_row(x, w, sz, bias)
+    check(case, y, ref)
+    assert torch.equal(fmt.linear(x, parts, bias), y)
+    static_x = x.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = int4_cuda.int4_gemv_row(static_x, w, sz, bias)
+    static_x.copy_(x * 2)
+    g.replay()
+    assert torch.equal(out, int4_cuda.int4_gemv_row(x * 2, w, sz, bias))
+    # rows that are not a multiple of 8, or a misaligned view: the Triton kernel serves instead
+    assert not int4_cuda.supports(x, w[:-1], sz[:, :-1])

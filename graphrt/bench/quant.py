@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from ..config import ModelConfig
 from ..plan.placement import essentials
 from ..runtime import Runtime
-from ..weights.formats.policy import quantization_policy
+from ..weights.formats.policy import int4_packing, quantization_policy
 from ..weights.layout import model_groups
 from .run import cuda_median, make_bench_model, measure_limits
 
@@ -49,9 +50,12 @@ def step_time(rt: Runtime, steps: int = 24, repeats: int = 5, batch: int = 1, pr
 
 
 def kernel_times(shape=(28672, 8192)) -> dict[str, float]:
-    """Microseconds of one linear at M=1 for each format (median of 20, CUDA events)."""
-    from ..weights.formats import linear
+    """Microseconds of one linear at M=1 for each format (median of 20, CUDA events); for int4 also each kernel
+    that could serve it: ATen's tinygemm ("cuda" packing), the Triton GEMV and the NVRTC row kernel ("blocked")."""
+    from ..weights.formats import int4_cuda, linear
     from ..weights.formats.base import Weight
+    from ..weights.formats.int4 import Int4
+    from ..weights.formats.int4_gemv import int4_gemv
     w = torch.randn(shape, device="cuda") * 0.02
     x = torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16)
     out = {}
@@ -61,6 +65,15 @@ def kernel_times(shape=(28672, 8192)) -> dict[str, float]:
         weight = Weight(fmt, parts, shape)
         linear(x, weight)
         out[q or "bf16"] = 1e6 * cuda_median(lambda: linear(x, weight), 20)
+    tiny = Int4(torch.bfloat16, 128, packing="cuda")
+    tparts = {k: v.cuda() for k, v in tiny.encode(w.cpu(), torch.device("cuda")).items()}
+    out["int4 tinygemm"] = 1e6 * cuda_median(lambda: tiny.linear(x, tparts, None), 20)
+    blocked = Int4(torch.bfloat16, 128, packing="blocked")
+    bparts = {k: v.cuda() for k, v in blocked.encode(w.cpu(), torch.device("cuda")).items()}
+    out["int4 triton"] = 1e6 * cuda_median(lambda: int4_gemv(x, bparts["w"], bparts["scales_and_zeros"]), 20)
+    if int4_cuda.supports(x, bparts["w"], bparts["scales_and_zeros"]):
+        out["int4 nvrtc-row"] = 1e6 * cuda_median(
+            lambda: int4_cuda.int4_gemv_row(x, bparts["w"], bparts["scales_and_zeros"]), 20)
     return out
 
 
@@ -70,27 +83,35 @@ def run_quant_bench(out: Path, layers: int, model: Path | None = None) -> dict:
     limits = measure_limits()
     print(f"limits: {limits}", flush=True)
     rows = []
-    for mode in ("resident", "streamed"):
-        for q in FORMATS:
-            gc.collect()
-            torch.cuda.empty_cache()
-            budget = all_streamed_budget(path, q) if mode == "streamed" else None
-            rt = Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", quantization=q, max_seq_len=MAX_SEQ_LEN,
-                                         prefill_chunk=CHUNK, ring_depth=RING, stream_unit="layer",
-                                         **({"gpu_budget": budget} if budget else {}))
-            p = rt.placement
-            assert (mode == "resident") == (not p.streamed), p.describe()
-            t = step_time(rt)
-            lim = measure_limits()  # right after the row it is compared with
-            roof = (p.streamed_bytes / (lim["h2d_GBps"] * 1e9) if mode == "streamed"
-                    else p.resident_bytes / (lim["hbm_GBps"] * 1e9))
-            rows.append(dict(format=q or "bf16", mode=mode, budget_GiB=(budget or 0) / 2**30,
-                             streamed_GB=p.streamed_bytes / 1e9, resident_GB=p.resident_bytes / 1e9,
-                             ms_per_step=1e3 * t, tokens_per_s=1 / t, roofline_ms=1e3 * roof,
-                             pct_of_roofline=100 * roof / t, h2d_GBps=lim["h2d_GBps"], hbm_GBps=lim["hbm_GBps"]))
-            print(json.dumps(rows[-1]), flush=True)
-            rt.close()
-            del rt
+    # the int4 rows run on the policy's kernel; "int4 tinygemm" (resident) is ATen's kernel in the same run
+    runs = [(mode, q) for mode in ("resident", "streamed") for q in FORMATS]
+    if int4_packing(torch.device("cuda"), torch.bfloat16) != "cuda":
+        runs.insert(len(FORMATS), ("resident", "int4 tinygemm"))
+    for mode, q in runs:
+        gc.collect()
+        torch.cuda.empty_cache()
+        budget = all_streamed_budget(path, q) if mode == "streamed" else None
+        if q == "int4 tinygemm":
+            os.environ["GRAPHRT_INT4_PACKING"] = "cuda"
+        try:
+            rt = Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", quantization=q.split()[0] if q else q,
+                                         max_seq_len=MAX_SEQ_LEN, prefill_chunk=CHUNK, ring_depth=RING,
+                                         stream_unit="layer", **({"gpu_budget": budget} if budget else {}))
+        finally:
+            os.environ.pop("GRAPHRT_INT4_PACKING", None)
+        p = rt.placement
+        assert (mode == "resident") == (not p.streamed), p.describe()
+        t = step_time(rt)
+        lim = measure_limits()  # right after the row it is compared with
+        roof = (p.streamed_bytes / (lim["h2d_GBps"] * 1e9) if mode == "streamed"
+                else p.resident_bytes / (lim["hbm_GBps"] * 1e9))
+        rows.append(dict(format=q or "bf16", mode=mode, budget_GiB=(budget or 0) / 2**30,
+                         streamed_GB=p.streamed_bytes / 1e9, resident_GB=p.resident_bytes / 1e9,
+                         ms_per_step=1e3 * t, tokens_per_s=1 / t, roofline_ms=1e3 * roof,
+                         pct_of_roofline=100 * roof / t, h2d_GBps=lim["h2d_GBps"], hbm_GBps=lim["hbm_GBps"]))
+        print(json.dumps(rows[-1]), flush=True)
+        rt.close()
+        del rt
     for r in rows:
         base = next(b for b in rows if b["mode"] == r["mode"] and b["format"] == "bf16")
         r["x_bf16"] = r["tokens_per_s"] / base["tokens_per_s"]

@@ -32,8 +32,9 @@ linear:
         the kernel wants in the activation dtype) and the result is cast back.
   CUDA  "cuda" packing: `torch.ops.aten._weight_int4pack_mm(x_bf16, w, G, scales_and_zeros)` (needs sm80+,
         bfloat16 only: other compute dtypes are cast to bfloat16 and back). "blocked" packing (the policy's choice
-        for float32 / float16 compute, which tinygemm rounds to bfloat16): `int4_gemv`, which forms exactly
-        `dense(parts, float32)` in registers.
+        for float32 / float16 compute, which tinygemm rounds to bfloat16, and for bfloat16 where the CUDA kernel
+        compiles): one row through `int4_cuda.int4_gemv_row` (NVRTC), 2..GEMV_MAX_ROWS rows through the Triton
+        `int4_gemv`; both form `dense(parts, float32)` in registers.
   Both: more than GEMV_MAX_ROWS rows (prefill), or parts packed for another device: dequantize, then F.linear.
 The CPU packed layout depends on the CPU's vector ISA (AVX512: blocks of 64 rows, AVX2 / default: 32, ...), so
 parts packed for "cpu" belong to the machine that packed them; `dense` recovers q by probing the pack op once
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 
 from .base import GEMV_MAX_ROWS, PartSpec
 from .gemv import gemv_available
+from . import int4_cuda
 from .int4_gemv import int4_gemv, pack_blocked, unpack_blocked
 
 PACKINGS = ("cpu", "cuda", "blocked")
@@ -184,6 +186,9 @@ class Int4:
         group = inp // sz.shape[0]
         out = sz.shape[1]
         x2 = x.reshape(-1, inp)
+        if self.packing == "blocked" and x.device.type == "cuda" and x2.shape[0] == 1 \
+                and int4_cuda.supports(x2, w, sz):
+            return int4_cuda.int4_gemv_row(x, w, sz, bias)
         if self.packing == "blocked" and x.device.type == "cuda" and x2.shape[0] <= GEMV_MAX_ROWS \
                 and gemv_available(x):
             return int4_gemv(x, w, sz, bias)

@@ -5,8 +5,8 @@
   "fp8"   every linear layer FP8 (e4m3 + per-channel scale, see fp8.py); CUDA devices need compute
           capability >= 8.9 (ConfigError otherwise)
   "int4"  every linear layer Int4 (groups of 128 along `in`, fewer where `in` needs it; see int4.py), packed for
-          the device it will run on (`int4_packing`: ATen's "cuda" tinygemm layout for bfloat16 on a CUDA device,
-          "blocked" for the Triton GEMV with float32 / float16 compute, the "cpu" layout on the CPU);
+          the device it will run on (`int4_packing`: on CUDA the "blocked" layout of the NVRTC row kernel and
+          the Triton GEMV, or ATen's tinygemm "cuda" layout where NVRTC is missing; the "cpu" layout on the CPU);
           "int4-g64" / "int4-g32": smaller groups, 0.25 / 0.75 bits per weight more, closer to the original (a
           checkpoint that was itself 4-bit in blocks of 32, as GGUF Q4_0/Q4_1 are, survives groups of 32 almost
           exactly)
@@ -18,10 +18,13 @@ it stays dense with it.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ...config import ConfigError
 from ..layout import FormatPolicy
+from . import int4_cuda
 from .fp8 import FP8, fp8_supported
 from .int4 import Int4
 from .int8 import Int8
@@ -57,10 +60,17 @@ def quantization_policy(quantization: str | None, compute_dtype: torch.dtype,
 
 
 def int4_packing(device: torch.device, compute_dtype: torch.dtype) -> str:
-    """The int4 layout for `device`: on CUDA, ATen's tinygemm "cuda" layout for bfloat16 compute (the faster kernel
-    on the H100: 61 us against 99 us for the blocked Triton GEMV at 28672x8192, docs/results), the "blocked"
-    layout for float32 / float16 compute where Triton imports (tinygemm computes in bfloat16 only); the CPU
-    kernel's "cpu" layout on the CPU."""
+    """The int4 layout for `device`: the CPU kernel's "cpu" layout on the CPU; on CUDA the "blocked" layout, read
+    by the NVRTC row kernel at one row (int4_cuda.py: 3 instructions per weight) and the Triton GEMV at 2..16
+    rows, where the row kernel compiles; else ATen's tinygemm "cuda" layout for bfloat16 compute and "blocked"
+    (Triton) for float32 / float16, which tinygemm would round to bfloat16. GRAPHRT_INT4_PACKING=cuda|blocked
+    overrides the CUDA choice (the quant bench measures both in one run)."""
     if device.type != "cuda":
         return "cpu"
-    return "blocked" if compute_dtype != torch.bfloat16 and _triton() else "cuda"
+    forced = os.environ.get("GRAPHRT_INT4_PACKING")
+    if forced in ("cuda", "blocked"):
+        return forced
+    if forced:
+        raise ConfigError(f"GRAPHRT_INT4_PACKING={forced!r}: use 'cuda' (tinygemm) or 'blocked', or unset it")
+    row_kernel = torch.cuda.is_available() and int4_cuda.available(device.index or 0)
+    return "blocked" if (row_kernel or compute_dtype != torch.bfloat16) and _triton() else "cuda"

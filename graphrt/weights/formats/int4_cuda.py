@@ -1,0 +1,182 @@
+"""Int4 weight-only GEMV for one decode row (M == 1) over the "blocked" layout, as a CUDA kernel compiled at run
+time with NVRTC (`torch.cuda._compile_kernel`: no compiler, no build step, no extension to install).
+
+Why a second kernel beside int4_gemv.py's Triton one: at M == 1 a 4-bit GEMV does about as many ALU
+instructions per weight byte as the GPU can issue, so the instruction count per weight decides whether it
+reaches HBM speed. Measured on the H100 (docs/results): ATen's tinygemm 61 us and the Triton kernel 99 us at
+28672 x 8192, where 2.5 TB/s would be 49 us. Here each weight costs three instructions: one byte permute that
+writes the code into the mantissa of 2**23 (0x4B00000q), one float subtract (-> q - 8, exact) and one FMA with x;
+the group's scale and zero are applied once per 32 weights:
+
+    y[n] = sum over chunks c of  s[n, g(c)] * sum_{k in c} x[k] (q[n, k] - 8)  +  z[n, g(c)] * sum_{k in c} x[k]
+
+(float32 throughout; the same value as x @ Int4.dense(parts, float32).T up to float32 summation order).
+
+Work split: a block of T threads (T = 32..128) owns 8 consecutive rows and strides along K in 16-byte chunks
+(32 weights of one 64-column packing block): thread t reads chunks t, t + T, ... of all 8 rows, so a warp's 8
+loads of 512 contiguous bytes each are in flight together and x is loaded once for 8 rows. The 8 scale/zero
+pairs of a group are one 32-byte sector. Rows are reduced inside the block in a fixed order (warp shuffles,
+then the warps in turn): deterministic, so graph replay == eager, bitwise.
+Needs N % 8 == 0 and K % 64 == 0 (the blocked layout's); int4.py falls back to the Triton kernel otherwise.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+ROWS = 8                    # rows per block
+MAX_THREADS = 128           # threads per block (4 warps)
+_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+_SOURCE = r"""
+#define XT __XT__
+#define ROWS 8
+#if XT == 2
+typedef float xt;
+#else
+typedef unsigned short xt;
+#endif
+
+__device__ __forceinline__ float to_f32(xt v) {
+#if XT == 0
+    return __int_as_float(((unsigned int)v) << 16);
+#elif XT == 1
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f;
+#else
+    return v;
+#endif
+}
+
+__device__ __forceinline__ void store(xt* out, float v) {
+#if XT == 0
+    unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v)); *out = h;
+#elif XT == 1
+    unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); *out = h;
+#else
+    *out = v;
+#endif
+}
+
+__device__ __forceinline__ float code(unsigned int bytes, unsigned int selector) {
+    // byte `selector & 7` of `bytes` (a code 0..15) into the mantissa of 2**23, minus 2**23 + 8: q - 8, exact
+    return __int_as_float(__byte_perm(bytes, 0x4B000000u, selector)) - 8388616.0f;
+}
+
+extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* __restrict__ w,
+                                         const unsigned int* __restrict__ sz, const xt* __restrict__ bias,
+                                         xt* __restrict__ out, int N, int K, int group, int has_bias) {
+    const int n0 = blockIdx.x * ROWS;
+    const int chunks = K >> 5;                 // 16-byte chunks per row (32 weights)
+    float acc[ROWS];
+    #pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        uint4 q[ROWS];
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r) q[r] = w[(unsigned long long)(n0 + r) * chunks + c];
+        const int col = (c >> 1) * 64 + (c & 1) * 16;       // low nibbles: col .. col+15; high: col+32 ..
+        const int g_lo = col / group, g_hi = (col + 32) / group;
+        uint4 s_lo[2], s_hi[2];
+        const uint4* sz_lo = (const uint4*)(sz + (unsigned long long)g_lo * N + n0);
+        const uint4* sz_hi = (const uint4*)(sz + (unsigned long long)g_hi * N + n0);
+        s_lo[0] = sz_lo[0]; s_lo[1] = sz_lo[1]; s_hi[0] = sz_hi[0]; s_hi[1] = sz_hi[1];
+        float xl[16], xh[16];
+        float sum_lo = 0.0f, sum_hi = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            xl[i] = to_f32(x[col + i]); xh[i] = to_f32(x[col + 32 + i]);
+            sum_lo += xl[i]; sum_hi += xh[i];
+        }
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const unsigned int words[4] = {q[r].x, q[r].y, q[r].z, q[r].w};
+            float dot_lo = 0.0f, dot_hi = 0.0f;
+            #pragma unroll
+            for (int v = 0; v < 4; ++v) {
+                const unsigned int lo = words[v] & 0x0F0F0F0Fu, hi = (words[v] >> 4) & 0x0F0F0F0Fu;
+                #pragma unroll
+                for (int b = 0; b < 4; ++b) {
+                    const unsigned int sel = b | 0x7540u;
+                    dot_lo = fmaf(xl[4 * v + b], code(lo, sel), dot_lo);
+                    dot_hi = fmaf(xh[4 * v + b], code(hi, sel), dot_hi);
+                }
+            }
+            const unsigned int* pl = (const unsigned int*)&s_lo[r >> 2];
+            const unsigned int* ph = (const unsigned int*)&s_hi[r >> 2];
+            const unsigned int wl = pl[r & 3], wh = ph[r & 3];   // bf16 pair: scale (low half), zero (high)
+            acc[r] = fmaf(__int_as_float(wl << 16), dot_lo, acc[r]);
+            acc[r] = fmaf(__int_as_float(wl & 0xFFFF0000u), sum_lo, acc[r]);
+            acc[r] = fmaf(__int_as_float(wh << 16), dot_hi, acc[r]);
+            acc[r] = fmaf(__int_as_float(wh & 0xFFFF0000u), sum_hi, acc[r]);
+        }
+    }
+    __shared__ float partial[4][ROWS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    #pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        float v = acc[r];
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+        if (lane == 0) partial[warp][r] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < ROWS) {
+        const int r = threadIdx.x;
+        float v = partial[0][r];
+        for (int i = 1; i < (int)(blockDim.x >> 5); ++i) v += partial[i][r];
+        if (has_bias) v += to_f32(bias[n0 + r]);
+        store(out + n0 + r, v);
+    }
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(dtype: torch.dtype, device_index: int):
+    major, minor = torch.cuda.get_device_capability(device_index)
+    source = _SOURCE.replace("__XT__", str(_DTYPES[dtype]))
+    with torch.cuda.device(device_index):
+        try:
+            return torch.cuda._compile_kernel(source, "int4_gemv_row", compute_capability=f"{major}{minor}")
+        except TypeError:   # an older signature: (source, name) only
+            return torch.cuda._compile_kernel(source, "int4_gemv_row")
+
+
+@functools.lru_cache(maxsize=None)
+def available(device_index: int = 0) -> bool:
+    """True when the kernel compiles here (a CUDA device, NVRTC, and a torch with `torch.cuda._compile_kernel`)."""
+    if not torch.cuda.is_available() or not hasattr(torch.cuda, "_compile_kernel"):
+        return False
+    try:
+        for dtype in _DTYPES:
+            _kernel(dtype, device_index)
+        return True
+    except Exception:       # no NVRTC library, or an unsupported device: the Triton kernel serves instead
+        return False
+
+
+def supports(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor) -> bool:
+    """Whether `int4_gemv_row` takes this call: one row on a CUDA device, N % 8 == 0, K % 64 == 0."""
+    n, kh = w.shape
+    return (x.device.type == "cuda" and x.dtype in _DTYPES and x.numel() == 2 * kh and n % ROWS == 0
+            and kh % 32 == 0 and scales_and_zeros.dtype == torch.bfloat16 and w.is_contiguous()
+            and scales_and_zeros.is_contiguous() and w.data_ptr() % 16 == 0 and scales_and_zeros.data_ptr() % 16 == 0
+            and available(x.device.index or 0))
+
+
+def int4_gemv_row(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (one row) times the blocked int4 matrix (w uint8 [N, K/2], scales_and_zeros bf16 [K/G, N, 2])
+    transposed (+ bias [N]) -> [..., N] in x's dtype. Call `supports` first."""
+    n, kh = w.shape
+    k = 2 * kh
+    group = k // scales_and_zeros.shape[0]
+    x1 = x.reshape(k).contiguous()
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    threads = min(MAX_THREADS, max(32, -(-(k // 32) // 32) * 32))
+    kernel = _kernel(x.dtype, x.device.index or 0)
+    b = bias.contiguous() if bias is not None else x1
+    kernel(grid=(n // ROWS, 1, 1), block=(threads, 1, 1),
+           args=[x1, w, scales_and_zeros, b, out, n, k, group, int(bias is not None)])
+    return out
