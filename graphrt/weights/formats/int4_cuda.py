@@ -31,7 +31,7 @@ _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 _SOURCE = r"""
 #define XT __XT__
-#define ROWS 8
+#define ROWS __ROWS__
 #if XT == 2
 typedef float xt;
 #else
@@ -48,6 +48,43 @@ __device__ __forceinline__ float to_f32(xt v) {
 #endif
 }
 
+__device__ __forceinline__ float half_lo(unsigned int u) {   // element 2j of a 32-bit word of two 16-bit values
+#if XT == 0
+    return __int_as_float(u << 16);
+#else
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)(u & 0xFFFFu))); return f;
+#endif
+}
+
+__device__ __forceinline__ float half_hi(unsigned int u) {   // element 2j + 1
+#if XT == 0
+    return __int_as_float(u & 0xFFFF0000u);
+#else
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)(u >> 16))); return f;
+#endif
+}
+
+__device__ __forceinline__ void load16(const xt* p, float* v) {   // 16 consecutive x values, 16-byte loads
+#if XT == 2
+    const float4* q = (const float4*)p;
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float4 t = q[i];
+        v[4 * i] = t.x; v[4 * i + 1] = t.y; v[4 * i + 2] = t.z; v[4 * i + 3] = t.w;
+    }
+#else
+    const uint4* q = (const uint4*)p;
+    #pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const uint4 t = q[i];
+        v[8 * i + 0] = half_lo(t.x); v[8 * i + 1] = half_hi(t.x);
+        v[8 * i + 2] = half_lo(t.y); v[8 * i + 3] = half_hi(t.y);
+        v[8 * i + 4] = half_lo(t.z); v[8 * i + 5] = half_hi(t.z);
+        v[8 * i + 6] = half_lo(t.w); v[8 * i + 7] = half_hi(t.w);
+    }
+#endif
+}
+
 __device__ __forceinline__ void store(xt* out, float v) {
 #if XT == 0
     unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v)); *out = h;
@@ -56,6 +93,10 @@ __device__ __forceinline__ void store(xt* out, float v) {
 #else
     *out = v;
 #endif
+}
+
+__device__ __forceinline__ unsigned int word(const uint4& v, int i) {
+    return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
 }
 
 __device__ __forceinline__ float code(unsigned int bytes, unsigned int selector) {
@@ -76,25 +117,24 @@ extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* 
         #pragma unroll
         for (int r = 0; r < ROWS; ++r) q[r] = w[(unsigned long long)(n0 + r) * chunks + c];
         const int col = (c >> 1) * 64 + (c & 1) * 16;       // low nibbles: col .. col+15; high: col+32 ..
-        const int g_lo = col / group, g_hi = (col + 32) / group;
-        uint4 s_lo[2], s_hi[2];
-        const uint4* sz_lo = (const uint4*)(sz + (unsigned long long)g_lo * N + n0);
-        const uint4* sz_hi = (const uint4*)(sz + (unsigned long long)g_hi * N + n0);
-        s_lo[0] = sz_lo[0]; s_lo[1] = sz_lo[1]; s_hi[0] = sz_hi[0]; s_hi[1] = sz_hi[1];
+        const uint4* sz_lo = (const uint4*)(sz + (unsigned long long)(col / group) * N + n0);
+        const uint4* sz_hi = (const uint4*)(sz + (unsigned long long)((col + 32) / group) * N + n0);
+        uint4 s_lo[ROWS / 4], s_hi[ROWS / 4];
+        #pragma unroll
+        for (int i = 0; i < ROWS / 4; ++i) { s_lo[i] = sz_lo[i]; s_hi[i] = sz_hi[i]; }
         float xl[16], xh[16];
+        load16(x + col, xl);
+        load16(x + col + 32, xh);
         float sum_lo = 0.0f, sum_hi = 0.0f;
         #pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            xl[i] = to_f32(x[col + i]); xh[i] = to_f32(x[col + 32 + i]);
-            sum_lo += xl[i]; sum_hi += xh[i];
-        }
+        for (int i = 0; i < 16; ++i) { sum_lo += xl[i]; sum_hi += xh[i]; }
         #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            const unsigned int words[4] = {q[r].x, q[r].y, q[r].z, q[r].w};
             float dot_lo = 0.0f, dot_hi = 0.0f;
             #pragma unroll
             for (int v = 0; v < 4; ++v) {
-                const unsigned int lo = words[v] & 0x0F0F0F0Fu, hi = (words[v] >> 4) & 0x0F0F0F0Fu;
+                const unsigned int bytes = word(q[r], v);
+                const unsigned int lo = bytes & 0x0F0F0F0Fu, hi = (bytes >> 4) & 0x0F0F0F0Fu;
                 #pragma unroll
                 for (int b = 0; b < 4; ++b) {
                     const unsigned int sel = b | 0x7540u;
@@ -102,9 +142,8 @@ extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* 
                     dot_hi = fmaf(xh[4 * v + b], code(hi, sel), dot_hi);
                 }
             }
-            const unsigned int* pl = (const unsigned int*)&s_lo[r >> 2];
-            const unsigned int* ph = (const unsigned int*)&s_hi[r >> 2];
-            const unsigned int wl = pl[r & 3], wh = ph[r & 3];   // bf16 pair: scale (low half), zero (high)
+            const unsigned int wl = word(s_lo[r >> 2], r & 3), wh = word(s_hi[r >> 2], r & 3);
+            // a bf16 pair: scale in the low half, zero in the high half
             acc[r] = fmaf(__int_as_float(wl << 16), dot_lo, acc[r]);
             acc[r] = fmaf(__int_as_float(wl & 0xFFFF0000u), sum_lo, acc[r]);
             acc[r] = fmaf(__int_as_float(wh << 16), dot_hi, acc[r]);
@@ -133,9 +172,9 @@ extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* 
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(dtype: torch.dtype, device_index: int):
+def _kernel(dtype: torch.dtype, device_index: int, rows: int = ROWS):
     major, minor = torch.cuda.get_device_capability(device_index)
-    source = _SOURCE.replace("__XT__", str(_DTYPES[dtype]))
+    source = _SOURCE.replace("__XT__", str(_DTYPES[dtype])).replace("__ROWS__", str(rows))
     with torch.cuda.device(device_index):
         try:
             return torch.cuda._compile_kernel(source, "int4_gemv_row", compute_capability=f"{major}{minor}")
@@ -161,22 +200,23 @@ def supports(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor) -
     n, kh = w.shape
     return (x.device.type == "cuda" and x.dtype in _DTYPES and x.numel() == 2 * kh and n % ROWS == 0
             and kh % 32 == 0 and scales_and_zeros.dtype == torch.bfloat16 and w.is_contiguous()
-            and scales_and_zeros.is_contiguous() and w.data_ptr() % 16 == 0 and scales_and_zeros.data_ptr() % 16 == 0
+            and scales_and_zeros.is_contiguous() and x.is_contiguous()
+            and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0 and scales_and_zeros.data_ptr() % 16 == 0
             and available(x.device.index or 0))
 
 
 def int4_gemv_row(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, *, rows: int = ROWS, max_threads: int = MAX_THREADS) -> torch.Tensor:
     """x [..., K] (one row) times the blocked int4 matrix (w uint8 [N, K/2], scales_and_zeros bf16 [K/G, N, 2])
     transposed (+ bias [N]) -> [..., N] in x's dtype. Call `supports` first."""
     n, kh = w.shape
     k = 2 * kh
     group = k // scales_and_zeros.shape[0]
-    x1 = x.reshape(k).contiguous()
+    x1 = x.reshape(k)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    threads = min(MAX_THREADS, max(32, -(-(k // 32) // 32) * 32))
-    kernel = _kernel(x.dtype, x.device.index or 0)
+    threads = min(max_threads, max(32, -(-(k // 32) // 32) * 32))
+    kernel = _kernel(x.dtype, x.device.index or 0, rows)
     b = bias.contiguous() if bias is not None else x1
-    kernel(grid=(n // ROWS, 1, 1), block=(threads, 1, 1),
+    kernel(grid=(n // rows, 1, 1), block=(threads, 1, 1),
            args=[x1, w, scales_and_zeros, b, out, n, k, group, int(bias is not None)])
     return out
