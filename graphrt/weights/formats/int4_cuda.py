@@ -26,7 +26,7 @@ import functools
 import torch
 
 ROWS = 8                    # rows per block
-MAX_THREADS = 128           # threads per block (4 warps)
+MAX_THREADS = 128           # threads per block (4 warps; the kernel takes up to 256)
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 _SOURCE = r"""
@@ -112,10 +112,18 @@ extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* 
     float acc[ROWS];
     #pragma unroll
     for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
-    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-        uint4 q[ROWS];
+    uint4 q[ROWS], q_next[ROWS];
+    if (threadIdx.x < chunks) {
         #pragma unroll
-        for (int r = 0; r < ROWS; ++r) q[r] = w[(unsigned long long)(n0 + r) * chunks + c];
+        for (int r = 0; r < ROWS; ++r) q_next[r] = w[(unsigned long long)(n0 + r) * chunks + threadIdx.x];
+    }
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r) q[r] = q_next[r];
+        if (c + (int)blockDim.x < chunks) {     // the next chunk's loads in flight while this one computes
+            #pragma unroll
+            for (int r = 0; r < ROWS; ++r) q_next[r] = w[(unsigned long long)(n0 + r) * chunks + c + blockDim.x];
+        }
         const int col = (c >> 1) * 64 + (c & 1) * 16;       // low nibbles: col .. col+15; high: col+32 ..
         const uint4* sz_lo = (const uint4*)(sz + (unsigned long long)(col / group) * N + n0);
         const uint4* sz_hi = (const uint4*)(sz + (unsigned long long)((col + 32) / group) * N + n0);
@@ -150,7 +158,7 @@ extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* 
             acc[r] = fmaf(__int_as_float(wh & 0xFFFF0000u), sum_hi, acc[r]);
         }
     }
-    __shared__ float partial[4][ROWS];
+    __shared__ float partial[8][ROWS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
