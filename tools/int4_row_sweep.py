@@ -22,7 +22,7 @@ from graphrt.weights.formats.int4_gemv import int4_gemv
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (28672, 8192)]
 CALLS = 60
-ROW_CHOICES = [(8, 64), (8, 128), (8, 256), (16, 128), (16, 256)]
+ROW_CHOICES = [(4, 128), (8, 64), (8, 128), (8, 256), (16, 128)]
 
 
 def graph_time(fns) -> float:

@@ -100,8 +100,8 @@ __device__ __forceinline__ unsigned int word(const uint4& v, int i) {
 }
 
 __device__ __forceinline__ float code(unsigned int bytes, unsigned int selector) {
-    // byte `selector & 7` of `bytes` (a code 0..15) into the mantissa of 2**23, minus 2**23 + 8: q - 8, exact
-    return __int_as_float(__byte_perm(bytes, 0x4B000000u, selector)) - 8388616.0f;
+    // byte `selector & 7` of `bytes` (q << 3, q a code 0..15) under 0x3F: the float 0.5 + q / 32, exact
+    return __int_as_float(__byte_perm(bytes, 0x3F000000u, selector));
 }
 
 extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* __restrict__ w,
@@ -112,18 +112,10 @@ extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* 
     float acc[ROWS];
     #pragma unroll
     for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
-    uint4 q[ROWS], q_next[ROWS];
-    if (threadIdx.x < chunks) {
-        #pragma unroll
-        for (int r = 0; r < ROWS; ++r) q_next[r] = w[(unsigned long long)(n0 + r) * chunks + threadIdx.x];
-    }
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        uint4 q[ROWS];
         #pragma unroll
-        for (int r = 0; r < ROWS; ++r) q[r] = q_next[r];
-        if (c + (int)blockDim.x < chunks) {     // the next chunk's loads in flight while this one computes
-            #pragma unroll
-            for (int r = 0; r < ROWS; ++r) q_next[r] = w[(unsigned long long)(n0 + r) * chunks + c + blockDim.x];
-        }
+        for (int r = 0; r < ROWS; ++r) q[r] = w[(unsigned long long)(n0 + r) * chunks + c];
         const int col = (c >> 1) * 64 + (c & 1) * 16;       // low nibbles: col .. col+15; high: col+32 ..
         const uint4* sz_lo = (const uint4*)(sz + (unsigned long long)(col / group) * N + n0);
         const uint4* sz_hi = (const uint4*)(sz + (unsigned long long)((col + 32) / group) * N + n0);
@@ -142,19 +134,20 @@ extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* 
             #pragma unroll
             for (int v = 0; v < 4; ++v) {
                 const unsigned int bytes = word(q[r], v);
-                const unsigned int lo = bytes & 0x0F0F0F0Fu, hi = (bytes >> 4) & 0x0F0F0F0Fu;
+                const unsigned int lo = (bytes << 3) & 0x78787878u, hi = (bytes >> 1) & 0x78787878u;
                 #pragma unroll
                 for (int b = 0; b < 4; ++b) {
-                    const unsigned int sel = b | 0x7540u;
+                    const unsigned int sel = 0x7054u | (b << 8);
                     dot_lo = fmaf(xl[4 * v + b], code(lo, sel), dot_lo);
                     dot_hi = fmaf(xh[4 * v + b], code(hi, sel), dot_hi);
                 }
             }
             const unsigned int wl = word(s_lo[r >> 2], r & 3), wh = word(s_hi[r >> 2], r & 3);
-            // a bf16 pair: scale in the low half, zero in the high half
-            acc[r] = fmaf(__int_as_float(wl << 16), dot_lo, acc[r]);
+            // a bf16 pair: scale s in the low half, zero z in the high half.
+            // sum x (q - 8) = 32 dot - 24 sum x, since dot = sum x (0.5 + q / 32)
+            acc[r] = fmaf(__int_as_float(wl << 16), fmaf(32.0f, dot_lo, -24.0f * sum_lo), acc[r]);
             acc[r] = fmaf(__int_as_float(wl & 0xFFFF0000u), sum_lo, acc[r]);
-            acc[r] = fmaf(__int_as_float(wh << 16), dot_hi, acc[r]);
+            acc[r] = fmaf(__int_as_float(wh << 16), fmaf(32.0f, dot_hi, -24.0f * sum_hi), acc[r]);
             acc[r] = fmaf(__int_as_float(wh & 0xFFFF0000u), sum_hi, acc[r]);
         }
     }
