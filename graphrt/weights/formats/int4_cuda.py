@@ -1,23 +1,25 @@
 """Int4 weight-only GEMV for one decode row (M == 1) over the "blocked" layout, as a CUDA kernel compiled at run
 time with NVRTC (`torch.cuda._compile_kernel`: no compiler, no build step, no extension to install).
 
-Why a second kernel beside int4_gemv.py's Triton one: at M == 1 a 4-bit GEMV does about as many ALU
-instructions per weight byte as the GPU can issue, so the instruction count per weight decides whether it
-reaches HBM speed. Measured on the H100 (docs/results): ATen's tinygemm 61 us and the Triton kernel 99 us at
-28672 x 8192, where 2.5 TB/s would be 49 us. Here each weight costs three instructions: one byte permute that
-writes the code into the mantissa of 2**23 (0x4B00000q), one float subtract (-> q - 8, exact) and one FMA with x;
-the group's scale and zero are applied once per 32 weights:
+Why a second kernel beside int4_gemv.py's Triton one: at M == 1 a 4-bit GEMV issues about as many instructions
+per weight byte as the GPU can retire, so the instruction count per weight decides whether it reaches HBM speed.
+Here a weight costs two: a shift-and-mask per 4 codes puts each code q (0..15) at bits 3..6 of its byte, then one
+byte permute per weight writes that byte under 0x3F, which is the float 0.5 + q / 32 exactly, and one FMA
+accumulates x times it. The group's scale s and zero z are applied once per 16 weights:
 
-    y[n] = sum over chunks c of  s[n, g(c)] * sum_{k in c} x[k] (q[n, k] - 8)  +  z[n, g(c)] * sum_{k in c} x[k]
+    sum_k x[k] (q[n, k] - 8) = 32 * sum_k x[k] (0.5 + q[n, k] / 32) - 24 * sum_k x[k]
+    y[n] = sum over 16-column runs c of  s[n, g(c)] * (that sum over c)  +  z[n, g(c)] * sum_{k in c} x[k]
 
-(float32 throughout; the same value as x @ Int4.dense(parts, float32).T up to float32 summation order).
+in float32 (the value of x @ Int4.dense(parts, float32).T up to float32 rounding: the rearrangement costs a few
+ulps of the 16-term sums, well inside the tests' 1e-5 for float32). Measured on the H100 (tools/int4_row_sweep.py,
+docs/results): 48.7 us at 28672 x 8192 (2.56 TB/s) against tinygemm's 61.2 and the Triton kernel's 106.4.
 
-Work split: a block of T threads (T = 32..128) owns 8 consecutive rows and strides along K in 16-byte chunks
-(32 weights of one 64-column packing block): thread t reads chunks t, t + T, ... of all 8 rows, so a warp's 8
-loads of 512 contiguous bytes each are in flight together and x is loaded once for 8 rows. The 8 scale/zero
-pairs of a group are one 32-byte sector. Rows are reduced inside the block in a fixed order (warp shuffles,
-then the warps in turn): deterministic, so graph replay == eager, bitwise.
-Needs N % 8 == 0 and K % 64 == 0 (the blocked layout's); int4.py falls back to the Triton kernel otherwise.
+Work split: a block of T threads (T = 32..128) owns ROWS consecutive rows and strides along K in 16-byte chunks
+(32 weights of one 64-column packing block): thread t reads chunks t, t + T, ... of every row, so a warp's loads
+of 512 contiguous bytes per row are in flight together and x is loaded once (16-byte loads) for all ROWS rows.
+Rows are reduced inside the block in a fixed order (warp shuffles, then the warps in turn): deterministic, so
+graph replay == eager, bitwise. Needs N % ROWS == 0, K % 64 == 0 and 16-byte aligned x, w and scales; int4.py
+falls back to the Triton kernel otherwise.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import functools
 
 import torch
 
-ROWS = 8                    # rows per block
+ROWS = 4                    # rows per block (tools/int4_row_sweep.py: 4 beat 8 and 16 on the H100)
 MAX_THREADS = 128           # threads per block (4 warps; the kernel takes up to 256)
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
