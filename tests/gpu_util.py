@@ -19,6 +19,9 @@ def runtime(path, mode: str, ring_depth: int = 3, **kw) -> Runtime:
     fixed = sum(mem.values()) - weights
     slot = max(g.nbytes for g in probe.placement.groups if g.kind != "embed" or not probe.config.tie_word_embeddings)
     tied = sum(g.nbytes for g in probe.placement.groups if g.kind == "embed") if probe.config.tie_word_embeddings else 0
+    # the probe's prefill chunk: otherwise the budgeted run plans with 256-token chunks, finds every weight fits,
+    # and widens its chunks into what the ring would have used (placement.widen_prefill_chunk)
+    kw.setdefault("prefill_chunk", probe.placement.prefill_chunk)
     del probe
     budget = fixed + ring_depth * slot + tied + (weights // 2 if mode == "half" else 0)
     rt = Runtime.from_pretrained(path, gpu_budget=budget, ring_depth=ring_depth, **kw)
