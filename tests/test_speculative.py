@@ -159,10 +159,9 @@ def test_cuda_captured_rounds_streamed_bf16(make_ckpt):
     and == plain greedy decoding where no near-tie intervenes (the first difference is reported)."""
     from test_cpu_lane import half_budget
     path = make_ckpt("tiny-llama", layers=4, seed=4, dtype=torch.bfloat16)
-    probe = Runtime.from_pretrained(path, device="cpu", dtype="bfloat16", max_seq_len=96, max_batch_size=2,
-                                    gpu_budget=1 << 40)
-    rt = Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", max_seq_len=96, max_batch_size=2,
-                                 gpu_budget=half_budget(probe.placement))
+    kw = dict(dtype="bfloat16", max_seq_len=96, max_batch_size=2, prefill_chunk=32)   # one chunk size for both plans
+    probe = Runtime.from_pretrained(path, device="cpu", gpu_budget=1 << 40, **kw)
+    rt = Runtime.from_pretrained(path, device="cuda", gpu_budget=half_budget(probe.placement), **kw)
     assert rt.placement.streamed, rt.placement.describe()
     spec = Speculative("self-int4", k=4)
     prompts = [REPEATING, [7, 8, 9, 10, 11]]
