@@ -22,7 +22,7 @@ from graphrt.weights.formats.int4_gemv import int4_gemv
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096), (28672, 8192)]
 CALLS = 60
-ROW_CHOICES = [(4, 128), (8, 64), (8, 128), (8, 256), (16, 128)]
+ROW_CHOICES = [(4, 64), (4, 128), (8, 128)]
 
 
 def graph_time(fns) -> float:
@@ -84,7 +84,19 @@ def main() -> None:
                                        for name, s in times.items()), flush=True)
         del tps, bps, bf
         torch.cuda.empty_cache()
-    (a.out / "int4_row_sweep.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows),
+    batch = []   # M > 1 (batched decode, speculative verification): ATen's tinygemm against the Triton GEMV
+    for n, k in ((28672, 4096), (4096, 14336)):
+        dense = torch.randn(n, k) * 0.02
+        tiny, blocked = Int4(torch.bfloat16, 128, packing="cuda"), Int4(torch.bfloat16, 128, packing="blocked")
+        tps = [{key: v.cuda() for key, v in tiny.encode(dense, torch.device("cuda")).items()} for _ in range(4)]
+        bps = [{key: v.cuda() for key, v in blocked.encode(dense, torch.device("cuda")).items()} for _ in range(4)]
+        for m in (2, 4, 8, 16):
+            xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t_tiny = graph_time([lambda p=p: tiny.linear(xm, p, None) for p in tps])
+            t_tri = graph_time([lambda p=p: blocked.linear(xm, p, None) for p in bps])
+            batch.append(dict(n=n, k=k, m=m, tinygemm_us=1e6 * t_tiny, blocked_us=1e6 * t_tri))
+            print(f"{n}x{k} M={m}: tinygemm {1e6 * t_tiny:.1f} us, blocked (Triton) {1e6 * t_tri:.1f} us", flush=True)
+    (a.out / "int4_row_sweep.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows, batch=batch),
                                                           indent=2))
 
 
