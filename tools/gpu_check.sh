@@ -97,9 +97,9 @@ if has spec; then  # needs the default model (GRAPHRT_DEFAULT_GGUF, see above)
 fi
 if has tp; then  # 2+ GPUs (nvidia-h100-x2): the NCCL tests and the speed rows; NVLink multicast stays off
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-  timeout 300 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_tensor_parallel.py 2>&1 \
+  timeout ${TP_TEST_S:-300} python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_tensor_parallel.py 2>&1 \
     | tee "$OUT/gpu_tp_tests.log" | tail -15
-  timeout 420 python3 -m torch.distributed.run --nproc-per-node ${TP:-2} tools/bench_tp.py --out "$OUT" 2>&1 | grep -v "Loading weights" \
+  timeout ${TP_BENCH_S:-420} python3 -m torch.distributed.run --nproc-per-node ${TP:-2} tools/bench_tp.py --out "$OUT" 2>&1 | grep -v "Loading weights" \
     | tee "$OUT/bench_tp.log" | tail -20
 fi
 if has bench; then
