@@ -48,7 +48,7 @@ class Runtime:
         if cfg.sliding_window is not None and opts.max_seq_len > cfg.sliding_window:
             raise ConfigError(f"{path}: sliding-window attention ({cfg.sliding_window}) is not supported; "
                               f"use max_seq_len <= {cfg.sliding_window}")
-        self.policy = weight_policy(self.source, opts.quantization, self.dtype, self.device)
+        self.policy = weight_policy(self.source, opts.quantization, self.dtype, self.device, opts.tensor_parallel)
         self.comm, shard = None, None
         if opts.tensor_parallel > 1:  # this process is one rank: it holds and computes its shard
             self.comm, shard, self.device = join_rank(cfg, opts, self.source.path, self.device, device, self.dtype)

@@ -372,3 +372,26 @@ def test_cuda_fp8_uses_scaled_mm_and_odd_shapes_fall_back():
     parts = {k: v.to(dev) for k, v in fmt.encode(torch.randn(256, 512), dev).items()}
     x = torch.randn(4, 512, device=dev, dtype=torch.bfloat16)
     assert not torch.equal(fmt.linear(x, parts, None), F.linear(x, fmt.dense(parts, torch.bfloat16)))
+
+
+def test_int4_packing_on_cuda_follows_the_row_kernel_and_the_widths(monkeypatch):
+    """On a CUDA device bfloat16 int4 takes the blocked layout (NVRTC row kernel) where that kernel compiles and
+    every linear input width is a multiple of 64; otherwise ATen's tinygemm layout (widths % 32 suffice)."""
+    from graphrt.weights.formats import policy
+    from graphrt.config import ModelConfig
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(policy.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(policy.int4_cuda, "available", lambda index=0: True)
+    monkeypatch.setattr(policy, "_triton", lambda: (object(), object()))
+    assert quantization_policy("int4", torch.bfloat16, cuda, (4096, 4096, 14336)).matrix.packing == "blocked"
+    assert quantization_policy("int4", torch.bfloat16, cuda, (64, 64, 160)).matrix.packing == "cuda"
+    assert quantization_policy("int4", torch.float32, cuda, (64, 64, 160)).matrix.packing == "blocked"
+    monkeypatch.setenv("GRAPHRT_INT4_PACKING", "cuda")
+    assert quantization_policy("int4", torch.bfloat16, cuda, (4096,)).matrix.packing == "cuda"
+    monkeypatch.setenv("GRAPHRT_INT4_PACKING", "tiles")
+    with pytest.raises(ConfigError, match="GRAPHRT_INT4_PACKING='tiles'"):
+        quantization_policy("int4", torch.bfloat16, cuda)
+    from graphrt.weights.synthetic import make_config
+    cfg = ModelConfig.from_dict(make_config("LlamaForCausalLM", 4096, 14336, 2, 32, 8, 1024))
+    assert policy.linear_in_features(cfg) == (4096, 4096, 14336)
+    assert policy.linear_in_features(cfg, 2) == (4096, 2048, 7168)

@@ -29,6 +29,8 @@ from graphrt.weights.store import pinned_empty, unpin
 from graphrt.config import ModelConfig
 from graphrt.weights.shard import make_shard
 
+NEW_TOKENS = 64
+
 
 def h2d_GBps(nbytes: int = 1 << 30) -> float:
     src, dst = pinned_empty(nbytes), torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -85,9 +87,14 @@ def main() -> None:
     dist.all_gather(links, together)
     res.update(h2d_alone_GBps=alone, h2d_together_GBps=[x.item() for x in links])
 
+    ids = torch.randint(3, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    one_tokens = margins = None
     if rank == 0:   # one GPU, the whole model
         torch.manual_seed(0)
         rt = runtime(path, all_streamed_budget(cfg, a.quantization), a.quantization, 1)
+        one_tokens = rt.generate(ids, NEW_TOKENS).cpu()                    # [1, 8 + NEW_TOKENS], greedy, graph
+        top2 = rt.logits(one_tokens[:, :-1]).topk(2, dim=-1).values[0]     # [T, 2] float32
+        margins = (top2[:, 0] - top2[:, 1]).cpu()                           # the 1-GPU logit margin per position
         t = step_time(rt)
         res["one_gpu"] = dict(tokens_per_s=1 / t, ms_per_step=1e3 * t, streamed_GB=rt.placement.streamed_bytes / 1e9,
                               pct_of_link=100 * rt.placement.streamed_bytes / (alone * 1e9) / t,
@@ -102,9 +109,9 @@ def main() -> None:
     t = step_time(rt)
     streamed = torch.tensor([rt.placement.streamed_bytes / 1e9], device="cuda")
     dist.all_reduce(streamed)
-    ids = torch.randint(3, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-    tokens = rt.generate(ids, 16)
-    same = torch.tensor([int(torch.equal(tokens.cpu(), rt.generate(ids, 16, use_graph=False).cpu()))], device="cuda")
+    tokens = rt.generate(ids, NEW_TOKENS).cpu()
+    same = torch.tensor([int(torch.equal(tokens, rt.generate(ids, NEW_TOKENS, use_graph=False).cpu()))],
+                        device="cuda")
     dist.all_reduce(same, op=dist.ReduceOp.MIN)
     plan = rt.placement.describe()
     rt.close()          # its graphs go before the process group does (pytorch#115388)
@@ -118,6 +125,10 @@ def main() -> None:
                          pct_of_links=100 * streamed.item() / link_sum / t, collectives_ms_per_step=coll,
                          graph_equals_eager_tokens=bool(same.item()), plan_rank0=plan)
         res["speedup"] = res["tp"]["tokens_per_s"] / res["one_gpu"]["tokens_per_s"]
+        diff = (tokens != one_tokens).nonzero()
+        first = int(diff[0, 1]) if len(diff) else None
+        res["tp"].update(same_tokens_as_one_gpu=first is None, first_difference=first,
+                         one_gpu_margin_there=None if first is None else float(margins[first - 1]))
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "tp.json").write_text(json.dumps(res, indent=1))
         o, p = res["one_gpu"], res["tp"]
@@ -132,7 +143,10 @@ def main() -> None:
               f"| {world} | {p['tokens_per_s']:.1f} | {p['ms_per_step']:.2f} | {p['streamed_GB_all_ranks']:.2f} | "
               f"{p['pct_of_links']:.1f} | {coll:.3f} |", "",
               f"{world} GPUs / 1 GPU: {res['speedup']:.2f}x. Graph == eager tokens on every rank: "
-              f"{p['graph_equals_eager_tokens']}."]
+              f"{p['graph_equals_eager_tokens']}. Greedy tokens ({NEW_TOKENS} new) equal to 1 GPU's: "
+              + ("yes." if p["same_tokens_as_one_gpu"] else
+                 f"no, first difference at position {p['first_difference']}, where the 1-GPU run's top-2 logit margin "
+                 f"was {p['one_gpu_margin_there']:.4f}.")]
         (a.out / "tp.md").write_text("\n".join(md) + "\n")
         print("\n".join(md), flush=True)
     dist.destroy_process_group()

@@ -13,7 +13,7 @@ import torch
 
 from ..config import ConfigError
 from .checkpoint import Checkpoint, CheckpointError
-from .formats.policy import QUANTIZATIONS, quantization_policy
+from .formats.policy import QUANTIZATIONS, linear_in_features, quantization_policy
 from .layout import FormatPolicy
 
 
@@ -27,7 +27,8 @@ def open_source(path: str | Path):
     return Checkpoint(path)
 
 
-def weight_policy(source, quantization: str | None, dtype: torch.dtype, device: torch.device) -> FormatPolicy:
+def weight_policy(source, quantization: str | None, dtype: torch.dtype, device: torch.device,
+                  tensor_parallel: int = 1) -> FormatPolicy:
     """The formats of the loaded weights: the file's own (pre-quantized files), or quantize on load."""
     stored = source.tensor_formats(dtype)
     if quantization is not None:
@@ -36,5 +37,5 @@ def weight_policy(source, quantization: str | None, dtype: torch.dtype, device: 
         if stored:
             raise ConfigError(f"{source.path} is already quantized ({stored[0][1].name}); load it without "
                               "quantization=..., or quantize its float original instead")
-        return quantization_policy(quantization, dtype, device)
+        return quantization_policy(quantization, dtype, device, linear_in_features(source.config, tensor_parallel))
     return FormatPolicy(dtype, per_tensor=stored)

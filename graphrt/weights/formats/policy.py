@@ -33,8 +33,10 @@ from .gemv import _triton
 QUANTIZATIONS: tuple[str, ...] = ("int8", "fp8", "int4", "int4-g64", "int4-g32")
 
 
-def quantization_policy(quantization: str | None, compute_dtype: torch.dtype,
-                        device: torch.device | str) -> FormatPolicy:
+def quantization_policy(quantization: str | None, compute_dtype: torch.dtype, device: torch.device | str,
+                        in_features: tuple[int, ...] = ()) -> FormatPolicy:
+    """in_features: the linear layers' input widths as this process holds them (`linear_in_features`); the
+    blocked int4 layout needs each % 64, ATen's tinygemm % 32, so bfloat16 falls back to tinygemm without it."""
     device = torch.device(device)
     if quantization is None:
         return FormatPolicy(compute_dtype)
@@ -55,7 +57,11 @@ def quantization_policy(quantization: str | None, compute_dtype: torch.dtype,
         fmt = FP8(compute_dtype)
     elif quantization.startswith("int4"):
         group = 128 if quantization == "int4" else int(quantization.split("-g")[1])
-        fmt = Int4(compute_dtype, group_size=group, packing=int4_packing(device, compute_dtype))
+        packing = int4_packing(device, compute_dtype)
+        if packing == "blocked" and compute_dtype == torch.bfloat16 and any(k % 64 for k in in_features) \
+                and "GRAPHRT_INT4_PACKING" not in os.environ:
+            packing = "cuda"
+        fmt = Int4(compute_dtype, group_size=group, packing=packing)
     return FormatPolicy(compute_dtype, matrix=fmt, embedding=None, lm_head=fmt)
 
 
@@ -74,3 +80,9 @@ def int4_packing(device: torch.device, compute_dtype: torch.dtype) -> str:
         raise ConfigError(f"GRAPHRT_INT4_PACKING={forced!r}: use 'cuda' (tinygemm) or 'blocked', or unset it")
     row_kernel = torch.cuda.is_available() and int4_cuda.available(device.index or 0)
     return "blocked" if (row_kernel or compute_dtype != torch.bfloat16) and _triton() else "cuda"
+
+
+def linear_in_features(cfg, tensor_parallel: int = 1) -> tuple[int, ...]:
+    """Input widths of a layer's linear maps on one of `tensor_parallel` ranks (o and down split by input)."""
+    heads = cfg.num_heads * cfg.head_dim
+    return (cfg.hidden_size, heads // tensor_parallel, cfg.intermediate_size // tensor_parallel)
