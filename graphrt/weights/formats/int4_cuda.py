@@ -14,7 +14,7 @@ in float32 (the value of x @ Int4.dense(parts, float32).T up to float32 rounding
 ulps of the 16-term sums, well inside the tests' 1e-5 for float32). Measured on the H100 (tools/int4_row_sweep.py,
 docs/results): 48.7 us at 28672 x 8192 (2.56 TB/s) against tinygemm's 61.2 and the Triton kernel's 106.4.
 
-Work split: a block of T threads (T = 32..128) owns ROWS consecutive rows and strides along K in 16-byte chunks
+Work split: a block of T threads (T = 32..MAX_THREADS) owns ROWS consecutive rows and strides along K in 16-byte chunks
 (32 weights of one 64-column packing block): thread t reads chunks t, t + T, ... of every row, so a warp's loads
 of 512 contiguous bytes per row are in flight together and x is loaded once (16-byte loads) for all ROWS rows.
 Rows are reduced inside the block in a fixed order (warp shuffles, then the warps in turn): deterministic, so
@@ -28,7 +28,7 @@ import functools
 import torch
 
 ROWS = 4                    # rows per block (tools/int4_row_sweep.py: 4 beat 8 and 16 on the H100)
-MAX_THREADS = 128           # threads per block (4 warps; the kernel takes up to 256)
+MAX_THREADS = 64            # threads per block (the sweep: 64 beat 128 at every 8B decode shape; up to 256)
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 _SOURCE = r"""
