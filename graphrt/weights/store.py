@@ -29,8 +29,7 @@ def pinned_empty(nbytes: int) -> torch.Tensor:
     except (OSError, ValueError, RuntimeError) as e:
         raise PinnedMemoryError(f"cannot allocate {nbytes / 2**30:.2f} GiB of host memory for streamed "
                                 f"weights ({e}); free host RAM or give a larger gpu_budget") from None
-    # portable (every device) and mapped (kernels may read it through its address): flags 1 | 2
-    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 3)
+    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0)
     if int(err) != 0:
         raise PinnedMemoryError(
             f"cudaHostRegister of {nbytes / 2**30:.2f} GiB failed (error {int(err)}): page-locked memory is "
