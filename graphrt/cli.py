@@ -94,7 +94,8 @@ def _load(a: argparse.Namespace, prompt_ids_of=None):
     if source.tokenizer is None:
         raise UsageError(f"{source.path} has no tokenizer.json; graphrt {a.command} needs one")
     options = dict(max_seq_len=a.max_seq_len, ring_depth=a.ring_depth, quantization=a.quantization,
-                   cpu_lane=a.cpu_lane, cpu_threads=a.cpu_threads, tensor_parallel=getattr(a, "tp", 1))
+                   cpu_lane=a.cpu_lane, cpu_threads=a.cpu_threads, tensor_parallel=getattr(a, "tp", 1),
+                   copy_mode=a.copy_mode)
     if a.gpu_budget:
         options["gpu_budget"] = a.gpu_budget
     from .config import RuntimeOptions
@@ -214,6 +215,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-budget", type=_size, help="GPU memory for graphrt, e.g. 12GiB (default: free memory "
                    "minus 1 GiB)")
     p.add_argument("--ring-depth", type=_positive(2), default=3, help="streamed weight slots")
+    p.add_argument("--copy-mode", choices=("memcpy", "kernel"), default="memcpy", help="streamed weights' copies: "
+                   "the copy engine, or a kernel reading host memory (graph launch cost flat in the depth)")
     p.add_argument("--cpu-lane", action="store_true", help="let the planner compute MLP groups on the CPU from host "
                    "memory beside the streamed ones (the CPU's rate is measured once and cached)")
     p.add_argument("--cpu-threads", type=_positive(), help="CPU threads for the CPU lane (default on a GPU machine: "

@@ -183,6 +183,8 @@ class RuntimeOptions:
     cpu_rate: float | None = None           # bytes/s of weights the CPU computes; None: calibrate (cached)
     cpu_threads: int | None = None          # torch CPU threads for the CPU lane; None: calibrated (GPU)
     tensor_parallel: int = 1                # ranks (one process each, torchrun) sharing the model Megatron-style
+    copy_mode: str = "memcpy"               # streamed groups' host-to-device copies: "memcpy" (copy engine) or
+                                            # "kernel" (a kernel reads mapped host memory: flat graph launch cost)
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -206,6 +208,8 @@ class RuntimeOptions:
         if isinstance(self.tensor_parallel, bool) or not isinstance(self.tensor_parallel, int) \
                 or self.tensor_parallel < 1:
             raise ConfigError(f"tensor_parallel must be an integer >= 1, got {self.tensor_parallel!r}")
+        if self.copy_mode not in ("memcpy", "kernel"):
+            raise ConfigError(f"copy_mode must be 'memcpy' or 'kernel', got {self.copy_mode!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ConfigError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
 

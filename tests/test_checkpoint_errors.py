@@ -95,6 +95,16 @@ def test_unknown_option_and_bad_values(make_ckpt):
         Runtime.from_pretrained(make_ckpt(), device="cpu", ring_depth=1)
     with pytest.raises(ConfigError, match="cannot read"):
         Runtime.from_pretrained(make_ckpt(), device="cpu", gpu_budget="lots")
+    with pytest.raises(ConfigError, match="copy_mode must be 'memcpy' or 'kernel', got 'dma'"):
+        Runtime.from_pretrained(make_ckpt(), device="cpu", copy_mode="dma")
+    # on the CPU nothing is copied to a GPU: the kernel mode is accepted and streamed groups are plain copies
+    from test_cpu_lane import half_budget
+    path = make_ckpt(layers=12)
+    budget = half_budget(Runtime.from_pretrained(path, device="cpu", gpu_budget=1 << 40, prefill_chunk=32).placement)
+    rt = Runtime.from_pretrained(path, device="cpu", copy_mode="kernel", gpu_budget=budget, prefill_chunk=32)
+    assert rt.placement.streamed and not rt.engine.store.copy_kernel
+    assert torch.equal(rt.logits(torch.tensor([[5, 6, 7]])),
+                       Runtime.from_pretrained(path, device="cpu").logits(torch.tensor([[5, 6, 7]])))
 
 
 def test_sequence_and_batch_limits(make_ckpt):

@@ -157,3 +157,26 @@ def test_all_buckets_share_one_pool(make_ckpt):
     e_tok, e_logits = eager_decode(rt, ids, 40)
     g_tok, g_logits = graph_decode(rt, ids, 40)
     assert torch.equal(g_tok, e_tok) and torch.equal(g_logits, e_logits)
+
+
+@pytest.mark.parametrize("mode", ["half", "full"])
+def test_copy_kernel_streams_the_same_bytes(mode, make_ckpt):
+    """copy_mode='kernel' (the copies are kernels reading mapped host memory): graph == eager bitwise and
+    equal to the memcpy runtime's tokens and logits; with poisoned freed slots, so a copy that lands late or
+    short shows; and the removed ready-wait is still caught."""
+    path = make_ckpt("mid-llama", **MID)
+    ids = torch.randint(3, 1000, (2, 16), generator=torch.Generator().manual_seed(3))
+    ref = runtime(path, mode, 3, max_batch_size=2)
+    want, want_logits = graph_decode(ref, ids, 40)
+    del ref
+    rt = runtime(path, mode, 3, max_batch_size=2, copy_mode="kernel", poison_freed_slots=True)
+    assert rt.engine.store.copy_kernel
+    e_tok, e_logits = eager_decode(rt, ids, 40)
+    g_tok, g_logits = graph_decode(rt, ids, 40)
+    assert torch.equal(g_tok, e_tok) and torch.equal(g_logits, e_logits)
+    assert torch.equal(g_tok, want) and torch.equal(g_logits, want_logits)
+    path = make_ckpt("big", **BIG)
+    ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    good, good_logits = graph_decode(runtime(path, "full", 3, poison_freed_slots=True, copy_mode="kernel"), ids, 16)
+    bad, bad_logits = graph_decode(broken_runtime(path, "ready:4", copy_mode="kernel"), ids, 16)
+    assert not torch.equal(bad_logits, good_logits)

@@ -8,6 +8,8 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint
+from ..config import ConfigError
+from .copy_kernel import available as copy_kernel_available, copy_h2d
 from .layout import GroupLayout
 
 
@@ -18,7 +20,7 @@ class PinnedMemoryError(MemoryError):
 PAGE = 4096
 
 
-def pinned_empty(nbytes: int) -> torch.Tensor:
+def pinned_empty(nbytes: int, mapped: bool = False) -> torch.Tensor:
     """A uint8 host buffer of exactly `nbytes`, page-locked with cudaHostRegister. The memory is an
     anonymous mapping of its own (page-aligned, never shared with another allocation), so the whole
     storage is registered and torch sees it as pinned; the caching host allocator would instead round
@@ -29,7 +31,8 @@ def pinned_empty(nbytes: int) -> torch.Tensor:
     except (OSError, ValueError, RuntimeError) as e:
         raise PinnedMemoryError(f"cannot allocate {nbytes / 2**30:.2f} GiB of host memory for streamed "
                                 f"weights ({e}); free host RAM or give a larger gpu_budget") from None
-    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0)
+    # mapped (flags portable | mapped): kernels may read it through its address (copy_kernel.py)
+    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 3 if mapped else 0)
     if int(err) != 0:
         raise PinnedMemoryError(
             f"cudaHostRegister of {nbytes / 2**30:.2f} GiB failed (error {int(err)}): page-locked memory is "
@@ -62,10 +65,16 @@ class WeightStore:
 
     def __init__(self, ckpt: Checkpoint, groups: tuple[GroupLayout, ...], resident: frozenset[str],
                  ring_depth: int, slot_bytes: int, device: torch.device, progress: bool | None,
-                 cpu: frozenset[str] = frozenset(), shard=None, prompt_streamed: frozenset[str] = frozenset()):
+                 cpu: frozenset[str] = frozenset(), shard=None, prompt_streamed: frozenset[str] = frozenset(),
+                 copy_mode: str = "memcpy"):
         """prompt_streamed: CPU-lane groups that prompt steps also copy into ring slots (their one host buffer
         is pinned on CUDA and serves both)."""
         self.device = device
+        self.copy_kernel = copy_mode == "kernel" and device.type == "cuda"   # else a copy-engine memcpy
+        mapped = self.copy_kernel
+        if mapped and not copy_kernel_available(device.index or 0):
+            raise ConfigError("copy_mode='kernel' needs NVRTC and torch.cuda._compile_kernel (torch >= 2.8) on this "
+                              "GPU; use copy_mode='memcpy'")
         self.layouts: dict[str, GroupLayout] = {g.name: g for g in groups}
         self.resident: dict[str, torch.Tensor] = {}
         self.host: dict[str, torch.Tensor] = {}       # streamed groups (pinned on CUDA)
@@ -78,7 +87,7 @@ class WeightStore:
         def buffer_for(g: GroupLayout) -> torch.Tensor:
             if g.name in self.cpu:
                 if g.name in prompt_streamed and self.ring is not None:
-                    buf = pinned_empty(g.nbytes) if device.type == "cuda" else torch.empty(g.nbytes, dtype=torch.uint8)
+                    buf = pinned_empty(g.nbytes, mapped) if device.type == "cuda" else torch.empty(g.nbytes, dtype=torch.uint8)
                     self.host[g.name] = buf
                 else:
                     buf = torch.empty(g.nbytes, dtype=torch.uint8)
@@ -87,7 +96,7 @@ class WeightStore:
             if g.name in resident:
                 staging[g.name] = torch.empty(g.nbytes, dtype=torch.uint8)
                 return staging[g.name]
-            host = pinned_empty(g.nbytes) if device.type == "cuda" else torch.empty(g.nbytes, dtype=torch.uint8)
+            host = pinned_empty(g.nbytes, mapped) if device.type == "cuda" else torch.empty(g.nbytes, dtype=torch.uint8)
             self.host[g.name] = host
             return host
 
@@ -107,9 +116,12 @@ class WeightStore:
         return self._resident_views[group] if slot is None else self._slot_views[(group, slot)]
 
     def copy_to_slot(self, group: str, slot: int) -> None:
-        """One copy moves the whole group (on the current stream)."""
+        """One copy moves the whole group (on the current stream): a memcpy, or the copy kernel (copy_mode)."""
         src = self.host[group]
-        self.ring.slots[slot][: src.numel()].copy_(src, non_blocking=True)
+        if self.copy_kernel:
+            copy_h2d(self.ring.slots[slot], src)
+        else:
+            self.ring.slots[slot][: src.numel()].copy_(src, non_blocking=True)
 
     def release(self) -> None:
         """Unregister the pinned host buffers (before their memory goes back to the allocator)."""
