@@ -3,7 +3,7 @@
     python3 tools/host_cost.py [--out DIR]
 
 Two streamed bf16 models, batch 1, graph path, each with copy_mode="memcpy" and "kernel":
-  - the 16-layer Llama-3.1-8B shape at gpu_budget 12 GiB (8 of 16 layers streamed);
+  - the 16-layer Llama-3.1-8B shape with 8 of its 16 layers streamed;
   - an 80-layer model of small layers (hidden 1024, MLP 2816) with 56 of its 80 layers streamed.
 Per row: the host time of one `DecodeGraph.step()` with the GPU idle before the call (median of 30), the GPU
 time per step back to back (CUDA events), and the wall time per token of a loop that reads each token back
@@ -71,12 +71,11 @@ def main() -> None:
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     kw = dict(max_seq_len=256, prefill_chunk=64, stream_unit="layer")
-    models = [("8B shape, 16 layers, 12 GiB (8 streamed)", make_bench_model(Path("/tmp/graphrt-bench/llama8b-16"), 16),
-               "12GiB"),
-              ("80 small layers, 56 streamed", small_model(Path("/tmp/graphrt-bench/small-80")), None)]
+    models = [("8B shape, 8 of 16 layers streamed", make_bench_model(Path("/tmp/graphrt-bench/llama8b-16"), 16), 8),
+              ("80 small layers, 56 streamed", small_model(Path("/tmp/graphrt-bench/small-80")), 56)]
     rows = []
-    for label, path, budget in models:
-        budget = budget or budget_streaming(path, 56, **kw)
+    for label, path, streamed in models:
+        budget = budget_streaming(path, streamed, **kw)
         for mode in ("memcpy", "kernel"):
             rt = Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", gpu_budget=budget, copy_mode=mode, **kw)
             row = dict(model=label, copy_mode=mode, streamed_groups=len(rt.placement.streamed),
