@@ -55,3 +55,22 @@ def test_runtime_resolves_the_chunk_and_logits_do_not_depend_on_it(make_ckpt):
     a, b = auto.logits(ids), small.logits(ids)
     assert ((a - b).norm() / b.norm()).item() < 1e-5
     assert auto.generate(ids, 8).equal(small.generate(ids, 8))
+
+
+def test_fewer_rows_take_longer_chunks_within_the_same_tokens(make_ckpt):
+    """The chunk is planned for max_batch_size rows; a step of fewer rows takes prefill_chunk x max_batch_size /
+    rows tokens per row (never more than max_seq_len), so its activations stay within the plan's estimate, and
+    the logits match one row at a time."""
+    path = make_ckpt("tiny-llama", layers=2, seed=3)
+    rt = Runtime.from_pretrained(path, device="cpu", max_seq_len=64, max_batch_size=4, prefill_chunk=8)
+    assert [rt.engine.chunk_len(b) for b in (1, 2, 3, 4)] == [32, 16, 10, 8]
+    one = torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(1))
+    steps = [part.shape for _, part, _, _ in rt.engine._chunks(one, 0)]
+    assert steps == [(1, 32), (1, 8)]                   # 40 tokens in 2 prompt steps, not 5
+    four = one.expand(4, 40)
+    assert [part.shape for _, part, _, _ in rt.engine._chunks(four, 0)] == [(4, 8)] * 5
+    wide = Runtime.from_pretrained(path, device="cpu", max_seq_len=64, max_batch_size=1, prefill_chunk=64)
+    a, b = rt.logits(one), wide.logits(one)
+    assert ((a - b).norm() / b.norm()).item() < 1e-5
+    capped = Runtime.from_pretrained(path, device="cpu", max_seq_len=64, max_batch_size=8, prefill_chunk=32)
+    assert capped.engine.chunk_len(1) == 64             # at most max_seq_len

@@ -127,13 +127,20 @@ class Engine:
         return act["logits"]
 
     # ---- prompts -------------------------------------------------------------------------------
+    def chunk_len(self, rows: int) -> int:
+        """Prompt tokens per row in one prefill step of `rows` rows. The placement sized prefill_chunk for
+        max_batch_size rows and its memory estimate is linear in rows x chunk, so fewer rows take longer
+        chunks (one 4096-token prompt in one pass where 8 prompts would take 512 each)."""
+        o = self.options
+        return max(1, min(o.max_seq_len, o.prefill_chunk * o.max_batch_size // max(rows, 1)))
+
     def _chunks(self, ids: torch.Tensor, start: int):
         """Prompt chunks of ids [B, T] from position `start`: (offset c0, ids [B, n], positions [B, n],
         context bucket), in order; each is one streamed step."""
         B, T = ids.shape
         self.check_shape(B, start + T)
         ids = ids.to(self.device)
-        chunk = self.options.prefill_chunk
+        chunk = self.chunk_len(B)
         for c0 in range(0, T, chunk):
             part = ids[:, c0:c0 + chunk]
             n = part.shape[1]

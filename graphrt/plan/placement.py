@@ -100,7 +100,8 @@ class Placement:
                          f"{p.compute_stall * 1e3:.2f} ms/step")
             if self.cpu and self.cpu_busy is not None:
                 lines.append(f"CPU lane busy {100 * self.cpu_busy:.1f}% of the step")
-        lines.append(f"prefill: chunks of up to {self.prefill_chunk} tokens (activations "
+        lines.append(f"prefill: chunks of up to {self.prefill_chunk} tokens per row at the full batch, longer for "
+                     f"fewer rows (activations "
                      f"{self.memory.get('activations', 0) / gib:.2f} GiB)" +
                      (f"; prompts stream {len(self.prompt_streamed)} of the CPU lane's groups through the ring "
                       "(a prompt's many tokens cost the CPU more than the copy)" if self.prompt_streamed else ""))
