@@ -19,6 +19,10 @@ def run(a: argparse.Namespace) -> int:
         from .bench.spec import run_spec_bench
         run_spec_bench(a.out, a.model)
         return 0
+    if a.only == "prefill":
+        from .bench.prefill import run_prefill_bench
+        run_prefill_bench(a.out, a.model)
+        return 0
     if a.only == "peer":
         from .bench.versus import run_versus
         run_versus(a.out, a.model, a.peer_bin, a.threads, a.graphrt_json)
@@ -36,7 +40,9 @@ def add_bench_parser(sub, _positive) -> None:
     b.add_argument("--layers", type=_positive(), default=8, help="layers of the default bench model")
     b.add_argument("--out", type=Path, default=Path("bench-results"))
     b.add_argument("--quick", action="store_true", help="fewer budgets and steps")
-    b.add_argument("--only", choices=["quant", "peer", "spec"], help="spec: speculative against plain decoding on "
+    b.add_argument("--only", choices=["quant", "peer", "spec", "prefill"], help="prefill: 512- and 4096-token prompts "
+                   "on a streamed 16-layer 8B-shaped plan against max(one pass over the streamed weights, the "
+                   "arithmetic) (prefill.json, prefill.md); spec: speculative against plain decoding on "
                    "the default model, all layers streamed (spec.json, spec.md); quant: bf16/int8/fp8/int4, resident "
                    "and streamed "
                    "(quant.json, quant.md); peer: graphrt beside llama.cpp on a 16-layer 8B-shaped model, all on "

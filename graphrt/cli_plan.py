@@ -64,7 +64,7 @@ def run_plan(a: argparse.Namespace) -> int:
     cost = CostModel(h2d_bandwidth=a.bandwidth * 1e9, hbm_bandwidth=a.hbm_bandwidth * 1e9, batch_size=a.batch,
                      cpu_rate=(a.cpu_rate or 0) * 1e9)
     p = plan_placement(cfg, parse_bytes(a.gpu_budget), a.ring_depth, a.batch, max_seq_len, policy,
-                       stream_unit=a.stream_unit, cost=cost, prefill_chunk=None)
+                       stream_unit=a.stream_unit, cost=cost, prefill_chunk=None, fused_attention=True)
     weights = a.quantization or ("stored formats" if policy.per_tensor else str(policy.compute_dtype).replace("torch.", ""))
     if a.tp > 1:
         print(f"tensor parallel {a.tp}: each rank holds {cfg.num_heads} of {full.num_heads} heads, {cfg.num_kv_heads} "

@@ -61,7 +61,8 @@ class Runtime:
         p = self.placement
         if self.comm is not None and opts.prefill_chunk is None:   # every rank runs the same prompt steps
             self.placement = p = with_prefill_chunk(p, self.local_config, self.dtype, opts.max_batch_size,
-                                                    opts.max_seq_len, self.comm.min_int(p.prefill_chunk, self.device))
+                                                    opts.max_seq_len, self.comm.min_int(p.prefill_chunk, self.device),
+                                                    self.device.type == "cuda")
         self.options = opts = replace(opts, prefill_chunk=p.prefill_chunk)   # "auto" (None) resolved by the plan
         with nvtx.annotate("graphrt.load", color="purple"):
             store = WeightStore(self.source, p.groups, p.resident, p.ring_depth, p.slot_bytes, self.device,
@@ -108,7 +109,7 @@ class Runtime:
             cost = replace(cost, cpu_rate=rate)
         p = plan_placement(cfg, budget, o.ring_depth, o.max_batch_size, o.max_seq_len, self.policy,
                            stream_unit=o.stream_unit, strategy=o.placement, prefill_chunk=o.prefill_chunk,
-                           cost=cost, device_memory=device_memory)
+                           cost=cost, device_memory=device_memory, fused_attention=self.device.type == "cuda")
         if p.cpu:
             on_cpu = {g.name: g for g in model_groups(cfg, cpu_policy, p.stream_unit) if g.name in p.cpu}
             # prompts stream the CPU-lane groups whose bytes the GPU computes as they are and a slot holds

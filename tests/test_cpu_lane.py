@@ -138,8 +138,7 @@ def test_calibration_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
 def test_cuda_cpu_lane_graph_equals_eager_and_tracks_all_gpu(model):
     kw = dict(device="cuda", dtype="bfloat16", max_seq_len=128, stream_unit="attn_mlp")
     ref = Runtime.from_pretrained(model, **kw)
-    probe = Runtime.from_pretrained(model, device="cpu", dtype="bfloat16", max_seq_len=128, stream_unit="attn_mlp",
-                                    gpu_budget=1 << 40)   # the same group sizes, planned without the GPU
+    probe = Runtime.from_pretrained(model, **kw, gpu_budget="60GiB")   # every group resident: its sizes and memory
     budget = half_budget(probe.placement)
     threads = torch.get_num_threads()
     rt = Runtime.from_pretrained(model, **kw, gpu_budget=budget, cpu_lane=True, cpu_rate=1e12, h2d_bandwidth=1e6,

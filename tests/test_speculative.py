@@ -161,7 +161,7 @@ def test_cuda_captured_rounds_streamed_bf16(make_ckpt):
     # 12 layers: with 4, three ring slots and half the layers hold every layer, and the plan is all-resident
     path = make_ckpt("tiny-llama", layers=12, seed=4, dtype=torch.bfloat16)
     kw = dict(dtype="bfloat16", max_seq_len=96, max_batch_size=2, prefill_chunk=32)   # one chunk size for both plans
-    probe = Runtime.from_pretrained(path, device="cpu", gpu_budget=1 << 40, **kw)
+    probe = Runtime.from_pretrained(path, device="cuda", gpu_budget="60GiB", **kw)   # planned as the GPU run is
     rt = Runtime.from_pretrained(path, device="cuda", gpu_budget=half_budget(probe.placement), **kw)
     assert rt.placement.streamed, rt.placement.describe()
     spec = Speculative("self-int4", k=4)

@@ -33,7 +33,7 @@ def all_streamed_budget(path: Path | ModelConfig, quantization: str | None, ring
     `path`: a checkpoint directory or file, or the config itself (a tensor-parallel rank's, for example)."""
     cfg = path if isinstance(path, ModelConfig) else ModelConfig.from_file(path)
     groups = model_groups(cfg, quantization_policy(quantization, torch.bfloat16, torch.device("cuda")), "layer")
-    fixed = sum(essentials(cfg, torch.bfloat16, 1, MAX_SEQ_LEN, CHUNK).values())
+    fixed = sum(essentials(cfg, torch.bfloat16, 1, MAX_SEQ_LEN, CHUNK, fused_attention=True).values())
     layers = [g.nbytes for g in groups if g.kind == "layer"]
     ends = sum(g.nbytes for g in groups if g.kind in ("embed", "head"))
     return fixed + ring * max(layers) + ends

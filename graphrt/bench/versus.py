@@ -31,7 +31,8 @@ def split_budget(cfg: ModelConfig, quantization: str | None, batch: int, max_seq
                  host_layers: int = HOST_LAYERS) -> int:
     """The smallest GPU budget whose plan streams at most `host_layers` layers (whole layers, RING slots)."""
     policy = quantization_policy(quantization, torch.bfloat16, torch.device("cuda"))
-    streamed = lambda b: len(plan_placement(cfg, b, RING, batch, max_seq_len, policy, stream_unit="layer").streamed)
+    streamed = lambda b: len(plan_placement(cfg, b, RING, batch, max_seq_len, policy, stream_unit="layer",  # noqa: E731
+                                            fused_attention=True).streamed)
     lo, hi = 1 << 30, 200 << 30
     while hi - lo > 16 << 20:
         mid = (lo + hi) // 2

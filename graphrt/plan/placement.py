@@ -113,23 +113,26 @@ def _ranges(names: list[str]) -> str:
 
 
 def essentials(cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int, max_seq_len: int,
-               prefill_chunk: int) -> dict[str, int]:
-    """Memory that is needed whatever the placement: KV cache, activations, logits, margin."""
+               prefill_chunk: int, fused_attention: bool = False) -> dict[str, int]:
+    """Memory that is needed whatever the placement: KV cache, activations, logits, margin.
+    fused_attention: attention never holds a [rows, heads, chunk, context] score tensor (CUDA's fused SDPA
+    kernels); else two float32 copies of it are counted (the CPU's math path)."""
     e = dtype.itemsize
     kv = 2 * cfg.num_layers * max_batch_size * cfg.num_kv_heads * max_seq_len * cfg.head_dim * e
     tokens = max_batch_size * min(prefill_chunk, max_seq_len)
     width = 4 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size
     scores = max_batch_size * cfg.num_heads * min(prefill_chunk, max_seq_len) * max_seq_len * 4
-    activations = 2 * tokens * width * 4 + 2 * scores
+    mask = max_batch_size * min(prefill_chunk, max_seq_len) * max_seq_len * e       # the additive mask
+    activations = 2 * tokens * width * 4 + (mask if fused_attention else 2 * scores)
     logits = 6 * max_batch_size * cfg.vocab_size * 4  # last-position logits and sampling buffers
     return {"kv_cache": kv, "activations": activations, "logits": logits, "margin": MARGIN}
 
 
 def widen_prefill_chunk(p: Placement, cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int,
-                        max_seq_len: int) -> Placement:
+                        max_seq_len: int, fused_attention: bool = False) -> Placement:
     """The longest prefill chunk (PREFILL_BASE doubled, up to max_seq_len) whose activations fit in the memory
     the placement left: a prompt of that length streams each weight once. The resident set does not change."""
-    act = lambda c: essentials(cfg, dtype, max_batch_size, max_seq_len, c)["activations"]  # noqa: E731
+    act = lambda c: essentials(cfg, dtype, max_batch_size, max_seq_len, c, fused_attention)["activations"]  # noqa: E731
     left = p.budget - sum(p.memory.values())
     chunk = c = min(p.prefill_chunk, max_seq_len)
     while c < max_seq_len:
@@ -137,30 +140,34 @@ def widen_prefill_chunk(p: Placement, cfg: ModelConfig, dtype: torch.dtype, max_
         if act(c) - act(p.prefill_chunk) > left:
             break
         chunk = c
-    return with_prefill_chunk(p, cfg, dtype, max_batch_size, max_seq_len, chunk)
+    return with_prefill_chunk(p, cfg, dtype, max_batch_size, max_seq_len, chunk, fused_attention)
 
 
 def with_prefill_chunk(p: Placement, cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int, max_seq_len: int,
-                       chunk: int) -> Placement:
-    act = essentials(cfg, dtype, max_batch_size, max_seq_len, chunk)["activations"]
+                       chunk: int, fused_attention: bool = False) -> Placement:
+    act = essentials(cfg, dtype, max_batch_size, max_seq_len, chunk, fused_attention)["activations"]
     return replace(p, prefill_chunk=chunk, memory={**p.memory, "activations": act})
 
 
 def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_batch_size: int = 1,
                    max_seq_len: int = 2048, dtype: torch.dtype | FormatPolicy = torch.bfloat16, *,
                    stream_unit: str = "auto", strategy: str = "auto", prefill_chunk: int | None = 256,
-                   cost: CostModel | None = None, device_memory: int | None = None) -> Placement:
+                   cost: CostModel | None = None, device_memory: int | None = None,
+                   fused_attention: bool = False) -> Placement:
     """Choose resident groups that minimise the predicted step time within `gpu_budget` bytes.
     stream_unit "auto" plans with whole layers and with attention/MLP halves and keeps the faster:
     both copy at the same bandwidth (measured), halves need smaller slots, layers fewer events.
-    prefill_chunk None: plan with PREFILL_BASE, then widen the chunk into the memory the placement left."""
+    prefill_chunk None: plan with PREFILL_BASE, then widen the chunk into the memory the placement left.
+    fused_attention: see `essentials` (True for CUDA devices)."""
     if prefill_chunk is None:
         p = plan_placement(cfg, gpu_budget, ring_depth, max_batch_size, max_seq_len, dtype, stream_unit=stream_unit,
-                           strategy=strategy, prefill_chunk=PREFILL_BASE, cost=cost, device_memory=device_memory)
+                           strategy=strategy, prefill_chunk=PREFILL_BASE, cost=cost, device_memory=device_memory,
+                           fused_attention=fused_attention)
         compute = dtype.compute_dtype if isinstance(dtype, FormatPolicy) else dtype
-        return widen_prefill_chunk(p, cfg, compute, max_batch_size, max_seq_len)
+        return widen_prefill_chunk(p, cfg, compute, max_batch_size, max_seq_len, fused_attention)
     if stream_unit == "auto":
-        kw = dict(strategy=strategy, prefill_chunk=prefill_chunk, cost=cost, device_memory=device_memory)
+        kw = dict(strategy=strategy, prefill_chunk=prefill_chunk, cost=cost, device_memory=device_memory,
+                  fused_attention=fused_attention)
         layer = plan_placement(cfg, gpu_budget, ring_depth, max_batch_size, max_seq_len, dtype,
                                stream_unit="layer", **kw)
         if layer.prediction is None:
@@ -179,7 +186,7 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
     cost = cost or CostModel()
     policy = dtype if isinstance(dtype, FormatPolicy) else FormatPolicy(dtype)
     groups = model_groups(cfg, policy, stream_unit)
-    fixed = essentials(cfg, policy.compute_dtype, max_batch_size, max_seq_len, prefill_chunk)
+    fixed = essentials(cfg, policy.compute_dtype, max_batch_size, max_seq_len, prefill_chunk, fused_attention)
     total = sum(g.nbytes for g in groups)
     base = sum(fixed.values())
     if base + total <= gpu_budget:
