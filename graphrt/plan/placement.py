@@ -123,7 +123,10 @@ def essentials(cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int, max_se
     width = 4 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size
     scores = max_batch_size * cfg.num_heads * min(prefill_chunk, max_seq_len) * max_seq_len * 4
     mask = max_batch_size * min(prefill_chunk, max_seq_len) * max_seq_len * e       # the additive mask
-    activations = 2 * tokens * width * 4 + (mask if fused_attention else 2 * scores)
+    # two live tensors of every width per token, in the compute dtype. Measured on the H100 (bf16, 8B shape,
+    # docs/results/2026-11-26-session4.md): a 2048-token step peaks at 0.29 GiB beyond what was allocated before
+    # it, where this gives 0.54 GiB
+    activations = 2 * tokens * width * e + (mask if fused_attention else 2 * scores)
     logits = 6 * max_batch_size * cfg.vocab_size * 4  # last-position logits and sampling buffers
     return {"kv_cache": kv, "activations": activations, "logits": logits, "margin": MARGIN}
 
