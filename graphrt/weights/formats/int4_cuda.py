@@ -12,10 +12,11 @@ accumulates x times it. The group's scale s and zero z are applied once per 16 w
 
 in float32 (the value of x @ Int4.dense(parts, float32).T up to float32 rounding: the rearrangement costs a few
 ulps of the 16-term sums, well inside the tests' 1e-5 for float32). Measured on the H100 (tools/int4_row_sweep.py,
-docs/results): 48.7 us at 28672 x 8192 (2.56 TB/s) against tinygemm's 61.2 and the Triton kernel's 106.4.
+docs/results/2026-11-26-h100-int4-row-sweep-b09dc0d.json): 48.4 us at 28672 x 8192 (2.58 TB/s) with 4 rows x 64
+threads per block, against tinygemm's 60.8 and the Triton kernel's 109.7.
 
-Work split: a block of T threads (T = 32..MAX_THREADS) owns ROWS consecutive rows and strides along K in 16-byte chunks
-(32 weights of one 64-column packing block): thread t reads chunks t, t + T, ... of every row, so a warp's loads
+Work split: a block of T threads (T = 32..MAX_THREADS) owns ROWS consecutive rows and strides along K in
+16-byte chunks (32 weights of one 64-column packing block): thread t reads chunks t, t + T, ... of every row, so a warp's loads
 of 512 contiguous bytes per row are in flight together and x is loaded once (16-byte loads) for all ROWS rows.
 Rows are reduced inside the block in a fixed order (warp shuffles, then the warps in turn): deterministic, so
 graph replay == eager, bitwise. Needs N % ROWS == 0, K % 64 == 0 and 16-byte aligned x, w and scales; int4.py
