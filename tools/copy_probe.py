@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from graphrt.bench.run import cuda_median
 from graphrt.weights.store import pinned_empty, unpin
 
 SOURCE = r"""
@@ -43,15 +44,7 @@ NODE_TYPES = {0: "kernel", 1: "memcpy", 2: "memset", 3: "host", 4: "graph", 5: "
 def timed(fn, reps: int = 5) -> float:
     fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
+    return cuda_median(fn, reps)
 
 
 def node_types(graph: torch.cuda.CUDAGraph) -> dict[str, int]:

@@ -25,14 +25,17 @@ SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 409
 CALLS = 50
 
 
-def graph_time(fn) -> float:
-    """Seconds per call: CALLS calls captured in one graph, median of 5 replays."""
-    fn()
+def graph_time(fn, calls: int = CALLS) -> float:
+    """Seconds per call: `calls` calls captured in one graph, median of 5 replays. `fn` may be a list of
+    callables, called in turn (to cycle through copies of a weight that together overflow L2)."""
+    fns = fn if isinstance(fn, list) else [fn]
+    for f in fns:
+        f()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(CALLS):
-            fn()
+        for i in range(calls):
+            fns[i % len(fns)]()
     g.replay()
     times = []
     for _ in range(5):
@@ -41,7 +44,7 @@ def graph_time(fn) -> float:
         g.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / CALLS)
+        times.append(a.elapsed_time(b) / 1e3 / calls)
     return sorted(times)[2]
 
 

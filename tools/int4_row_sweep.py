@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import gemv_sweep  # tools/ (run as a script: its folder is on sys.path)
 from graphrt.weights.formats import int4_cuda
 from graphrt.weights.formats.int4 import Int4
 from graphrt.weights.formats.int4_gemv import int4_gemv
@@ -26,24 +27,8 @@ ROW_CHOICES = [(4, 64), (4, 128), (8, 128)]
 
 
 def graph_time(fns) -> float:
-    """Seconds per call: CALLS calls (cycling through `fns`) captured in one graph, median of 5 replays."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(CALLS):
-            fns[i % len(fns)]()
-    g.replay()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / CALLS)
-    return sorted(times)[2]
+    """Seconds per call: CALLS calls (cycling through `fns`) replayed from one graph, median of 5 replays."""
+    return gemv_sweep.graph_time(fns, CALLS)
 
 
 def main() -> None:
