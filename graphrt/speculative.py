@@ -1,5 +1,6 @@
-"""Speculative decoding for `Runtime.generate(..., speculative=Speculative(...))`: greedy rounds on the device,
-captured as CUDA graphs on a GPU (exec/spec_rounds.py); sampled rounds eager (exec/speculative.py).
+"""Speculative decoding for `Runtime.generate(..., speculative=Speculative(...))`: greedy and sampled rounds on
+the device, captured as CUDA graphs on a GPU (exec/spec_rounds.py). exec/speculative.py keeps the host-loop
+rounds (a model draft's own sampled drafts) as the reference the tests compare with.
 
 Drafts: "lookup" (prompt lookup: n-grams of the prompt and the output so far), "self-int4" (the target's own
 checkpoint quantized to int4 on load, fully resident), a path to a draft checkpoint with the target's vocabulary,
@@ -13,9 +14,8 @@ from pathlib import Path
 from typing import Any, Union
 
 from .config import ConfigError
-from .exec.drafts import Draft, ModelDraft, PromptLookup
 from .exec.spec_rounds import DeviceLookup, DeviceModelDraft, SpecRounds
-from .exec.speculative import SpecStats, speculative_decode
+from .exec.speculative import SpecStats
 from .sampling import SamplingParams
 
 Runtime = Any   # graphrt.runtime.Runtime (not imported: runtime imports this module); drafts load as type(target)
@@ -82,15 +82,9 @@ def draft_key(spec: Speculative):
     return str(spec.draft) if isinstance(spec.draft, (str, Path)) else id(spec.draft)
 
 
-def make_draft(spec: Speculative, params: SamplingParams, draft_runtime: "Runtime | None") -> Draft:
-    if draft_runtime is None:
-        return PromptLookup(spec.ngram)
-    return ModelDraft(draft_runtime.engine, params)
-
-
 class Speculation:
-    """One target runtime's drafts (loaded once) and the greedy device rounds built for them (captured graphs
-    kept for the next call, by draft, k, ngram, batch and mode)."""
+    """One target runtime's drafts (loaded once) and the device rounds built for them (captured graphs kept for
+    the next call, by draft, k, ngram, batch, greedy or sampled, and mode)."""
 
     def __init__(self):
         self.drafts: dict = {}
@@ -98,27 +92,21 @@ class Speculation:
 
     def blocks(self, target: Runtime, spec: Speculative, ids, lengths: list[int], max_new_tokens: int,
                params: SamplingParams, capture: bool, stats: SpecStats | None):
-        """The tokens each row gains, per block (see Runtime.stream). Greedy: device rounds, captured when
-        `capture`; sampling: eager rounds (the rejection rule), which refuse `capture`."""
+        """The tokens each row gains, per block (see Runtime.stream): device rounds, captured when `capture`;
+        greedy, or sampled with the rejection rule."""
         check_room(target, len(lengths), max(lengths), max_new_tokens, spec.k)
         key = draft_key(spec)
         if key is not None and key not in self.drafts:
             self.drafts[key] = load_draft_runtime(target, spec)
-        if not params.greedy:
-            if capture:
-                raise ConfigError("sampled speculative decoding runs eagerly (use_graph=False); greedy "
-                                  "(temperature=0) rounds are captured")
-            draft = make_draft(spec, params, self.drafts.get(key))
-            return speculative_decode(target.engine, draft, ids, lengths, max_new_tokens, params, spec.k, stats)
-        slot = (key, spec.k, spec.ngram, len(lengths), capture)
+        slot = (key, spec.k, spec.ngram, len(lengths), params.greedy, capture)
         if slot not in self.rounds:
             if key is None:
                 device_draft = DeviceLookup(spec.ngram)
             else:
                 d = self.drafts[key]
                 device_draft = DeviceModelDraft(d.engine, len(lengths), streamed=bool(d.placement.streamed))
-            self.rounds[slot] = SpecRounds(target.engine, device_draft, len(lengths), spec.k, capture)
-        return self.rounds[slot].run(ids, lengths, max_new_tokens, stats)
+            self.rounds[slot] = SpecRounds(target.engine, device_draft, len(lengths), spec.k, capture, params.greedy)
+        return self.rounds[slot].run(ids, lengths, max_new_tokens, stats, params=params)
 
     def release(self) -> None:
         """Drop the captured rounds (before the runtime's memory or process group goes)."""

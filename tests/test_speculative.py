@@ -1,7 +1,8 @@
 """Speculative decoding (issue 12) on the CPU: greedy output equals plain greedy output token for token in fp32 for
 every draft kind, batch 1 and ragged batch 2 (greedy rounds run on the device state, exec/spec_rounds.py, the code
-CUDA captures); the device prompt lookup drafts what the host one does; sampled output has the target's
-distribution; bad input. On the GPU: captured rounds == eager rounds == plain greedy."""
+CUDA captures); the device prompt lookup drafts what the host one does; sampled device rounds draw what the
+host-loop rounds draw and have the target's distribution; bad input. On the GPU: captured rounds == eager
+rounds (greedy and sampled) == plain greedy."""
 import pytest
 import torch
 
@@ -109,6 +110,37 @@ def test_sampled_speculative_has_the_targets_distribution(target, make_ckpt, kin
     assert spec < 1.3 * plain + 0.03, (spec, plain)
 
 
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.8, 20, 0.9), (0.05, 0, 1.0)])
+def test_sampled_device_rounds_equal_the_host_loop(target, temperature, top_k, top_p):
+    """Sampled rounds on device state (exec/spec_rounds.py, what CUDA captures) draw exactly the tokens of the
+    host-loop rounds (exec/speculative.py) with the same drafts and seeds: the same rejection rule and noise.
+    At temperature 0.05 drafts are accepted (the rule's acceptance branch runs), at 0.8 mostly rejected."""
+    from graphrt.exec.drafts import PromptLookup
+    from graphrt.exec.spec_rounds import DeviceLookup, SpecRounds
+    from graphrt.exec.speculative import speculative_decode
+    from graphrt.sampling import SamplingParams
+    rt = rt_of(target)
+    prompts = [REPEATING, [7, 8, 9, 10, 11, 7, 8, 9]]
+    ids, lengths = rt._prompts(prompts)
+    params = SamplingParams(temperature, top_k=top_k, top_p=top_p, seed=[11, 12])
+    host_rows, host_stats = [[] for _ in prompts], SpecStats()
+    for block in speculative_decode(rt.engine, PromptLookup(3), ids, lengths, 24, params, 3, host_stats):
+        for row, toks in zip(host_rows, block):
+            row += toks
+    stats = SpecStats()
+    device_rows = [[] for _ in prompts]
+    for block in SpecRounds(rt.engine, DeviceLookup(3), 2, 3, capture=False, greedy=False).run(
+            ids, lengths, 24, stats, params=params):
+        for row, toks in zip(device_rows, block):
+            row += toks
+    assert device_rows == host_rows and all(len(r) == 24 for r in device_rows)
+    assert stats.accepted == host_stats.accepted
+    if temperature < 0.1:
+        assert stats.accepted > 0
+    assert rt.generate(prompts, 24, temperature=temperature, top_k=top_k, top_p=top_p, seed=[11, 12],
+                       speculative=Speculative("lookup", k=3)) == [p + r for p, r in zip(prompts, device_rows)]
+
+
 def test_bad_speculative_input(target, make_ckpt):
     rt = rt_of(target)
     with pytest.raises(ConfigError, match="vocabulary has 512 tokens, the target's 256"):
@@ -117,7 +149,7 @@ def test_bad_speculative_input(target, make_ckpt):
         rt.generate([[1] * 10], 80, speculative=Speculative("lookup", k=8))
     with pytest.raises(ConfigError, match="no such checkpoint"):
         rt.generate([[1, 2]], 4, speculative=Speculative("/nonexistent/draft", k=2))
-    with pytest.raises(ConfigError, match="sampled speculative decoding runs eagerly"):
+    with pytest.raises(ConfigError, match="use_graph=True needs device='cuda'"):
         rt.generate([[1, 2]], 4, temperature=0.8, use_graph=True, speculative=Speculative("lookup"))
     for bad in (dict(k=0), dict(k=1.5), dict(ngram=0)):
         with pytest.raises(ValueError):
@@ -151,6 +183,18 @@ def test_cuda_greedy_speculative_equals_greedy_fp32(make_ckpt, draft):
         assert rt.generate(prompts, 24, use_graph=True, speculative=spec, speculative_stats=graph) == want
         assert (eager.row_passes, eager.accepted) == (graph.row_passes, graph.accepted)
         print(f"{draft}, batch {len(prompts)}: {graph.tokens_per_pass:.2f} tokens per pass")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("draft", ["lookup", "self-int4"])
+def test_cuda_sampled_rounds_captured_equal_eager(make_ckpt, draft):
+    """Sampled rounds: captured (use_graph=True) == the same device rounds run eagerly, token for token."""
+    path = make_ckpt("tiny-llama", layers=3, seed=4, intermediate=192)
+    rt = Runtime.from_pretrained(path, device="cuda", dtype="float32", max_batch_size=2, max_seq_len=96)
+    spec = Speculative(draft, k=3)
+    kw = dict(temperature=0.9, top_k=40, seed=[3, 4], speculative=spec)
+    prompts = [REPEATING, [7, 8, 9, 10, 11]]
+    assert rt.generate(prompts, 24, use_graph=True, **kw) == rt.generate(prompts, 24, use_graph=False, **kw)
 
 
 @pytest.mark.gpu

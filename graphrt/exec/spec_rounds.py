@@ -1,9 +1,11 @@
-"""Greedy speculative decoding with the whole round on the device, captured as CUDA graphs.
+"""Speculative decoding with the whole round on the device, captured as CUDA graphs.
 
 A round, `spec_round`, reads and writes only device state (SpecState): the draft proposes k tokens from each
 row's history, the target verifies [last, d_1 .. d_k] at positions pos .. pos + k in ONE pass of its step plan
-(streamed groups stream once), the longest agreeing prefix is accepted with the target's own next token, the
-emitted tokens are written into the history and the row advances. Rows that reached their limit stay where they
+(streamed groups stream once), the accepted prefix is kept with one token of the target's (greedy: the longest
+agreeing prefix and the target's argmax; sampling: speculative.verify_sampled's rejection rule, with the row's
+temperature / top-k / top-p / seed in SpecState and counter-based noise), the emitted tokens are written into
+the history and the row advances. Rows that reached their limit stay where they
 are. Nothing in a round reads the host, so on CUDA it is captured once per (ring phase, context bucket) and
 replayed; the host only picks the graph (the context bucket from an upper bound of the positions) and reads
 the rows' progress back every few rounds, asynchronously. On the CPU, or with use_graph=False, the same
@@ -14,7 +16,8 @@ Drafts on the device:
                     the row's last n tokens, then the k tokens after it (cut at the row's end, the last repeated);
                     the same drafts as drafts.PromptLookup
   DeviceModelDraft  a fully resident draft model's engine (drafts.ModelDraft's catch-up rule), greedy
-Sampling (temperature > 0) keeps the eager rounds of speculative.py.
+Both drafts are deterministic, so under sampling their distribution q is one-hot at the drafted token: the
+rejection rule then still emits exactly the target's distribution (tested statistically).
 """
 from __future__ import annotations
 
@@ -24,10 +27,10 @@ from typing import Iterator
 import torch
 
 from ..config import ConfigError
-from ..sampling import argmax_rows
+from ..sampling import SamplingParams, argmax_rows, sample
 from .engine import Engine
 from .graph import capture_graphs
-from .speculative import SpecStats, verify_greedy
+from .speculative import SpecStats, verify_greedy, verify_sampled
 
 
 @dataclass
@@ -40,11 +43,20 @@ class SpecState:
     limit: torch.Tensor      # [B] tokens wanted; a row with made >= limit is finished
     accepted: torch.Tensor   # [B] drafted tokens accepted (statistics)
     passes: torch.Tensor     # [B] rounds the row took part in (statistics)
+    temperature: torch.Tensor  # [B] float32 sampling parameters of the row (sampled rounds)
+    top_k: torch.Tensor      # [B] int64
+    top_p: torch.Tensor      # [B] float32
+    seed: torch.Tensor       # [B] int64
 
     @classmethod
     def empty(cls, batch: int, max_seq_len: int, device: torch.device) -> "SpecState":
         z = lambda: torch.zeros(batch, dtype=torch.int64, device=device)  # noqa: E731
-        return cls(torch.zeros(batch, max_seq_len, dtype=torch.int64, device=device), z(), z(), z(), z(), z(), z())
+        f = lambda: torch.zeros(batch, dtype=torch.float32, device=device)  # noqa: E731
+        return cls(torch.zeros(batch, max_seq_len, dtype=torch.int64, device=device), z(), z(), z(), z(), z(), z(),
+                   f(), z(), f(), z())
+
+    def sampling(self) -> tuple[torch.Tensor, ...]:
+        return self.temperature, self.top_k, self.top_p, self.seed
 
 
 class DeviceLookup:
@@ -123,14 +135,14 @@ class DeviceModelDraft:
         self.pending.copy_(self.drafts[:, -1])
 
 
-def spec_round(target: Engine, draft, st: SpecState, k: int, phase: int, ctx_len: int) -> None:
+def spec_round(target: Engine, draft, st: SpecState, k: int, phase: int, ctx_len: int, greedy: bool = True) -> None:
     """One round on the device (see the module docstring). ctx_len >= every row's pos + k + 1."""
     dev = st.pos.device
     steps = torch.arange(k + 1, device=dev)
     drafts = draft.propose(st, k, ctx_len)                                              # [B, k]
     tokens = torch.cat([st.last[:, None], drafts], dim=1)                               # [B, k+1]
     logits = target.run_plan(target.plans[phase], tokens, st.pos[:, None] + steps, ctx_len, None)   # [B, k+1, V]
-    n, nxt = verify_greedy(logits, drafts)
+    n, nxt = verify_greedy(logits, drafts) if greedy else verify_sampled(logits, drafts, None, st.sampling(), st.pos)
     live = st.made < st.limit
     emitted = torch.cat([drafts, nxt[:, None]], dim=1).scatter(1, n[:, None], nxt[:, None])   # d_1..d_n, nxt
     # a row takes at most the tokens it still wants, so its pos never passes prompt + limit - 1: a finished row
@@ -148,10 +160,11 @@ def spec_round(target: Engine, draft, st: SpecState, k: int, phase: int, ctx_len
 
 
 class SpecRounds:
-    """Greedy speculative decoding of `batch` rows with k drafts per round; captured on CUDA when `capture`."""
+    """Speculative decoding of `batch` rows with k drafts per round, greedy or sampled; captured on CUDA when
+    `capture`."""
 
-    def __init__(self, target: Engine, draft, batch: int, k: int, capture: bool):
-        self.target, self.draft, self.batch, self.k = target, draft, batch, k
+    def __init__(self, target: Engine, draft, batch: int, k: int, capture: bool, greedy: bool = True):
+        self.target, self.draft, self.batch, self.k, self.greedy = target, draft, batch, k, greedy
         self.capture = capture and target.device.type == "cuda"
         self.state = SpecState.empty(batch, target.options.max_seq_len, target.device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -163,7 +176,7 @@ class SpecRounds:
         e = self.target
         key = (e.phase(), e.context(ctx_len))
         if not self.capture:
-            spec_round(e, self.draft, self.state, self.k, *key)
+            spec_round(e, self.draft, self.state, self.k, *key, self.greedy)
         else:
             self.graphs[key].replay()
         e.ring_step += 1
@@ -180,16 +193,17 @@ class SpecRounds:
         st.limit.zero_()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):   # warm-up outside capture (lazy library init)
-            spec_round(e, self.draft, st, self.k, *todo[0])
+            spec_round(e, self.draft, st, self.k, *todo[0], self.greedy)
         torch.cuda.current_stream().wait_stream(self.stream)
-        self.graphs.update(capture_graphs(todo, lambda *key: spec_round(e, self.draft, st, self.k, *key),
+        self.graphs.update(capture_graphs(todo, lambda *key: spec_round(e, self.draft, st, self.k, *key, self.greedy),
                                           self.pool, self.stream))
         e.reset()
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, lengths: list[int], max_new_tokens: int, stats: SpecStats | None = None,
-            sync_every: int = 4) -> Iterator[list[list[int]]]:
-        """Right-padded prompts [B, T] -> the tokens each row gained, as host lists, per block of rounds."""
+            sync_every: int = 4, params: SamplingParams | None = None) -> Iterator[list[list[int]]]:
+        """Right-padded prompts [B, T] -> the tokens each row gained, as host lists, per block of rounds.
+        `params`: the sampling parameters of sampled rounds (greedy rounds ignore them)."""
         B, T = ids.shape
         if B != self.batch:
             raise ConfigError(f"these speculative rounds were built for batch {self.batch}, got {B} prompts")
@@ -198,8 +212,13 @@ class SpecRounds:
             self._capture_all()
         ids = ids.to(e.device)
         logits = e.prefill(ids, lengths)
-        first = argmax_rows(logits)
         pos = torch.tensor(lengths, device=e.device)
+        if self.greedy:
+            first = argmax_rows(logits)
+        else:   # the same first token as plain sampling (counter = its position)
+            for buf, value in zip(st.sampling(), (params or SamplingParams(1.0)).tensors(B, e.device)):
+                buf.copy_(value)
+            first = sample(logits, *st.sampling(), counter=pos)
         st.history.zero_()
         st.history[:, :T].copy_(ids)
         st.history.scatter_(1, pos[:, None], first[:, None])
