@@ -57,20 +57,16 @@ def quantization_policy(quantization: str | None, compute_dtype: torch.dtype, de
         fmt = FP8(compute_dtype)
     elif quantization.startswith("int4"):
         group = 128 if quantization == "int4" else int(quantization.split("-g")[1])
-        packing = int4_packing(device, compute_dtype)
-        if packing == "blocked" and compute_dtype == torch.bfloat16 and any(k % 64 for k in in_features) \
-                and "GRAPHRT_INT4_PACKING" not in os.environ:
-            packing = "cuda"
-        fmt = Int4(compute_dtype, group_size=group, packing=packing)
+        fmt = Int4(compute_dtype, group_size=group, packing=int4_packing(device, compute_dtype, in_features))
     return FormatPolicy(compute_dtype, matrix=fmt, embedding=None, lm_head=fmt)
 
 
-def int4_packing(device: torch.device, compute_dtype: torch.dtype) -> str:
-    """The int4 layout for `device`: the CPU kernel's "cpu" layout on the CPU; on CUDA the "blocked" layout, read
-    by the NVRTC row kernel at one row (int4_cuda.py: 3 instructions per weight) and the Triton GEMV at 2..16
-    rows, where the row kernel compiles; else ATen's tinygemm "cuda" layout for bfloat16 compute and "blocked"
-    (Triton) for float32 / float16, which tinygemm would round to bfloat16. GRAPHRT_INT4_PACKING=cuda|blocked
-    overrides the CUDA choice (the quant bench measures both in one run)."""
+def int4_packing(device: torch.device, compute_dtype: torch.dtype, in_features: tuple[int, ...] = ()) -> str:
+    """The int4 layout for `device`: the CPU kernel's "cpu" layout on the CPU. On CUDA the "blocked" layout (the
+    NVRTC row kernel at one row, int4_cuda.py; the Triton GEMV at 2..16 rows) where the row kernel compiles and
+    every input width is a multiple of 64 (the layout's block), and for float32 / float16 compute, which
+    tinygemm would round to bfloat16; else ATen's tinygemm "cuda" layout (widths % 32).
+    GRAPHRT_INT4_PACKING=cuda|blocked overrides the CUDA choice (the quant bench measures both in one run)."""
     if device.type != "cuda":
         return "cpu"
     forced = os.environ.get("GRAPHRT_INT4_PACKING")
@@ -78,8 +74,12 @@ def int4_packing(device: torch.device, compute_dtype: torch.dtype) -> str:
         return forced
     if forced:
         raise ConfigError(f"GRAPHRT_INT4_PACKING={forced!r}: use 'cuda' (tinygemm) or 'blocked', or unset it")
+    if not _triton():
+        return "cuda"
+    if compute_dtype != torch.bfloat16:
+        return "blocked"
     row_kernel = torch.cuda.is_available() and int4_cuda.available(device.index or 0)
-    return "blocked" if (row_kernel or compute_dtype != torch.bfloat16) and _triton() else "cuda"
+    return "blocked" if row_kernel and not any(k % 64 for k in in_features) else "cuda"
 
 
 def linear_in_features(cfg, tensor_parallel: int = 1) -> tuple[int, ...]:
