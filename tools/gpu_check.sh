@@ -6,7 +6,7 @@
 #   llama.cpp, carry .peer: the first starts llama.cpp's detached build; the second waits for it, so the CPU lane
 #   has the CPU to itself, and runs graphrt's rows; the third runs llama.cpp and writes the table; each in its
 #   own call on the warm machine),
-#   int4 (one-row int4 GEMV kernels side by side), copy (copy kernels vs memcpy nodes), host (host cost of streamed steps), prefill (prompts on a streamed plan), tp (2 GPUs: tensor-parallel tests and tools/bench_tp.py), bench (`graphrt bench`), or all.
+#   int4 (one-row int4 GEMV kernels side by side), copy (copy kernels vs memcpy nodes), host (host cost of steps and the decode loop's timeline), prefill, cpu-probe (CPU GEMV paths), model-speed (the default model against .old/<commit> packages) (prompts on a streamed plan), tp (2 GPUs: tensor-parallel tests and tools/bench_tp.py), bench (`graphrt bench`), or all.
 # Writes everything under $OUT. Carry .whl (nvtx, gguf wheels). The default model's GGUF (98 MB) is larger
 # than one call may carry: it travels in two halves, .dev1/part1 in one call (kept in /tmp/keep) and
 # .dev2/part2 in the next, and is reassembled here for GRAPHRT_DEFAULT_GGUF.
@@ -70,11 +70,23 @@ if has copy; then  # copies as kernels against copy-engine memcpys, and graph la
   timeout 240 python3 tools/copy_probe.py --out "$OUT" 2>&1 | tee "$OUT/copy_probe.log"
 fi
 if has host; then  # host time per step of streamed graphs, memcpy nodes against copy kernels (tools/host_cost.py)
-  timeout 300 python3 tools/host_cost.py --out "$OUT" 2>&1 | grep -v "Loading weights" | tee "$OUT/host_cost.log"
+  timeout 300 python3 tools/host_cost.py --out "$OUT" --modes ${HOST_MODES:-memcpy} 2>&1 | grep -v "Loading weights" | tee "$OUT/host_cost.log"
 fi
 if has prefill; then  # prompts on a streamed plan against their limit (graphrt bench --only prefill)
   timeout 300 python3 -m graphrt.cli bench --only prefill --out "$OUT" 2>&1 | grep -v "Loading weights" \
     | tee "$OUT/bench_prefill.log" | tail -20
+fi
+if has cpu-probe; then  # the CPU lane's GEMV paths on this host, alone and beside H2D copies (tools/cpu_gemv_probe.py)
+  timeout 300 python3 tools/cpu_gemv_probe.py --out "$OUT" 2>&1 | tail -3
+fi
+if has model-speed; then  # default model, resident graph replay: this tree against old commits carried in .old/<commit>
+  if [ -z "${GRAPHRT_DEFAULT_GGUF:-}" ]; then echo "model-speed: the default GGUF is not here (carry .dev1 then .dev2)"; else
+    python3 -m graphrt.cli fetch-default 2>&1 | tail -1
+    for old in .old/*/; do
+      PYTHONPATH=/tmp/site:$old timeout 120 python3 tools/default_speed.py "$(basename $old)" "$PWD/weights/smollm2-135m-instruct" --out "$OUT" 2>&1 | tail -2
+    done
+    timeout 120 python3 tools/default_speed.py "${GRAPHRT_COMMIT:-this}" --out "$OUT" 2>&1 | tail -2
+  fi
 fi
 if has decode; then
   python3 tools/bench_decode.py --out "$OUT" 2>&1 | tee "$OUT/bench_decode.log" | tail -30
