@@ -66,7 +66,7 @@ class Runtime:
         self.options = opts = replace(opts, prefill_chunk=p.prefill_chunk)   # "auto" (None) resolved by the plan
         with nvtx.annotate("graphrt.load", color="purple"):
             store = WeightStore(self.source, p.groups, p.resident, p.ring_depth, p.slot_bytes, self.device,
-                                opts.progress, p.cpu, shard, p.prompt_streamed, opts.copy_mode)
+                                opts.progress, p.cpu, shard, p.prompt_streamed, opts.copy_mode, opts.max_batch_size)
         names, streamed = [g.name for g in p.groups], set(p.streamed)
         prompt = streamed | p.prompt_streamed
         self.engine = Engine(self.local_config, opts, store, build_plans(names, streamed, opts.ring_depth),

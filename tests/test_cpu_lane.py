@@ -15,6 +15,8 @@ from graphrt.exec import cpu_lane
 from graphrt.plan import calibrate
 from graphrt.plan.placement import CostModel, plan_placement
 from graphrt.runtime import Runtime
+from graphrt.weights.formats import Dense, Weight, for_cpu, linear
+from graphrt.weights.formats.dense import onednn_available
 from graphrt.weights.formats.policy import quantization_policy
 from graphrt.weights.synthetic import PRESETS, make_config, random_tensors, write_checkpoint
 
@@ -68,6 +70,45 @@ def test_cpu_lane_runtime_equals_all_resident(model, quantization):
     assert rt.engine.store.cpu == p.cpu and set(rt.engine.store.cpu_buffers) == set(p.cpu)
     assert torch.equal(rt.logits(ids), ref.logits(ids))
     assert rt.generate(ids, 8).equal(ref.generate(ids, 8))
+    rt.close()
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN bf16 linear")
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_packed_bf16_linear_matches_the_float64_product(rows):
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(384, 1024, generator=g) * 0.05).bfloat16()
+    x = torch.randn(rows, 2, 1024, generator=g).bfloat16()
+    weight = Weight(Dense(torch.bfloat16), {"w": w}, (384, 1024))
+    packed = for_cpu({"m": weight}, rows)["m"]
+    assert set(packed.parts) == {"w", "packed"} and packed.parts["w"] is w   # the buffer's bytes stay
+    y, plain = linear(x, packed), linear(x, weight)
+    ref = x.double() @ w.double().T
+    assert y.shape == plain.shape == (rows, 2, 384) and y.dtype == torch.bfloat16
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+    assert ((y.double() - plain.double()).abs().max() / ref.abs().max()).item() < 1e-2
+    # float32 matrices and vectors are left as they are
+    f32 = Weight(Dense(torch.float32), {"w": w.float()}, (384, 1024))
+    kept = for_cpu({"m": f32, "norm": torch.ones(4)}, rows)
+    assert set(kept["m"].parts) == {"w"} and kept["norm"].shape == (4,)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN bf16 linear")
+def test_bf16_lane_groups_hold_packed_copies_and_track_all_resident(tmp_path):
+    cfg = make_config(**dict(PRESETS["tiny-llama"], layers=6), dtype="bfloat16")
+    path = write_checkpoint(tmp_path / "m", cfg, random_tensors(cfg, 5, torch.bfloat16))
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    kw = dict(device="cpu", dtype="bfloat16", max_batch_size=2, max_seq_len=64)
+    ref = Runtime.from_pretrained(path, **kw)
+    budget = half_budget(Runtime.from_pretrained(path, **kw, gpu_budget=1 << 60, stream_unit="attn_mlp").placement)
+    rt = Runtime.from_pretrained(path, **kw, gpu_budget=budget, stream_unit="attn_mlp", cpu_lane=True,
+                                 cpu_rate=1e12, h2d_bandwidth=1e6)
+    assert rt.placement.cpu
+    for group in rt.placement.cpu:
+        matrices = [w for w in rt.engine.store.views(group).values() if isinstance(w, Weight)]
+        assert matrices and all("packed" in w.parts for w in matrices)
+    got, want = rt.logits(ids), ref.logits(ids)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2
     rt.close()
 
 

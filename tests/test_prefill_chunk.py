@@ -88,3 +88,24 @@ def test_fused_attention_counts_the_mask_not_the_scores(cfg):
     assert fused.memory["activations"] < math.memory["activations"] and sum(fused.memory.values()) <= 12 * GiB
     e = essentials(c16, torch.bfloat16, 8, 4096, 512, fused_attention=True)
     assert e["activations"] == 2 * 8 * 512 * (4 * 4096 + 4096 + 2 * 1024 + 3 * 14336) * 2 + 8 * 512 * 4096 * 2
+
+
+@pytest.mark.parametrize("start", [0, 24])
+def test_causal_prompt_steps_equal_the_masked_attention(make_ckpt, start):
+    """Prompt steps attend causally with no mask (flash kernels on CUDA); decode and speculative steps use the
+    additive mask. Both give the same logits for a chunk of positions start .. start + T - 1 (fp32, grouped kv
+    heads), first chunk (T == L) and a later one (the causal diagonal aligned at the last key)."""
+    path = make_ckpt("tiny-llama", layers=2, seed=4)
+    rt = Runtime.from_pretrained(path, device="cpu", max_seq_len=64, max_batch_size=2)
+    e = rt.engine
+    assert e.causal_prompts and rt.config.num_heads > rt.config.num_kv_heads
+    ids = torch.randint(3, 200, (2, start + 16), generator=torch.Generator().manual_seed(start))
+    if start:
+        e.prefill(ids[:, :start], [start, start])
+    pos = torch.arange(start, start + 16).expand(2, 16)
+    L = start + 16
+    masked = e.forward_step(ids[:, start:], pos, L, None, causal=False)
+    causal = e.forward_step(ids[:, start:], pos, L, None, causal=True)
+    assert ((causal - masked).abs().max() / masked.abs().max()).item() < 1e-5
+    with pytest.raises(ValueError, match="ctx_len"):
+        e.forward_step(ids[:, start:], pos, 8, None, causal=True)

@@ -42,6 +42,10 @@ class Engine:
         self.inv_freq = llama.rope_inv_freq(cfg).to(self.device)
         self.ring_step = 0          # steps run since the last prologue; selects the ring phase
         self.ring_cold = True       # the prologue must run before the next step
+        # prompt steps attend causally without a mask where a fused kernel does it (CUDA's flash attention takes
+        # bf16 / fp16 with grouped kv heads; float32 on CUDA would fall back to materialised scores, which the
+        # memory estimate does not count there) and on the CPU
+        self.causal_prompts = self.device.type != "cuda" or dtype in (torch.float16, torch.bfloat16)
         # staging for captured decode steps, one token per row (speculative rounds reserve k + 1); prompts run
         # the lane eagerly or stream its groups (prompt plans)
         self.cpu_lane = CpuLane(self.device, options.max_batch_size, cfg.hidden_size, dtype) if store.cpu else None
@@ -81,23 +85,27 @@ class Engine:
             self.ring_cold, self.ring_step, self.prompt_mode = False, 0, prompt
 
     def forward_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx_len: int,
-                     pick: torch.Tensor | None, annotate: bool = True, prompt: bool = False) -> torch.Tensor:
+                     pick: torch.Tensor | None, annotate: bool = True, prompt: bool = False,
+                     causal: bool = False) -> torch.Tensor:
         """ids, positions [B, T] on the device -> float32 logits [B, T or 1, vocab]; appends K/V.
         pick [B] (token index per row) asks for one position per row; None for every position. `prompt`: a
-        prompt step (it streams the CPU lane's groups where prompt plans exist)."""
+        prompt step (it streams the CPU lane's groups where prompt plans exist). `causal`: every row holds
+        positions ctx_len - T .. ctx_len - 1 (attention without a mask, see llama.step_context)."""
         self.use_plans(prompt, annotate)
         plans = self.prompt_plans[0] if self.prompt_mode else self.plans
         logits = self.run_plan(plans[self.ring_step % len(plans)], ids, positions, ctx_len, pick, annotate,
-                               self.prompt_mode)
+                               self.prompt_mode, causal)
         self.ring_step += 1
         return logits
 
     def run_plan(self, plan: StepPlan, ids: torch.Tensor, positions: torch.Tensor, ctx_len: int,
-                 pick: torch.Tensor | None, annotate: bool = True, prompt: bool = False) -> torch.Tensor:
+                 pick: torch.Tensor | None, annotate: bool = True, prompt: bool = False,
+                 causal: bool = False) -> torch.Tensor:
         """Issue one step plan (eagerly, or into a graph being captured); no ring bookkeeping. `prompt`: a plan
         of prompt_plans (the CPU lane's groups it streams are computed from their slots)."""
         cfg = self.config
-        ctx = llama.step_context(positions, self.inv_freq, self.dtype, cfg.num_heads // cfg.num_kv_heads, ctx_len)
+        ctx = llama.step_context(positions, self.inv_freq, self.dtype, cfg.num_heads // cfg.num_kv_heads, ctx_len,
+                                 causal)
         act: dict[str, torch.Tensor] = {}
 
         reduce = self.comm.all_reduce if self.comm is not None else None
@@ -136,7 +144,7 @@ class Engine:
 
     def _chunks(self, ids: torch.Tensor, start: int):
         """Prompt chunks of ids [B, T] from position `start`: (offset c0, ids [B, n], positions [B, n],
-        context bucket), in order; each is one streamed step."""
+        context length start + c0 + n: exact, for causal attention), in order; each is one streamed step."""
         B, T = ids.shape
         self.check_shape(B, start + T)
         ids = ids.to(self.device)
@@ -145,7 +153,7 @@ class Engine:
             part = ids[:, c0:c0 + chunk]
             n = part.shape[1]
             pos = torch.arange(start + c0, start + c0 + n, device=self.device).expand(B, n)
-            yield c0, part, pos, self.context(start + c0 + n)
+            yield c0, part, pos, start + c0 + n
 
     def prefill(self, ids: torch.Tensor, lengths: list[int], start: int = 0) -> torch.Tensor:
         """Run prompts (right-padded ids [B, T]; row b has lengths[b] tokens) in chunks from position
@@ -155,7 +163,8 @@ class Engine:
         with nvtx.annotate("graphrt.prefill", color="orange"):
             for c0, part, pos, ctx in self._chunks(ids, start):
                 n = part.shape[1]
-                logits = self.forward_step(part, pos, ctx, (last - c0).clamp(0, n - 1), prompt=True)[:, 0]
+                logits = self.forward_step(part, pos, ctx, (last - c0).clamp(0, n - 1), prompt=True,
+                                           causal=self.causal_prompts)[:, 0]
                 ends_here = ((last >= c0) & (last < c0 + n))[:, None]
                 out = logits if out is None else torch.where(ends_here, logits, out)
             self.use_plans(prompt=False)   # decode steps (and captured graphs) follow the decode plans
@@ -163,5 +172,5 @@ class Engine:
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Every position's float32 logits [B, T, vocab] of prompts [B, T] from position 0."""
-        return torch.cat([self.forward_step(part, pos, ctx, None, prompt=True)
+        return torch.cat([self.forward_step(part, pos, ctx, None, prompt=True, causal=self.causal_prompts)
                           for _, part, pos, ctx in self._chunks(ids, 0)], dim=1)

@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from ..config import ModelConfig
 from ..weights.formats import Weight, embedding, linear
@@ -45,17 +46,24 @@ class StepContext(NamedTuple):
     cos: torch.Tensor        # [B, 1, T, D]
     sin: torch.Tensor        # [B, 1, T, D]
     rows: torch.Tensor       # [B, T] batch row of each token, for the KV append
-    mask: torch.Tensor       # [B, 1, G*T, L] additive, compute dtype: 0 where key l is visible to query
-                             # row (g, t), -inf elsewhere (made once per step, not converted per layer)
+    mask: torch.Tensor | None  # [B, 1, G*T, L] additive, compute dtype: 0 where key l is visible to query
+                             # row (g, t), -inf elsewhere (made once per step, not converted per layer). None: a
+                             # prompt step whose rows all hold positions L-T..L-1, attended causally (no mask)
     ctx_len: int             # L
 
 
 def step_context(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, num_groups: int,
-                 ctx_len: int) -> StepContext:
+                 ctx_len: int, causal: bool = False) -> StepContext:
+    """causal: every row's positions are ctx_len - T .. ctx_len - 1 (a prompt chunk of right-padded prompts):
+    attention is causal aligned at the last key, with no mask tensor (flash / cuDNN kernels on CUDA)."""
     B, T = positions.shape
     freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2] float32
     emb = torch.cat((freqs, freqs), dim=-1)
     rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
+    if causal:
+        if ctx_len < T:
+            raise ValueError(f"a causal step of {T} tokens needs ctx_len >= {T}, got {ctx_len}")
+        return StepContext(positions, emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None], rows, None, ctx_len)
     q_pos = positions.repeat(1, num_groups)  # [B, G*T], row g*T + t has position positions[b, t]
     keys = torch.arange(ctx_len, device=positions.device)
     visible = (keys[None, None, :] <= q_pos[:, :, None])[:, None]
@@ -95,10 +103,14 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
         v = linear(x, w["v"], w.get("v_bias"))
     # RoPE on q and k; k and v appended at ctx.positions into [B, Hkv, S, D]; q -> [B, H, T, D]
     q = rope_append(q, k, v, ctx.cos, ctx.sin, k_cache, v_cache, ctx.rows, ctx.positions, H, Hkv)
-    # GQA without copying K/V: the G query heads of one kv head become G*T query rows.
-    q = q.reshape(B, Hkv, G * T, D)
     L = ctx.ctx_len
-    o = F.scaled_dot_product_attention(q, k_cache[:B, :, :L], v_cache[:B, :, :L], attn_mask=ctx.mask)
+    keys, values = k_cache[:B, :, :L], v_cache[:B, :, :L]
+    if ctx.mask is None:  # prompt chunk: causal over the L keys, the last query at the last key
+        causal = causal_lower_right(T, L) if T != L else None
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, is_causal=causal is None,
+                                           enable_gqa=G > 1)  # [B, H, T, D]
+    else:  # GQA without copying K/V: the G query heads of one kv head become G*T query rows.
+        o = F.scaled_dot_product_attention(q.reshape(B, Hkv, G * T, D), keys, values, attn_mask=ctx.mask)
     o = o.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
     o = linear(o, w["o"])
     return h + (reduce(o) if reduce is not None else o)

@@ -22,7 +22,11 @@ import torch
 
 from ..config import ModelConfig
 from ..models import llama
+from ..weights.formats import for_cpu
 from ..weights.layout import FormatPolicy, GroupLayout, model_groups
+
+
+CPU_KERNELS = "onednn-packed-bf16"   # the lane's kernels, in the cache key: a change measures again
 
 
 def cache_file() -> Path:
@@ -53,16 +57,16 @@ def _random_buffer(g: GroupLayout) -> torch.Tensor:
     return buf
 
 
-def mlp_group(cfg: ModelConfig, policy: FormatPolicy) -> tuple[int, dict]:
+def mlp_group(cfg: ModelConfig, policy: FormatPolicy, rows: int = 1) -> tuple[int, dict]:
     """(bytes, weight views) of one MLP group in `policy`'s formats, random contents."""
     g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
-    return g.nbytes, g.views(_random_buffer(g))
+    return g.nbytes, for_cpu(g.views(_random_buffer(g)), rows)
 
 
 def measure(cfg: ModelConfig, policy: FormatPolicy, batch: int, seconds: float = 0.3,
             concurrent_h2d: bool = False, group: tuple[int, dict] | None = None) -> float:
     """Bytes/s of one MLP group computed by the CPU lane's math (no cache); `group` from mlp_group, or built."""
-    nbytes, w = group or mlp_group(cfg, policy)
+    nbytes, w = group or mlp_group(cfg, policy, batch)
     x = torch.randn(batch, 1, cfg.hidden_size).to(policy.compute_dtype)
     copies = None
     if concurrent_h2d and torch.cuda.is_available():
@@ -90,7 +94,7 @@ def _key(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: boo
     """What a cached rate depends on: CPU, this thread's team size, torch, the group's formats and shape."""
     g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
     formats = ",".join(sorted({type(t.format).__name__ + ":" + getattr(t.format, "name", "") for t in g.tensors}))
-    return "|".join(map(str, (_cpu_name(), torch.get_num_threads(), torch.__version__, formats,
+    return "|".join(map(str, (_cpu_name(), torch.get_num_threads(), torch.__version__, formats, CPU_KERNELS,
                               policy.compute_dtype, cfg.hidden_size, cfg.intermediate_size, batch, concurrent_h2d)))
 
 
@@ -140,7 +144,7 @@ def best_threads(cfg: ModelConfig, policy: FormatPolicy, batch: int, candidates:
         for n in candidates:
             torch.set_num_threads(n)
             if group is None and not _cached(cfg, policy, batch, concurrent_h2d):
-                group = mlp_group(cfg, policy)     # built once for every team size measured
+                group = mlp_group(cfg, policy, batch)     # built once for every team size measured
             rate = cpu_rate(cfg, policy, batch, concurrent_h2d=concurrent_h2d, group=group)
             if best is None or rate > best[1]:
                 best = (n, rate)

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from .checkpoint import Checkpoint
 from ..config import ConfigError
 from .copy_kernel import available as copy_kernel_available, copy_h2d
+from .formats import for_cpu
 from .layout import GroupLayout
 
 
@@ -66,9 +67,10 @@ class WeightStore:
     def __init__(self, ckpt: Checkpoint, groups: tuple[GroupLayout, ...], resident: frozenset[str],
                  ring_depth: int, slot_bytes: int, device: torch.device, progress: bool | None,
                  cpu: frozenset[str] = frozenset(), shard=None, prompt_streamed: frozenset[str] = frozenset(),
-                 copy_mode: str = "memcpy"):
+                 copy_mode: str = "memcpy", cpu_rows: int = 1):
         """prompt_streamed: CPU-lane groups that prompt steps also copy into ring slots (their one host buffer
-        is pinned on CUDA and serves both)."""
+        is pinned on CUDA and serves both). cpu_rows: the rows a CPU-lane step computes (the batch), for the CPU
+        kernels' packed copies (`for_cpu`)."""
         self.device = device
         self.copy_kernel = copy_mode == "kernel" and device.type == "cuda"   # else a copy-engine memcpy
         mapped = self.copy_kernel
@@ -108,7 +110,8 @@ class WeightStore:
                 self.resident[g.name] = staging.pop(g.name).to(device)
             bar.update(g.nbytes)
         bar.close()
-        self._resident_views = {n: self.layouts[n].views(b) for n, b in {**self.resident, **self.cpu_buffers}.items()}
+        self._resident_views = {n: self.layouts[n].views(b) for n, b in self.resident.items()}
+        self._resident_views.update({n: for_cpu(self.layouts[n].views(b), cpu_rows) for n, b in self.cpu_buffers.items()})
         self._slot_views = {(n, s): self.layouts[n].views(self.ring.slots[s])
                             for n in self.host for s in range(len(self.ring))} if self.ring else {}
 

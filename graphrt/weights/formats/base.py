@@ -88,3 +88,13 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
 
 def embedding(ids: torch.Tensor, w: Weight, dtype: torch.dtype) -> torch.Tensor:
     return w.format.embedding(ids, w.parts, dtype)
+
+
+def for_cpu(views: dict[str, "torch.Tensor | Weight"], rows: int) -> dict[str, "torch.Tensor | Weight"]:
+    """A group's views as the CPU lane computes them: each matrix's format may add parts made once for the CPU's
+    kernel (`format.for_cpu(parts, rows)`, e.g. oneDNN's packed bf16 copy); formats without it are unchanged."""
+    out = {}
+    for key, w in views.items():
+        prepare = getattr(w.format, "for_cpu", None) if isinstance(w, Weight) else None
+        out[key] = Weight(w.format, prepare(w.parts, rows), w.shape) if prepare else w
+    return out
