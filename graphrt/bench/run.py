@@ -116,9 +116,9 @@ def run_hf(path: Path, budget: int | None, batch: int, steps: int) -> tuple[floa
 
 
 def budgets_for(path: Path, batch: int, ring_depth: int, points: int, prefill_chunk: int,
-                unit: str = "layer", max_seq_len: int = 256) -> list[int]:
+                unit: str = "layer", max_seq_len: int = 256, dtype: str = "bfloat16") -> list[int]:
     """From the smallest budget (every layer streams) to the budget that holds every weight."""
-    probe = Runtime.from_pretrained(path, device="cpu", dtype="bfloat16", max_batch_size=batch, max_seq_len=max_seq_len,
+    probe = Runtime.from_pretrained(path, device="cpu", dtype=dtype, max_batch_size=batch, max_seq_len=max_seq_len,
                                     prefill_chunk=prefill_chunk, gpu_budget=1 << 60, stream_unit=unit)
     mem, groups = probe.placement.memory, probe.placement.groups
     fixed = sum(mem.values()) - mem["weights"]

@@ -1,10 +1,11 @@
 """`graphrt bench --only spec`: speculative decoding against plain decoding, same runtime, one run.
 
 The default model (real text, so drafts can be right) with every layer streamed (the smallest budget: each
-token's step is a pass over the streamed weights), bf16, batch 1. Prompts of the kind where drafts work
+token's step is a pass over the streamed weights), batch 1, in bf16 and in float32 (the dtype its file holds,
+which `graphrt generate` runs; twice the bytes per pass, while the int4 self-draft costs about the same). Prompts of the kind where drafts work
 (summarise, rewrite, continue a given text). Rows: plain decode on the graph path; greedy speculative rounds
 captured as graphs with prompt lookup and with the model's own int4 copy as the draft, k = 4 and 8, and the same
-rounds run eagerly (self-int4, k = 4) for comparison. Reports tokens/s, tokens per target pass, acceptance, and
+rounds run eagerly (self-int4, k = 4, bf16) for comparison. Reports tokens/s, tokens per target pass, acceptance, and
 the ratio to the plain graph row. Writes spec.json and spec.md.
 """
 from __future__ import annotations
@@ -51,23 +52,56 @@ def first_difference(rt: Runtime, plain: list[int], got: list[int], prompt_len: 
     return dict(first_difference_at=at - prompt_len, logit_margin_there=(top2[0] - top2[1]).item())
 
 
+DTYPES = ("bfloat16", "float32")
+
+
 def run_spec_bench(out: Path, model: Path | None = None) -> dict:
     from ..default_model import fetch_default
     out.mkdir(parents=True, exist_ok=True)
     path = model or fetch_default()
-    budget = budgets_for(path, 1, 3, 2, 256, max_seq_len=512)[0]
-    rt = Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", gpu_budget=budget, ring_depth=3,
-                                 max_seq_len=512, stream_unit="layer")
+    rows, plans = [], {}
+    for dtype in DTYPES:
+        budget = budgets_for(path, 1, 3, 2, 256, max_seq_len=512, dtype=dtype)[0]
+        rt = Runtime.from_pretrained(path, device="cuda", dtype=dtype, gpu_budget=budget, ring_depth=3,
+                                     max_seq_len=512, stream_unit="layer")
+        plans[dtype] = rt.placement.describe().splitlines()[1]
+        rows += _rows(rt, dtype)
+        rt.close()
+        del rt
+        torch.cuda.empty_cache()
+    for r in rows:
+        plain = next(p for p in rows if p["prompt"] == r["prompt"] and p["dtype"] == r["dtype"]
+                     and p["system"] == "graph, plain")
+        r["x_plain"] = r["tokens_per_s"] / plain["tokens_per_s"]
+    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, model=str(path), plans=plans, rows=rows)
+    (out / "spec.json").write_text(json.dumps(res, indent=1))
+    lines = [f"# speculative decoding: {res['device']}, torch {res['torch']}", "", f"Model `{path}`, batch 1, "
+             f"{NEW_TOKENS} new tokens; plans:", ""] + [f"- {d}: {p}" for d, p in plans.items()] + [
+             "", "| dtype | prompt | system | tokens/s | x plain | tokens per pass | acceptance | same tokens (else: "
+             "first difference, plain run's logit margin there) |", "|---" * 8 + "|"]
+    for r in rows:
+        same = r.get("same_tokens_as_plain", "-")
+        if same is False:
+            same = f"from token {r['first_difference_at']} (margin {r['logit_margin_there']:.3f})"
+        lines.append(f"| {r['dtype']} | {r['prompt']} | {r['system']} | {r['tokens_per_s']:.1f} | {r['x_plain']:.2f} | "
+                     f"{r['tokens_per_pass']:.2f} | {r.get('acceptance', 1.0):.2f} | {same} |")
+    (out / "spec.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return res
+
+
+def _rows(rt: Runtime, dtype: str) -> list[dict]:
+    """Plain graph decoding and every speculative configuration, for each prompt, on one runtime."""
     rows = []
     for name, text in PROMPTS.items():
         ids = [rt.encode(rt.apply_chat_template([{"role": "user", "content": text}]))]
         rt.generate(ids, 8)                                           # warm-up: capture, first loads
         plain_s = _timed(lambda: rt.generate(ids, NEW_TOKENS))
         plain = rt.generate(ids, NEW_TOKENS)
-        base = dict(prompt=name, prompt_tokens=len(ids[0]), streamed_GB=rt.placement.streamed_bytes / 1e9)
+        base = dict(dtype=dtype, prompt=name, prompt_tokens=len(ids[0]), streamed_GB=rt.placement.streamed_bytes / 1e9)
         rows.append(dict(base, system="graph, plain", tokens_per_s=NEW_TOKENS / plain_s, tokens_per_pass=1.0))
-        for draft, k, graph in (("lookup", 4, True), ("lookup", 8, True), ("self-int4", 4, True),
-                                ("self-int4", 8, True), ("self-int4", 4, False)):
+        configs = [("lookup", 4, True), ("lookup", 8, True), ("self-int4", 4, True), ("self-int4", 8, True)]
+        for draft, k, graph in configs + ([("self-int4", 4, False)] if dtype == "bfloat16" else []):
             spec = Speculative(draft, k=k)
             rt.generate(ids, 8, speculative=spec, use_graph=graph)   # loads the draft, captures the rounds
             stats = SpecStats()
@@ -80,22 +114,4 @@ def run_spec_bench(out: Path, model: Path | None = None) -> dict:
                              same_tokens_as_plain=got == plain,
                              **first_difference(rt, plain[0], got[0], len(ids[0]))))
             print(json.dumps(rows[-1]), flush=True)
-    for r in rows:
-        plain = next(p for p in rows if p["prompt"] == r["prompt"] and p["system"] == "graph, plain")
-        r["x_plain"] = r["tokens_per_s"] / plain["tokens_per_s"]
-    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, model=str(path),
-               plan=rt.placement.describe(), rows=rows)
-    (out / "spec.json").write_text(json.dumps(res, indent=1))
-    lines = [f"# speculative decoding: {res['device']}, torch {res['torch']}", "", f"Model `{path}`, bf16, batch 1, "
-             f"{NEW_TOKENS} new tokens; plan: {rt.placement.describe().splitlines()[1]}", "",
-             "| prompt | system | tokens/s | x plain | tokens per pass | acceptance | same tokens (else: first "
-             "difference, plain run's logit margin there) |", "|---" * 7 + "|"]
-    for r in rows:
-        same = r.get("same_tokens_as_plain", "-")
-        if same is False:
-            same = f"from token {r['first_difference_at']} (margin {r['logit_margin_there']:.3f})"
-        lines.append(f"| {r['prompt']} | {r['system']} | {r['tokens_per_s']:.1f} | {r['x_plain']:.2f} | "
-                     f"{r['tokens_per_pass']:.2f} | {r.get('acceptance', 1.0):.2f} | {same} |")
-    (out / "spec.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return res
+    return rows

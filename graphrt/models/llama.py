@@ -14,7 +14,6 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from ..config import ModelConfig
 from ..weights.formats import Weight, embedding, linear
@@ -106,7 +105,10 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
     L = ctx.ctx_len
     keys, values = k_cache[:B, :, :L], v_cache[:B, :, :L]
     if ctx.mask is None:  # prompt chunk: causal over the L keys, the last query at the last key
-        causal = causal_lower_right(T, L) if T != L else None
+        causal = None
+        if T != L:   # (imported here: the module imports triton, which a CPU-only import of graphrt avoids)
+            from torch.nn.attention.bias import causal_lower_right
+            causal = causal_lower_right(T, L)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, is_causal=causal is None,
                                            enable_gqa=G > 1)  # [B, H, T, D]
     else:  # GQA without copying K/V: the G query heads of one kv head become G*T query rows.
