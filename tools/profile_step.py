@@ -58,17 +58,32 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--formats", default="bf16,int8,fp8,int4")
     ap.add_argument("--default", action="store_true", help="also profile the default model")
+    ap.add_argument("--small", default="", help="the default model's shape with random weights, e.g. "
+                    "'bfloat16:none,bfloat16:int4,float32:int4' (compute dtype:quantization)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/graphrt-profile"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     results = []
-    path = make_bench_model(Path("/tmp/graphrt-bench/llama8b"), a.layers) if a.formats else None
+    path = make_bench_model(Path(f"/tmp/graphrt-bench/llama8b-{a.layers}"), a.layers) if a.formats else None
     for fmt in filter(None, a.formats.split(",")):
         rt = Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", max_seq_len=256, prefill_chunk=64,
                                      quantization=None if fmt == "bf16" else fmt)
         results.append(profile_runtime(rt, f"8B shape, {a.layers} layers, {fmt}, resident"))
         rt.close()
         torch.cuda.empty_cache()
+    if a.small:
+        from graphrt.weights.synthetic import PRESETS, make_config, random_tensors, write_checkpoint
+        small = Path("/tmp/graphrt-bench/smollm2-shape")
+        if not (small / "config.json").is_file():
+            cfg = make_config(**PRESETS["smollm2-135m"], dtype="float32")
+            write_checkpoint(small, cfg, random_tensors(cfg, 0, torch.float32, device="cuda"))
+        for item in a.small.split(","):
+            dtype, quant = item.split(":")
+            rt = Runtime.from_pretrained(small, device="cuda", dtype=dtype, max_seq_len=256,
+                                         quantization=None if quant == "none" else quant)
+            results.append(profile_runtime(rt, f"default model's shape, {dtype}, {quant}, resident"))
+            rt.close()
+            torch.cuda.empty_cache()
     if a.default:
         from graphrt.default_model import fetch_default
         rt = Runtime.from_pretrained(fetch_default(), device="cuda", dtype="bfloat16", max_seq_len=256)

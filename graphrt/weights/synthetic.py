@@ -18,6 +18,9 @@ PRESETS = {
     "tiny-mistral": dict(arch="MistralForCausalLM", hidden=64, intermediate=160, layers=2, heads=4, kv_heads=1, vocab=256),
     "llama-3.1-8b": dict(arch="LlamaForCausalLM", hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8,
                          vocab=128256, rope="llama3", theta=500000.0),
+    # the default model's shape (SmolLM2-135M): 30 narrow layers, tied embeddings
+    "smollm2-135m": dict(arch="LlamaForCausalLM", hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3,
+                         vocab=49152, theta=100000.0, tied=True),
     "llama-3.1-70b": dict(arch="LlamaForCausalLM", hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8,
                           vocab=128256, rope="llama3", theta=500000.0),
 }
