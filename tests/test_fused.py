@@ -97,3 +97,20 @@ def test_cuda_argmax_rows_equals_argmax():
         x = torch.randint(0, 7, (5, vocab), device="cuda").float()     # many ties: the first index must win
         x[3, vocab // 2:] = float("nan")
         assert torch.equal(argmax_rows(x), x.argmax(dim=-1)), vocab
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows, ctx", [(3, 17), (12, 300), (64, 64), (80, 128)])
+def test_float32_masked_attention_matches_sdpa(rows, ctx):
+    """Few float32 query rows on CUDA take the explicit products (llama.masked_attention); they match SDPA."""
+    from graphrt.models.llama import masked_attention
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    q = torch.randn(2, 3, rows, 64, device="cuda", generator=g)
+    k = torch.randn(2, 3, ctx, 64, device="cuda", generator=g)
+    v = torch.randn(2, 3, ctx, 64, device="cuda", generator=g)
+    mask = torch.zeros(2, 1, rows, ctx, device="cuda")
+    mask[0, :, :, ctx // 2:] = float("-inf")
+    got = masked_attention(q, k, v, mask)
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    assert got.shape == want.shape and (got.double() - want).abs().max().item() < 1e-5

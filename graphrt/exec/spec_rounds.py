@@ -235,27 +235,38 @@ class SpecRounds:
         shown = [1] * B                         # tokens of each row handed out
         cap = max(lengths) + max_new_tokens + k  # no live row's pos + k + 1 goes past it
         bound, pending = max(lengths), []       # bound: >= every row's pos
+        rate = [1 + k / 2] * B                  # tokens per round of each row (observed once it has taken part)
+        in_flight = 0                           # rounds queued and not yet read back
         while True:
-            for _ in range(sync_every):
-                self._round(min(bound + k + 1, cap))
-                bound += k + 1
-            copy = (st.history.to("cpu", non_blocking=True), st.made.to("cpu", non_blocking=True),
-                    st.pos.max().to("cpu", non_blocking=True))
-            event = torch.cuda.Event() if e.device.type == "cuda" else None
-            if event is not None:
-                event.record()
-            pending.append((event, copy, sync_every))
-            if len(pending) < 2 and e.device.type == "cuda":
-                continue                            # keep one block of rounds queued ahead of the host
-            event, (hist, made, top), since = pending.pop(0)
+            # Queue only the rounds the rows are expected to still need (at their observed rate): a round queued
+            # after every row finished would still stream the target's weights once. Too few costs a short wait.
+            need = max(-(-(max_new_tokens - shown[b]) // rate[b]) for b in range(B)) - in_flight
+            if need > 0 or not pending:
+                n = int(min(sync_every, max(need, 1)))
+                for _ in range(n):
+                    self._round(min(bound + k + 1, cap))
+                    bound += k + 1
+                copy = (st.history.to("cpu", non_blocking=True), st.made.to("cpu", non_blocking=True),
+                        st.pos.max().to("cpu", non_blocking=True), st.passes.to("cpu", non_blocking=True))
+                event = torch.cuda.Event() if e.device.type == "cuda" else None
+                if event is not None:
+                    event.record()
+                pending.append((event, copy, n))
+                in_flight += n
+                if len(pending) < 2 and e.device.type == "cuda" and need > n:
+                    continue                        # keep one block of rounds queued ahead of the host
+            event, (hist, made, top, passes), since = pending.pop(0)
             if event is not None:
                 event.synchronize()
-            bound = min(bound, int(top) + (k + 1) * sum(s for _, _, s in pending))
+            in_flight -= since
+            bound = min(bound, int(top) + (k + 1) * in_flight)
             gained = []
             for b in range(B):
                 m = min(int(made[b]), max_new_tokens)
                 gained.append(hist[b, lengths[b] + shown[b]:lengths[b] + m].tolist())
                 shown[b] = m
+                if int(passes[b]):
+                    rate[b] = max(1.0, (int(made[b]) - 1) / int(passes[b]))
             yield gained
             if min(shown) >= max_new_tokens:
                 break

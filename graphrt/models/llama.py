@@ -112,10 +112,21 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, is_causal=causal is None,
                                            enable_gqa=G > 1)  # [B, H, T, D]
     else:  # GQA without copying K/V: the G query heads of one kv head become G*T query rows.
-        o = F.scaled_dot_product_attention(q.reshape(B, Hkv, G * T, D), keys, values, attn_mask=ctx.mask)
+        o = masked_attention(q.reshape(B, Hkv, G * T, D), keys, values, ctx.mask)
     o = o.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
     o = linear(o, w["o"])
     return h + (reduce(o) if reduce is not None else o)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, Hkv, R, D] (R = G*T query rows), k and v [B, Hkv, L, D], additive mask [B, 1, R, L] -> [B, Hkv, R, D].
+    SDPA, except float32 on CUDA with few query rows (decode steps, speculative passes): there SDPA's only kernel
+    for a float32 mask (memory-efficient attention) takes ~28 us per call on the H200 for what four small products
+    do in ~10 (tools/profile_step.py), so the products run instead: (q k^T) / sqrt(D) + mask, softmax, times v."""
+    if q.dtype != torch.float32 or not q.is_cuda or q.shape[2] > 64:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1])).add_(mask)
+    return torch.matmul(scores.softmax(dim=-1), v)
 
 
 def mlp_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, reduce: Reduce = None) -> torch.Tensor:
