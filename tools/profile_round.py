@@ -1,0 +1,78 @@
+"""Where a captured speculative round's time goes (issue 12): per-kernel GPU time of rounds, against plain steps.
+
+    python3 tools/profile_round.py [--dtype float32] [--k 4] [--out DIR]
+
+The default model's shape with random weights (the "smollm2-135m" preset), every layer streamed (the smallest
+budget), batch 1; the self-int4 draft. Profiles one `generate` of 64 tokens with captured rounds and one plain
+(graph) `generate`, and prints per round (per step) the GPU time of the top kernels and copies, and the wall time.
+Writes profile_round.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from graphrt import Runtime
+from graphrt.bench.run import budgets_for
+from graphrt.exec.speculative import SpecStats
+from graphrt.speculative import Speculative
+from graphrt.weights.synthetic import PRESETS, make_config, random_tensors, write_checkpoint
+
+
+def kernels(fn, per: int, top: int = 16) -> tuple[float, list]:
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    by_name: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA":
+            by_name[ev.name[:90]][0] += 1
+            by_name[ev.name[:90]][1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+    rows = sorted(((v[1] / per, v[0] / per, k) for k, v in by_name.items()), reverse=True)[:top]
+    return wall, rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/graphrt-profile-round"))
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = Path("/tmp/graphrt-bench/smollm2-shape")
+    if not (path / "config.json").is_file():
+        cfg = make_config(**PRESETS["smollm2-135m"], dtype="float32")
+        write_checkpoint(path, cfg, random_tensors(cfg, 0, torch.float32, device="cuda"))
+    budget = budgets_for(path, 1, 3, 2, 256, max_seq_len=512, dtype=a.dtype)[0]
+    rt = Runtime.from_pretrained(path, device="cuda", dtype=a.dtype, gpu_budget=budget, ring_depth=3, max_seq_len=512,
+                                 stream_unit="layer")
+    ids = [list(range(5, 45))]
+    spec = Speculative("self-int4", k=a.k)
+    rt.generate(ids, 16)
+    rt.generate(ids, 16, speculative=spec)
+    stats = SpecStats()
+    res = {}
+    wall, rows = kernels(lambda: rt.generate(ids, 64), 64)
+    res["plain"] = dict(wall_ms_per_token=1e3 * wall / 64, per_step=rows)
+    wall, rows = kernels(lambda: rt.generate(ids, 64, speculative=spec, speculative_stats=stats), 1)
+    rounds = stats.rounds
+    res["spec"] = dict(rounds=rounds, tokens_per_pass=stats.tokens_per_pass, wall_ms=1e3 * wall,
+                       per_round=[(us / rounds, n / rounds, name) for us, n, name in rows])
+    for label, r in res.items():
+        print(f"## {label}: " + json.dumps({k: v for k, v in r.items() if not k.startswith("per_")}))
+        for us, n, name in r.get("per_step", r.get("per_round", [])):
+            print(f"  {us:9.1f} us  x{n:6.1f}  {name}")
+    (a.out / "profile_round.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
