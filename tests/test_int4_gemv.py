@@ -106,7 +106,8 @@ def test_cuda_kernel_and_graph(case):
     check(case, y, ref)
     from graphrt.weights.formats import int4_cuda
     w, sz = parts["w"], parts["scales_and_zeros"]
-    chosen = int4_cuda.int4_gemv_row if x.shape[0] == 1 and int4_cuda.supports(x, w, sz) else int4_gemv
+    chosen = int4_cuda.int4_gemv_row if x.shape[0] <= int4_cuda.MAX_INPUTS and int4_cuda.supports(x, w, sz) \
+        else int4_gemv
     assert torch.equal(fmt.linear(x, parts, bias), chosen(x, w, sz, bias))
     static_x = x.clone()
     g = torch.cuda.CUDAGraph()
@@ -121,13 +122,16 @@ ROW_CASES = [dict(x=x, m=1, k=k, n=n, g=g, split=None, bias=bias)
              for x, k, n, g, bias in [("bfloat16", 4096, 1024, 128, False), ("bfloat16", 14336, 512, 128, True),
                                       ("float32", 576, 64, 32, False), ("float16", 4096, 256, 64, True),
                                       ("bfloat16", 2048, 96, 256, False), ("float32", 64, 8, 32, True)]]
+ROW_CASES += [dict(x=x, m=m, k=k, n=n, g=g, split=None, bias=bias)
+              for x, m, k, n, g, bias in [("bfloat16", 2, 4096, 1024, 128, False), ("float32", 2, 576, 64, 32, True),
+                                         ("bfloat16", 3, 14336, 512, 128, True), ("float16", 4, 4096, 256, 64, False)]]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ROW_CASES + [c for c in CASES if c["m"] == 1], ids=case_id)
 def test_nvrtc_row_kernel(case):
-    """The NVRTC one-row kernel (int4_cuda.py) against float64 x @ dense(parts, float32).T, in a CUDA graph too,
-    and chosen by Int4("blocked").linear for one row."""
+    """The NVRTC kernel (int4_cuda.py) for 1..4 rows against float64 x @ dense(parts, float32).T, in a CUDA graph
+    too, and chosen by Int4("blocked").linear; each row of a multi-row call equals that row alone, bitwise."""
     from graphrt.weights.formats import int4_cuda
     if not int4_cuda.available(0):
         pytest.fail("the NVRTC int4 kernel does not compile on this GPU (torch.cuda._compile_kernel / NVRTC)")
@@ -144,5 +148,8 @@ def test_nvrtc_row_kernel(case):
     static_x.copy_(x * 2)
     g.replay()
     assert torch.equal(out, int4_cuda.int4_gemv_row(x * 2, w, sz, bias))
+    for i in range(x.shape[0]):
+        assert torch.equal(y[i], int4_cuda.int4_gemv_row(x[i:i + 1], w, sz, bias)[0])
+    assert not int4_cuda.supports(torch.cat([x] * 5)[:5], w, sz)   # 5 rows: the Triton kernel
     # rows that are not a multiple of 8, or a misaligned view: the Triton kernel serves instead
     assert not int4_cuda.supports(x, w[:-1], sz[:, :-1])

@@ -33,7 +33,7 @@ linear:
   CUDA  "cuda" packing: `torch.ops.aten._weight_int4pack_mm(x_bf16, w, G, scales_and_zeros)` (needs sm80+,
         bfloat16 only: other compute dtypes are cast to bfloat16 and back). "blocked" packing (the policy's choice
         for float32 / float16 compute, which tinygemm rounds to bfloat16, and for bfloat16 where the CUDA kernel
-        compiles): one row through `int4_cuda.int4_gemv_row` (NVRTC), 2..GEMV_MAX_ROWS rows through the Triton
+        compiles): 1..4 rows through `int4_cuda.int4_gemv_row` (NVRTC), 5..GEMV_MAX_ROWS rows through the Triton
         `int4_gemv`; both form `dense(parts, float32)` in registers.
   Both: more than GEMV_MAX_ROWS rows (prefill), or parts packed for another device: dequantize, then F.linear.
 The CPU packed layout depends on the CPU's vector ISA (AVX512: blocks of 64 rows, AVX2 / default: 32, ...), so
@@ -186,7 +186,7 @@ class Int4:
         group = inp // sz.shape[0]
         out = sz.shape[1]
         x2 = x.reshape(-1, inp)
-        if self.packing == "blocked" and x.device.type == "cuda" and x2.shape[0] == 1 \
+        if self.packing == "blocked" and x.device.type == "cuda" and x2.shape[0] <= int4_cuda.MAX_INPUTS \
                 and int4_cuda.supports(x2, w, sz):
             return int4_cuda.int4_gemv_row(x, w, sz, bias)
         if self.packing == "blocked" and x.device.type == "cuda" and x2.shape[0] <= GEMV_MAX_ROWS \

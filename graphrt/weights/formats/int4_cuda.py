@@ -1,4 +1,4 @@
-"""Int4 weight-only GEMV for one decode row (M == 1) over the "blocked" layout, as a CUDA kernel compiled at run
+"""Int4 weight-only GEMV for a few decode rows (M = 1..4) over the "blocked" layout, as a CUDA kernel compiled at run
 time with NVRTC (`torch.cuda._compile_kernel`: no compiler, no build step, no extension to install).
 
 Why a second kernel beside int4_gemv.py's Triton one: at M == 1 a 4-bit GEMV issues about as many instructions
@@ -18,7 +18,8 @@ threads per block, against tinygemm's 60.8 and the Triton kernel's 109.7.
 Work split: a block of T threads (T = 32..MAX_THREADS) owns ROWS consecutive rows and strides along K in
 16-byte chunks (32 weights of one 64-column packing block): thread t reads chunks t, t + T, ... of every row, so a warp's loads
 of 512 contiguous bytes per row are in flight together and x is loaded once (16-byte loads) for all ROWS rows.
-Rows are reduced inside the block in a fixed order (warp shuffles, then the warps in turn): deterministic, so
+With M input rows (a batch of up to 4, a speculative draft's two-token step) every weight load serves all M:
+the weights are read once. Rows are reduced inside the block in a fixed order (warp shuffles, then the warps in turn): deterministic, so
 graph replay == eager, bitwise. Needs N % ROWS == 0, K % 64 == 0 and 16-byte aligned x, w and scales; int4.py
 falls back to the Triton kernel otherwise.
 """
@@ -30,11 +31,13 @@ import torch
 
 ROWS = 4                    # rows per block (tools/int4_row_sweep.py: 4 beat 8 and 16 on the H100)
 MAX_THREADS = 64            # threads per block (the sweep: 64 beat 128 at every 8B decode shape; up to 256)
+MAX_INPUTS = 4              # input rows one launch takes (each weight load serves all of them)
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 _SOURCE = r"""
 #define XT __XT__
 #define ROWS __ROWS__
+#define MR __MR__
 #if XT == 2
 typedef float xt;
 #else
@@ -110,11 +113,14 @@ __device__ __forceinline__ float code(unsigned int bytes, unsigned int selector)
 extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* __restrict__ w,
                                          const unsigned int* __restrict__ sz, const xt* __restrict__ bias,
                                          xt* __restrict__ out, int N, int K, int group, int has_bias) {
+    // MR input rows x[m, :] (m < MR, row stride K) share every weight load; out[m, n] at m * N + n
     const int n0 = blockIdx.x * ROWS;
     const int chunks = K >> 5;                 // 16-byte chunks per row (32 weights)
-    float acc[ROWS];
+    float acc[MR][ROWS];
     #pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
+    for (int m = 0; m < MR; ++m)
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r) acc[m][r] = 0.0f;
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
         uint4 q[ROWS];
         #pragma unroll
@@ -125,60 +131,67 @@ extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* 
         uint4 s_lo[ROWS / 4], s_hi[ROWS / 4];
         #pragma unroll
         for (int i = 0; i < ROWS / 4; ++i) { s_lo[i] = sz_lo[i]; s_hi[i] = sz_hi[i]; }
-        float xl[16], xh[16];
-        load16(x + col, xl);
-        load16(x + col + 32, xh);
-        float sum_lo = 0.0f, sum_hi = 0.0f;
         #pragma unroll
-        for (int i = 0; i < 16; ++i) { sum_lo += xl[i]; sum_hi += xh[i]; }
-        #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            float dot_lo = 0.0f, dot_hi = 0.0f;
+        for (int m = 0; m < MR; ++m) {
+            float xl[16], xh[16];
+            load16(x + (unsigned long long)m * K + col, xl);
+            load16(x + (unsigned long long)m * K + col + 32, xh);
+            float sum_lo = 0.0f, sum_hi = 0.0f;
             #pragma unroll
-            for (int v = 0; v < 4; ++v) {
-                const unsigned int bytes = word(q[r], v);
-                const unsigned int lo = (bytes << 3) & 0x78787878u, hi = (bytes >> 1) & 0x78787878u;
+            for (int i = 0; i < 16; ++i) { sum_lo += xl[i]; sum_hi += xh[i]; }
+            #pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                float dot_lo = 0.0f, dot_hi = 0.0f;
                 #pragma unroll
-                for (int b = 0; b < 4; ++b) {
-                    const unsigned int sel = 0x7054u | (b << 8);
-                    dot_lo = fmaf(xl[4 * v + b], code(lo, sel), dot_lo);
-                    dot_hi = fmaf(xh[4 * v + b], code(hi, sel), dot_hi);
+                for (int v = 0; v < 4; ++v) {
+                    const unsigned int bytes = word(q[r], v);
+                    const unsigned int lo = (bytes << 3) & 0x78787878u, hi = (bytes >> 1) & 0x78787878u;
+                    #pragma unroll
+                    for (int b = 0; b < 4; ++b) {
+                        const unsigned int sel = 0x7054u | (b << 8);
+                        dot_lo = fmaf(xl[4 * v + b], code(lo, sel), dot_lo);
+                        dot_hi = fmaf(xh[4 * v + b], code(hi, sel), dot_hi);
+                    }
                 }
+                const unsigned int wl = word(s_lo[r >> 2], r & 3), wh = word(s_hi[r >> 2], r & 3);
+                // a bf16 pair: scale s in the low half, zero z in the high half.
+                // sum x (q - 8) = 32 dot - 24 sum x, since dot = sum x (0.5 + q / 32)
+                float a = acc[m][r];
+                a = fmaf(__int_as_float(wl << 16), fmaf(32.0f, dot_lo, -24.0f * sum_lo), a);
+                a = fmaf(__int_as_float(wl & 0xFFFF0000u), sum_lo, a);
+                a = fmaf(__int_as_float(wh << 16), fmaf(32.0f, dot_hi, -24.0f * sum_hi), a);
+                a = fmaf(__int_as_float(wh & 0xFFFF0000u), sum_hi, a);
+                acc[m][r] = a;
             }
-            const unsigned int wl = word(s_lo[r >> 2], r & 3), wh = word(s_hi[r >> 2], r & 3);
-            // a bf16 pair: scale s in the low half, zero z in the high half.
-            // sum x (q - 8) = 32 dot - 24 sum x, since dot = sum x (0.5 + q / 32)
-            acc[r] = fmaf(__int_as_float(wl << 16), fmaf(32.0f, dot_lo, -24.0f * sum_lo), acc[r]);
-            acc[r] = fmaf(__int_as_float(wl & 0xFFFF0000u), sum_lo, acc[r]);
-            acc[r] = fmaf(__int_as_float(wh << 16), fmaf(32.0f, dot_hi, -24.0f * sum_hi), acc[r]);
-            acc[r] = fmaf(__int_as_float(wh & 0xFFFF0000u), sum_hi, acc[r]);
         }
     }
-    __shared__ float partial[8][ROWS];
+    __shared__ float partial[8][MR * ROWS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        float v = acc[r];
+    for (int m = 0; m < MR; ++m)
         #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-        if (lane == 0) partial[warp][r] = v;
-    }
+        for (int r = 0; r < ROWS; ++r) {
+            float v = acc[m][r];
+            #pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+            if (lane == 0) partial[warp][m * ROWS + r] = v;
+        }
     __syncthreads();
-    if (threadIdx.x < ROWS) {
-        const int r = threadIdx.x;
-        float v = partial[0][r];
-        for (int i = 1; i < (int)(blockDim.x >> 5); ++i) v += partial[i][r];
+    if (threadIdx.x < MR * ROWS) {
+        const int m = threadIdx.x / ROWS, r = threadIdx.x % ROWS;
+        float v = partial[0][threadIdx.x];
+        for (int i = 1; i < (int)(blockDim.x >> 5); ++i) v += partial[i][threadIdx.x];
         if (has_bias) v += to_f32(bias[n0 + r]);
-        store(out + n0 + r, v);
+        store(out + (unsigned long long)m * N + n0 + r, v);
     }
 }
 """
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(dtype: torch.dtype, device_index: int, rows: int = ROWS):
+def _kernel(dtype: torch.dtype, device_index: int, rows: int = ROWS, inputs: int = 1):
     major, minor = torch.cuda.get_device_capability(device_index)
-    source = _SOURCE.replace("__XT__", str(_DTYPES[dtype])).replace("__ROWS__", str(rows))
+    source = _SOURCE.replace("__XT__", str(_DTYPES[dtype])).replace("__ROWS__", str(rows)).replace("__MR__", str(inputs))
     with torch.cuda.device(device_index):
         try:
             return torch.cuda._compile_kernel(source, "int4_gemv_row", compute_capability=f"{major}{minor}")
@@ -200,9 +213,10 @@ def available(device_index: int = 0) -> bool:
 
 
 def supports(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor) -> bool:
-    """Whether `int4_gemv_row` takes this call: one row on a CUDA device, N % 8 == 0, K % 64 == 0."""
+    """Whether `int4_gemv_row` takes this call: 1..MAX_INPUTS rows on a CUDA device, N % ROWS == 0, K % 64 == 0."""
     n, kh = w.shape
-    return (x.device.type == "cuda" and x.dtype in _DTYPES and x.numel() == 2 * kh and n % ROWS == 0
+    return (x.device.type == "cuda" and x.dtype in _DTYPES and x.numel() % (2 * kh) == 0
+            and 1 <= x.numel() // (2 * kh) <= MAX_INPUTS and n % ROWS == 0
             and kh % 32 == 0 and scales_and_zeros.dtype == torch.bfloat16 and w.is_contiguous()
             and scales_and_zeros.is_contiguous() and x.is_contiguous()
             and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0 and scales_and_zeros.data_ptr() % 16 == 0
@@ -211,15 +225,16 @@ def supports(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor) -
 
 def int4_gemv_row(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor,
                   bias: torch.Tensor | None = None, *, rows: int = ROWS, max_threads: int = MAX_THREADS) -> torch.Tensor:
-    """x [..., K] (one row) times the blocked int4 matrix (w uint8 [N, K/2], scales_and_zeros bf16 [K/G, N, 2])
-    transposed (+ bias [N]) -> [..., N] in x's dtype. Call `supports` first."""
+    """x [..., K] (1..MAX_INPUTS rows in all) times the blocked int4 matrix (w uint8 [N, K/2], scales_and_zeros bf16
+    [K/G, N, 2]) transposed (+ bias [N]) -> [..., N] in x's dtype. Call `supports` first."""
     n, kh = w.shape
     k = 2 * kh
     group = k // scales_and_zeros.shape[0]
-    x1 = x.reshape(k)
+    x1 = x.reshape(-1)
+    inputs = x1.numel() // k
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     threads = min(max_threads, max(32, -(-(k // 32) // 32) * 32))
-    kernel = _kernel(x.dtype, x.device.index or 0, rows)
+    kernel = _kernel(x.dtype, x.device.index or 0, rows, inputs)
     b = bias.contiguous() if bias is not None else x1
     kernel(grid=(n // rows, 1, 1), block=(threads, 1, 1),
            args=[x1, w, scales_and_zeros, b, out, n, k, group, int(bias is not None)])

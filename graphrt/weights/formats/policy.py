@@ -63,7 +63,7 @@ def quantization_policy(quantization: str | None, compute_dtype: torch.dtype, de
 
 def int4_packing(device: torch.device, compute_dtype: torch.dtype, in_features: tuple[int, ...] = ()) -> str:
     """The int4 layout for `device`: the CPU kernel's "cpu" layout on the CPU. On CUDA the "blocked" layout (the
-    NVRTC row kernel at one row, int4_cuda.py; the Triton GEMV at 2..16 rows) where the row kernel compiles and
+    NVRTC kernel at 1..4 rows, int4_cuda.py; the Triton GEMV at 5..16 rows) where the NVRTC kernel compiles and
     every input width is a multiple of 64 (the layout's block), and for float32 / float16 compute, which
     tinygemm would round to bfloat16; else ATen's tinygemm "cuda" layout (widths % 32).
     GRAPHRT_INT4_PACKING=cuda|blocked overrides the CUDA choice (the quant bench measures both in one run)."""
