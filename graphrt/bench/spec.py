@@ -5,7 +5,8 @@ token's step is a pass over the streamed weights), batch 1, in bf16 and in float
 which `graphrt generate` runs; twice the bytes per pass, while the int4 self-draft costs about the same). Prompts of the kind where drafts work
 (summarise, rewrite, continue a given text). Rows: plain decode on the graph path; greedy speculative rounds
 captured as graphs with prompt lookup and with the model's own int4 copy as the draft, k = 4 and 8, and the same
-rounds run eagerly (self-int4, k = 4, bf16) for comparison. Reports tokens/s, tokens per target pass, acceptance, and
+rounds run eagerly (self-int4, k = 4, bf16, ring 3) for comparison; each dtype with 3 ring slots and with 16.
+Reports tokens/s, tokens per target pass, acceptance, and
 the ratio to the plain graph row. Writes spec.json and spec.md.
 """
 from __future__ import annotations
@@ -52,7 +53,9 @@ def first_difference(rt: Runtime, plain: list[int], got: list[int], prompt_len: 
     return dict(first_difference_at=at - prompt_len, logit_margin_there=(top2[0] - top2[1]).item())
 
 
-DTYPES = ("bfloat16", "float32")
+# (compute dtype, ring depth): every layer streams in each. A deeper ring lets the copy engine prefetch the next
+# round's first layers while the draft's k steps compute (a round's copy engine otherwise waits for them).
+RUNS = (("bfloat16", 3), ("float32", 3), ("bfloat16", 16), ("float32", 16))
 
 
 def run_spec_bench(out: Path, model: Path | None = None) -> dict:
@@ -60,12 +63,13 @@ def run_spec_bench(out: Path, model: Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path = model or fetch_default()
     rows, plans = [], {}
-    for dtype in DTYPES:
-        budget = budgets_for(path, 1, 3, 2, 256, max_seq_len=512, dtype=dtype)[0]
-        rt = Runtime.from_pretrained(path, device="cuda", dtype=dtype, gpu_budget=budget, ring_depth=3,
+    for dtype, ring in RUNS:
+        budget = budgets_for(path, 1, ring, 2, 256, max_seq_len=512, dtype=dtype)[0]
+        rt = Runtime.from_pretrained(path, device="cuda", dtype=dtype, gpu_budget=budget, ring_depth=ring,
                                      max_seq_len=512, stream_unit="layer")
-        plans[dtype] = rt.placement.describe().splitlines()[1]
-        rows += _rows(rt, dtype)
+        label = f"{dtype}, ring {ring}"
+        plans[label] = rt.placement.describe().splitlines()[1]
+        rows += _rows(rt, label, eager=(dtype, ring) == RUNS[0])
         rt.close()
         del rt
         torch.cuda.empty_cache()
@@ -77,7 +81,7 @@ def run_spec_bench(out: Path, model: Path | None = None) -> dict:
     (out / "spec.json").write_text(json.dumps(res, indent=1))
     lines = [f"# speculative decoding: {res['device']}, torch {res['torch']}", "", f"Model `{path}`, batch 1, "
              f"{NEW_TOKENS} new tokens; plans:", ""] + [f"- {d}: {p}" for d, p in plans.items()] + [
-             "", "| dtype | prompt | system | tokens/s | x plain | tokens per pass | acceptance | same tokens (else: "
+             "", "| dtype, ring | prompt | system | tokens/s | x plain | tokens per pass | acceptance | same tokens (else: "
              "first difference, plain run's logit margin there) |", "|---" * 8 + "|"]
     for r in rows:
         same = r.get("same_tokens_as_plain", "-")
@@ -90,7 +94,7 @@ def run_spec_bench(out: Path, model: Path | None = None) -> dict:
     return res
 
 
-def _rows(rt: Runtime, dtype: str) -> list[dict]:
+def _rows(rt: Runtime, dtype: str, eager: bool) -> list[dict]:
     """Plain graph decoding and every speculative configuration, for each prompt, on one runtime."""
     rows = []
     for name, text in PROMPTS.items():
@@ -101,7 +105,7 @@ def _rows(rt: Runtime, dtype: str) -> list[dict]:
         base = dict(dtype=dtype, prompt=name, prompt_tokens=len(ids[0]), streamed_GB=rt.placement.streamed_bytes / 1e9)
         rows.append(dict(base, system="graph, plain", tokens_per_s=NEW_TOKENS / plain_s, tokens_per_pass=1.0))
         configs = [("lookup", 4, True), ("lookup", 8, True), ("self-int4", 4, True), ("self-int4", 8, True)]
-        for draft, k, graph in configs + ([("self-int4", 4, False)] if dtype == "bfloat16" else []):
+        for draft, k, graph in configs + ([("self-int4", 4, False)] if eager else []):
             spec = Speculative(draft, k=k)
             rt.generate(ids, 8, speculative=spec, use_graph=graph)   # loads the draft, captures the rounds
             stats = SpecStats()
