@@ -65,16 +65,39 @@ def check() -> None:
 
 
 _LIBCUDA = None
+SCHED_MASK, SCHED_SPIN, SCHED_BLOCKING_SYNC = 0x7, 0x1, 0x4   # CUctx_flags' scheduling bits
 
 
-def launch_host_func(stream: torch.cuda.Stream, key: int) -> None:
-    """Enqueue (or, while capturing, record) a call of the trampoline with `key` on `stream`."""
+def _libcuda() -> ctypes.CDLL:
     global _LIBCUDA
     if _LIBCUDA is None:
         _LIBCUDA = ctypes.CDLL("libcuda.so.1")
         _LIBCUDA.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, HOST_FN_TYPE, ctypes.c_void_p]
         _LIBCUDA.cuLaunchHostFunc.restype = ctypes.c_int
-    status = _LIBCUDA.cuLaunchHostFunc(ctypes.c_void_p(stream.cuda_stream), TRAMPOLINE, ctypes.c_void_p(key))
+    return _LIBCUDA
+
+
+def set_blocking_sync(device: torch.device, blocking: bool) -> bool:
+    """Make host threads that wait for this device's work (event / stream / device synchronize) sleep instead of
+    spin (blocking), or spin again. A spinning waiter holds a core the CPU lane's threads need: the decode loop
+    waits on the GPU while the lane computes on the same cores. Applies to the context current on this thread
+    (torch's primary context of `device`); other flags are kept. Returns False where the driver lacks
+    cuCtxSetFlags (CUDA < 12.1): nothing changed."""
+    lib = _libcuda()
+    if not hasattr(lib, "cuCtxSetFlags"):
+        return False
+    torch.cuda.set_device(device)
+    torch.empty(1, device=device)            # the primary context exists and is current here
+    flags = ctypes.c_uint(0)
+    if lib.cuCtxGetFlags(ctypes.byref(flags)) != 0:
+        return False
+    new = (flags.value & ~SCHED_MASK) | (SCHED_BLOCKING_SYNC if blocking else SCHED_SPIN)
+    return lib.cuCtxSetFlags(ctypes.c_uint(new)) == 0
+
+
+def launch_host_func(stream: torch.cuda.Stream, key: int) -> None:
+    """Enqueue (or, while capturing, record) a call of the trampoline with `key` on `stream`."""
+    status = _libcuda().cuLaunchHostFunc(ctypes.c_void_p(stream.cuda_stream), TRAMPOLINE, ctypes.c_void_p(key))
     if status != 0:
         raise RuntimeError(f"cuLaunchHostFunc failed with CUresult {status}")
 
@@ -91,6 +114,8 @@ class CpuLane:
         self.device = device
         self.cuda = device.type == "cuda"
         self.hidden, self.dtype, self.retired = hidden, dtype, []
+        if self.cuda:  # waiting threads sleep: their cores are the lane's (tools/lane_sync.py measures both)
+            self.blocking_sync = set_blocking_sync(device, True)
         if self.cuda:  # pinned staging, reused by every group: the compute stream orders their uses
             self.stage_in = torch.empty(max_tokens * hidden, dtype=dtype, pin_memory=True)
             self.stage_out = torch.empty(max_tokens * hidden, dtype=dtype, pin_memory=True)
