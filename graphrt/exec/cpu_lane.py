@@ -79,8 +79,9 @@ def _libcuda() -> ctypes.CDLL:
 
 def set_blocking_sync(device: torch.device, blocking: bool) -> bool:
     """Make host threads that wait for this device's work (event / stream / device synchronize) sleep instead of
-    spin (blocking), or spin again. A spinning waiter holds a core the CPU lane's threads need: the decode loop
-    waits on the GPU while the lane computes on the same cores. Applies to the context current on this thread
+    spin (blocking), or spin again. A spinning waiter could hold a core the CPU lane's threads need; measured on
+    the H200 host (tools/lane_sync.py, docs/results/2026-11-26-session5.md) it made no difference, so the lane
+    leaves the driver's default. Applies to the context current on this thread
     (torch's primary context of `device`); other flags are kept. Returns False where the driver lacks
     cuCtxSetFlags (CUDA < 12.1): nothing changed."""
     lib = _libcuda()
@@ -114,8 +115,6 @@ class CpuLane:
         self.device = device
         self.cuda = device.type == "cuda"
         self.hidden, self.dtype, self.retired = hidden, dtype, []
-        if self.cuda:  # waiting threads sleep: their cores are the lane's (tools/lane_sync.py measures both)
-            self.blocking_sync = set_blocking_sync(device, True)
         if self.cuda:  # pinned staging, reused by every group: the compute stream orders their uses
             self.stage_in = torch.empty(max_tokens * hidden, dtype=dtype, pin_memory=True)
             self.stage_out = torch.empty(max_tokens * hidden, dtype=dtype, pin_memory=True)
