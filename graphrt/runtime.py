@@ -22,7 +22,7 @@ from .exec.comm import join_rank
 from .exec.engine import Engine
 from .exec.speculative import SpecStats
 from .exec.graph import DecodeGraph, GraphCache, pad_prompts
-from .plan.calibrate import best_threads, cpu_rate, thread_candidates
+from .plan.calibrate import best_threads, cpu_rate, h2d_beside_cpu, thread_candidates
 from .plan.placement import CostModel, Placement, plan_placement, with_prefill_chunk
 from .plan.schedule import build_plans, build_prologue
 from .sampling import SEED_STRIDE, SamplingParams
@@ -106,7 +106,9 @@ class Runtime:
                 threads, rate = best_threads(cfg, cpu_policy, o.max_batch_size, thread_candidates(os.cpu_count() or 2),
                                              concurrent_h2d=True)
                 torch.set_num_threads(threads)
-            cost = replace(cost, cpu_rate=rate)
+            # the copy engine's rate while the CPU computes (measured, unless the rates were given)
+            beside = h2d_beside_cpu(cfg, cpu_policy, o.max_batch_size) if cuda and not o.cpu_rate else 0.0
+            cost = replace(cost, cpu_rate=rate, h2d_beside_cpu=min(beside, cost.h2d_bandwidth) if beside else 0.0)
         p = plan_placement(cfg, budget, o.ring_depth, o.max_batch_size, o.max_seq_len, self.policy,
                            stream_unit=o.stream_unit, strategy=o.placement, prefill_chunk=o.prefill_chunk,
                            cost=cost, device_memory=device_memory, fused_attention=self.device.type == "cuda")

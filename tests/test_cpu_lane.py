@@ -55,6 +55,30 @@ def test_planner_puts_mlp_groups_on_the_cpu_when_it_shortens_the_step():
     assert not plan_placement(CFG_8B, 80 * 2**30, 3, 1, 512, torch.bfloat16, cost=CostModel(cpu_rate=50e9)).cpu
 
 
+def test_copies_beside_the_cpu_price_the_lane_plans():
+    """A copy engine slowed by the CPU's DRAM reads (h2d_beside_cpu) makes lane plans slower and never longer on
+    the CPU's side; without the lane nothing changes."""
+    budget = int(6.9 * 2**30)
+    fast = plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel(cpu_rate=60e9))
+    same = plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel(cpu_rate=60e9, h2d_beside_cpu=55e9))
+    slow = plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel(cpu_rate=60e9, h2d_beside_cpu=35e9))
+    assert same.cpu == fast.cpu and same.prediction.step_time == fast.prediction.step_time
+    assert fast.cpu and slow.prediction.step_time > fast.prediction.step_time
+    plain = plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel(h2d_beside_cpu=35e9))
+    assert not plain.cpu and plain.prediction.step_time == plan_placement(
+        CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel()).prediction.step_time
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_h2d_beside_cpu_is_measured_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = ModelConfig.from_dict(make_config(**dict(PRESETS["tiny-llama"], hidden=1024, intermediate=2816)))
+    policy = quantization_policy(None, torch.bfloat16, torch.device("cpu"))
+    rate = calibrate.h2d_beside_cpu(cfg, policy, 1)
+    assert 1e9 < rate < 200e9 and calibrate.h2d_beside_cpu(cfg, policy, 1) == rate
+
+
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 def test_cpu_lane_runtime_equals_all_resident(model, quantization):
     ids = torch.randint(3, 256, (2, 11), generator=torch.Generator().manual_seed(1))

@@ -33,6 +33,7 @@ def main() -> None:
     for batch in (1, 8):
         rt = _runtime(path, None, split_budget(cfg, None, batch, 512), batch, 512, cpu_lane=True)
         p = rt.placement
+        print(p.describe(), flush=True)
         for _ in range(3):
             for blocking in (False, True):
                 set_blocking_sync(rt.device, blocking)

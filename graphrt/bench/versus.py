@@ -71,8 +71,9 @@ def prefill_time(rt: Runtime, tokens: int) -> float:
 
 def host_limit(rt: Runtime, batch: int) -> dict:
     """The step's host-memory limit: the bytes that do not live on the GPU over the H2D bandwidth (measured
-    now) plus, with a CPU lane, the CPU's calibrated rate with copies running beside it (the two-lane limit)."""
-    from ..plan.calibrate import cpu_rate
+    now) or, with a CPU lane, over the two rates measured together: the CPU's calibrated rate with copies running
+    beside it plus the copies' rate with the CPU computing beside them (the two-lane limit)."""
+    from ..plan.calibrate import cpu_rate, h2d_beside_cpu
     from ..weights.sources import weight_policy
     p = rt.placement
     h2d = measure_limits()["h2d_GBps"] * 1e9
@@ -80,6 +81,7 @@ def host_limit(rt: Runtime, batch: int) -> dict:
     if p.cpu:
         policy = weight_policy(rt.source, rt.options.quantization, rt.dtype, torch.device("cpu"))
         rate = cpu_rate(rt.local_config, policy, rt.options.max_batch_size, concurrent_h2d=True)
+        h2d = min(h2d, h2d_beside_cpu(rt.local_config, policy, rt.options.max_batch_size))
     host = p.streamed_bytes + p.cpu_bytes
     return dict(h2d_GBps=h2d / 1e9, cpu_rate_GBps=rate / 1e9, host_GB=host / 1e9,
                 limit_tokens_per_s=batch * (h2d + rate) / host)

@@ -127,6 +127,44 @@ def cpu_rate(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d:
     return rate
 
 
+def h2d_beside_cpu(cfg: ModelConfig, policy: FormatPolicy, batch: int, use_cache: bool = True) -> float:
+    """Bytes/s of pinned host-to-device copies while the CPU lane computes this model's MLP groups on this
+    thread's team (CUDA): the two host paths share DRAM, so the copy engine slows while the CPU reads. Cached like
+    `cpu_rate`. The planner prices streamed groups at this rate in plans that use the lane."""
+    key = _key(cfg, policy, batch, True) + "|h2d"
+    cache = _read_cache() if use_cache else {}
+    if key in cache:
+        return float(cache[key])
+    nbytes, w = mlp_group(cfg, policy, batch)
+    x = torch.randn(batch, 1, cfg.hidden_size).to(policy.compute_dtype)
+    src = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.inference_mode():
+        llama.mlp_forward(x, w, cfg)
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)      # the engine is busy before the window opens
+            start.record(stream)
+            for _ in range(24):                    # about 0.1 s of copies
+                dst.copy_(src, non_blocking=True)
+            end.record(stream)
+        while not end.query():                     # the CPU computes for the whole window
+            llama.mlp_forward(x, w, cfg)
+        end.synchronize()
+    rate = 24 * src.numel() / (start.elapsed_time(end) / 1e3)
+    if use_cache:
+        cache = _read_cache()
+        cache[key] = rate
+        path = cache_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(path)
+    return rate
+
+
 def thread_candidates(cpus: int) -> list[int]:
     """Team sizes the lane tries on a GPU machine (one thread drives the GPU): all CPUs but one, three quarters
     and half of them (the half: one thread per core where each core runs two hardware threads)."""

@@ -32,6 +32,8 @@ class CostModel:
     batch_size: int = 1
     cpu_rate: float = 0.0            # bytes/s of weights the CPU lane computes at this batch; 0: no CPU lane
     cpu_overhead: float = 300e-6     # per CPU group: activation D2H, host node, result H2D
+    h2d_beside_cpu: float = 0.0      # bytes/s of the copy engine while the CPU lane computes (DRAM is shared);
+                                     # plans with CPU groups stream at it; 0: h2d_bandwidth
 
     def copy_time(self, g: GroupLayout) -> float:
         return g.nbytes / self.h2d_bandwidth
@@ -279,8 +281,9 @@ def _evaluate(groups, resident, ring_depth, budget, fixed, cost: CostModel, kind
         mlps = [g.name for g in groups if g.kind == "mlp" and g.name not in resident]
         choices += [frozenset(mlps[int((i + 0.5) * len(mlps) / c)] for i in range(c)) for c in range(1, len(mlps) + 1)]
     best = None
+    beside = replace(cost, h2d_bandwidth=cost.h2d_beside_cpu) if cost.h2d_beside_cpu else cost
     for cpu in choices:
-        p = _evaluate_homes(groups, resident, cpu, ring_depth, budget, fixed, cost, kind)
+        p = _evaluate_homes(groups, resident, cpu, ring_depth, budget, fixed, beside if cpu else cost, kind)
         if best is None or p.prediction.step_time < best.prediction.step_time:
             best = p
     return best
