@@ -151,8 +151,7 @@ class Runtime:
         if speculative is not None:  # draft k tokens, verify them in one target pass (speculative.py)
             if start:
                 raise ConfigError("speculative decoding starts from position 0 (not after a chat's earlier turns)")
-            # sampled rounds are captured only when asked (use_graph=True) until their GPU test has run
-            capture = self._use_graph(use_graph) if params.greedy else self._use_graph(bool(use_graph))
+            capture = self._use_graph(use_graph)   # greedy and sampled rounds alike (tests/test_speculative.py)
             blocks = self.speculation.blocks(self, speculative, ids, lengths, max_new_tokens, params, capture,
                                              speculative_stats)
         elif self._use_graph(use_graph):
