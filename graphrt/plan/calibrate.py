@@ -113,18 +113,23 @@ def cpu_rate(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d:
              use_cache: bool = True, group: tuple[int, dict] | None = None) -> float:
     """The cached rate for this machine and group, measuring it the first time."""
     key = _key(cfg, policy, batch, concurrent_h2d)
-    path = cache_file()
     cache = _read_cache() if use_cache else {}
     if key in cache:
         return float(cache[key])
     rate = measure(cfg, policy, batch, concurrent_h2d=concurrent_h2d, group=group)
     if use_cache:
-        cache[key] = rate
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        tmp.replace(path)  # never a half-written cache
+        _store(key, rate)
     return rate
+
+
+def _store(key: str, rate: float) -> None:
+    """Add one rate to the cache file (written whole, then renamed: never a half-written cache)."""
+    cache, path = _read_cache(), cache_file()
+    cache[key] = rate
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache, indent=1))
+    tmp.replace(path)
 
 
 def h2d_beside_cpu(cfg: ModelConfig, policy: FormatPolicy, batch: int, use_cache: bool = True) -> float:
@@ -155,13 +160,7 @@ def h2d_beside_cpu(cfg: ModelConfig, policy: FormatPolicy, batch: int, use_cache
         end.synchronize()
     rate = 24 * src.numel() / (start.elapsed_time(end) / 1e3)
     if use_cache:
-        cache = _read_cache()
-        cache[key] = rate
-        path = cache_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        tmp.replace(path)
+        _store(key, rate)
     return rate
 
 
