@@ -65,7 +65,6 @@ def check() -> None:
 
 
 _LIBCUDA = None
-SCHED_MASK, SCHED_SPIN, SCHED_BLOCKING_SYNC = 0x7, 0x1, 0x4   # CUctx_flags' scheduling bits
 
 
 def _libcuda() -> ctypes.CDLL:
@@ -75,25 +74,6 @@ def _libcuda() -> ctypes.CDLL:
         _LIBCUDA.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, HOST_FN_TYPE, ctypes.c_void_p]
         _LIBCUDA.cuLaunchHostFunc.restype = ctypes.c_int
     return _LIBCUDA
-
-
-def set_blocking_sync(device: torch.device, blocking: bool) -> bool:
-    """Make host threads that wait for this device's work (event / stream / device synchronize) sleep instead of
-    spin (blocking), or spin again. A spinning waiter could hold a core the CPU lane's threads need; measured on
-    the H200 host (tools/lane_sync.py, docs/results/2026-11-26-session5.md) it made no difference, so the lane
-    leaves the driver's default. Applies to the context current on this thread
-    (torch's primary context of `device`); other flags are kept. Returns False where the driver lacks
-    cuCtxSetFlags (CUDA < 12.1): nothing changed."""
-    lib = _libcuda()
-    if not hasattr(lib, "cuCtxSetFlags"):
-        return False
-    torch.cuda.set_device(device)
-    torch.empty(1, device=device)            # the primary context exists and is current here
-    flags = ctypes.c_uint(0)
-    if lib.cuCtxGetFlags(ctypes.byref(flags)) != 0:
-        return False
-    new = (flags.value & ~SCHED_MASK) | (SCHED_BLOCKING_SYNC if blocking else SCHED_SPIN)
-    return lib.cuCtxSetFlags(ctypes.c_uint(new)) == 0
 
 
 def launch_host_func(stream: torch.cuda.Stream, key: int) -> None:

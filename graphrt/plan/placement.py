@@ -229,13 +229,17 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
 def prompt_step_time(p: Placement, cost: CostModel) -> float:
     """Predicted time of a prompt step of cost.batch_size tokens on placement p: every group that is not resident
     streams (prompt steps carry the CPU lane's groups over PCIe too)."""
-    names = [g.name for g in p.groups]
-    by_name = {g.name: g for g in p.groups}
-    streamed = {n for n in names if n not in p.resident}
-    sim = simulate(build_plans(names, streamed, p.ring_depth), build_prologue(names, streamed, p.ring_depth),
-                   copy_time=lambda n: cost.copy_time(by_name[n]), compute_time=lambda n: cost.compute_time(by_name[n]),
-                   step_overhead=5e-6)
-    return sim.step_time
+    streamed = {g.name for g in p.groups if g.name not in p.resident}
+    return _simulate(p.groups, streamed, p.ring_depth, cost, frozenset()).step_time
+
+
+def _simulate(groups, streamed: set[str], ring_depth: int, cost: CostModel, cpu: frozenset[str]) -> SimResult:
+    """The simulator's step for these homes: `streamed` groups through the ring, `cpu` groups on the CPU lane."""
+    names = [g.name for g in groups]
+    by_name = {g.name: g for g in groups}
+    compute = lambda n: cost.cpu_time(by_name[n]) if n in cpu else cost.compute_time(by_name[n])  # noqa: E731
+    return simulate(build_plans(names, streamed, ring_depth), build_prologue(names, streamed, ring_depth),
+                    copy_time=lambda n: cost.copy_time(by_name[n]), compute_time=compute, step_overhead=5e-6)
 
 
 def _candidates(groups, must, room: int, ring_depth: int, strategy: str):
@@ -294,9 +298,7 @@ def _evaluate_homes(groups, resident, cpu, ring_depth, budget, fixed, cost: Cost
     streamed = {n for n in names if n not in resident and n not in cpu}
     by_name = {g.name: g for g in groups}
     slot = max((by_name[n].nbytes for n in streamed), default=0)
-    compute = lambda n: cost.cpu_time(by_name[n]) if n in cpu else cost.compute_time(by_name[n])  # noqa: E731
-    sim = simulate(build_plans(names, streamed, ring_depth), build_prologue(names, streamed, ring_depth),
-                   copy_time=lambda n: cost.copy_time(by_name[n]), compute_time=compute, step_overhead=5e-6)
+    sim = _simulate(groups, streamed, ring_depth, cost, frozenset(cpu))
     memory = {"resident_weights": sum(by_name[n].nbytes for n in resident), "ring": ring_depth * slot, **fixed}
     unit = "attn_mlp" if any(g.kind == "mlp" for g in groups) else "layer"
     cpu_busy = sum(cost.cpu_time(by_name[n]) for n in cpu) / sim.step_time if cpu and sim.step_time else None
