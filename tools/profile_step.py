@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from graphrt.bench.run import cuda_median, make_bench_model
+from graphrt.bench.run import cuda_median, make_bench_model, measure_limits, resident_read_bytes
 from graphrt.runtime import Runtime
 
 STEPS = 20
@@ -42,14 +42,18 @@ def profile_runtime(rt: Runtime, label: str, top: int = 14) -> dict:
         rec = per_name[ev.name[:90]]
         rec[0] += 1
         rec[1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+    read = resident_read_bytes(rt.placement, rt.config.tie_word_embeddings)
+    hbm = measure_limits()["hbm_GBps"] * 1e9
     kernels = sorted(((n, c / STEPS, us / STEPS) for n, (c, us) in per_name.items()), key=lambda r: -r[2])
     busy = sum(r[2] for r in kernels)
     count = sum(r[1] for r in kernels)
     print(f"\n## {label}: step {1e3 * step_s:.3f} ms ({1 / step_s:.1f} tok/s); {count:.0f} kernels/step, "
-          f"GPU busy {busy / 1e3:.3f} ms/step")
+          f"GPU busy {busy / 1e3:.3f} ms/step; reads {read / 1e9:.2f} GB: {100 * read / hbm / step_s:.1f}% of "
+          f"the HBM roofline ({hbm / 1e9:.0f} GB/s device-to-device)")
     for name, c, us in kernels[:top]:
         print(f"  {us:8.1f} us  x{c:5.1f}  {name}")
-    return dict(label=label, step_ms=1e3 * step_s, kernels_per_step=count, busy_ms=busy / 1e3,
+    return dict(label=label, step_ms=1e3 * step_s, kernels_per_step=count, busy_ms=busy / 1e3, read_GB=read / 1e9,
+                hbm_GBps=hbm / 1e9, pct_hbm_roofline=100 * read / hbm / step_s,
                 kernels=[dict(name=n, per_step=c, us=us) for n, c, us in kernels])
 
 

@@ -1,7 +1,8 @@
 """`graphrt bench --only quant`: decode speed of each weight format, resident and streamed, in one run.
 
 For bf16, int8, fp8 and int4 (quantized on load from the same bf16 checkpoint), batch 1, graph path:
-  - resident: every weight on the GPU (the HBM roofline: resident bytes / measured HBM bandwidth);
+  - resident: every weight on the GPU (the HBM roofline: the resident bytes a step reads, the embedding table
+    excluded but for tied models, / measured HBM bandwidth);
   - streamed: the smallest budget of that format (embedding and head resident, every layer streamed
     through 3 slots): the PCIe roofline is that format's streamed bytes / measured H2D bandwidth.
 Ratios are to the bf16 row of the same mode, measured in the same run. Also times each format's
@@ -22,7 +23,7 @@ from ..plan.placement import essentials
 from ..runtime import Runtime
 from ..weights.formats.policy import int4_packing, quantization_policy
 from ..weights.layout import model_groups
-from .run import cuda_median, make_bench_model, measure_limits
+from .run import cuda_median, make_bench_model, measure_limits, resident_read_bytes
 
 FORMATS = (None, "int8", "fp8", "int4")
 MAX_SEQ_LEN, CHUNK, RING = 256, 64, 3
@@ -104,7 +105,7 @@ def run_quant_bench(out: Path, layers: int, model: Path | None = None) -> dict:
         t = step_time(rt)
         lim = measure_limits()  # right after the row it is compared with
         roof = (p.streamed_bytes / (lim["h2d_GBps"] * 1e9) if mode == "streamed"
-                else p.resident_bytes / (lim["hbm_GBps"] * 1e9))
+                else resident_read_bytes(p, rt.config.tie_word_embeddings) / (lim["hbm_GBps"] * 1e9))
         rows.append(dict(format=q or "bf16", mode=mode, budget_GiB=(budget or 0) / 2**30,
                          streamed_GB=p.streamed_bytes / 1e9, resident_GB=p.resident_bytes / 1e9,
                          ms_per_step=1e3 * t, tokens_per_s=1 / t, roofline_ms=1e3 * roof,

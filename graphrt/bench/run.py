@@ -128,6 +128,13 @@ def budgets_for(path: Path, batch: int, ring_depth: int, points: int, prefill_ch
     return [int(low + (high - low) * i / (points - 1)) for i in range(points)]
 
 
+def resident_read_bytes(placement, tied: bool) -> int:
+    """Bytes of resident weights one decode step reads: all of them except the embedding table, of which a step
+    reads only its tokens' rows, unless the LM head reads it whole (tied embeddings)."""
+    return sum(g.nbytes for g in placement.groups
+               if g.name in placement.resident and (g.kind != "embed" or tied))
+
+
 def row(system, rt_or_none, budget, batch, ring, per_step, host, limits, placement=None) -> dict:
     p = placement or (rt_or_none.placement if rt_or_none is not None else None)
     peak = torch.cuda.max_memory_allocated() / 2**30
@@ -137,7 +144,8 @@ def row(system, rt_or_none, budget, batch, ring, per_step, host, limits, placeme
              peak_gpu_GiB=peak)
     if p is not None:
         stream_s = p.streamed_bytes / (limits["h2d_GBps"] * 1e9)
-        hbm_s = p.resident_bytes / (limits["hbm_GBps"] * 1e9)
+        tied = rt_or_none is not None and rt_or_none.config.tie_word_embeddings
+        hbm_s = resident_read_bytes(p, tied) / (limits["hbm_GBps"] * 1e9)
         r.update(streamed_GB=p.streamed_bytes / 1e9, pct_stream_roofline=100 * stream_s / per_step if stream_s else None,
                  pct_hbm_roofline=100 * hbm_s / per_step, roofline_ms=1e3 * max(stream_s, hbm_s))
     print(json.dumps(r), flush=True)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..weights.formats import Weight, embedding, linear
-from .fused import rms_norm, rope_append, silu_mul
+from .attention import masked_attention
+from .fused import add_rms_norm, rms_norm, rope_append, silu_mul
 
 Weights = dict[str, torch.Tensor | Weight]
 
@@ -90,6 +91,12 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
                  v_cache: torch.Tensor, ctx: StepContext, reduce: Reduce = None) -> torch.Tensor:
     """Pre-norm attention with residual. Appends this step's K/V at ctx.positions into the caches
     [maxB, Hkv, S, D], then attends over cache[:B, :, :L] with the causal mask ctx.mask."""
+    return h + attn_delta(h, w, cfg, k_cache, v_cache, ctx, reduce)
+
+
+def attn_delta(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, ctx: StepContext, reduce: Reduce = None) -> torch.Tensor:
+    """attn_forward without the residual add: [B, T, hidden] the attention block adds to h."""
     B, T, _ = h.shape
     H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // Hkv
@@ -115,34 +122,28 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
         o = masked_attention(q.reshape(B, Hkv, G * T, D), keys, values, ctx.mask)
     o = o.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
     o = linear(o, w["o"])
-    return h + (reduce(o) if reduce is not None else o)
-
-
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q [B, Hkv, R, D] (R = G*T query rows), k and v [B, Hkv, L, D], additive mask [B, 1, R, L] -> [B, Hkv, R, D].
-    SDPA, except float32 on CUDA with few query rows (decode steps, speculative passes): there SDPA's only kernel
-    for a float32 mask (memory-efficient attention) takes ~28 us per call on the H200 for what four small products
-    do in ~10 (tools/profile_step.py), so the products run instead: (q k^T) / sqrt(D) + mask, softmax, times v."""
-    if q.dtype != torch.float32 or not q.is_cuda or q.shape[2] > 64:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1])).add_(mask)
-    return torch.matmul(scores.softmax(dim=-1), v)
+    return reduce(o) if reduce is not None else o
 
 
 def mlp_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, reduce: Reduce = None) -> torch.Tensor:
-    x = rms_norm(h, w["post_norm"], cfg.rms_norm_eps)
+    return h + mlp_delta(rms_norm(h, w["post_norm"], cfg.rms_norm_eps), w, reduce)
+
+
+def mlp_delta(x: torch.Tensor, w: Weights, reduce: Reduce = None) -> torch.Tensor:
+    """x: the post-attention norm of h -> [B, T, hidden] the MLP adds to h."""
     if "gate_up" in w:  # gate and up stacked along rows: [B, T, 2F]
         gate, up = linear(x, w["gate_up"]).chunk(2, dim=-1)
     else:
         gate, up = linear(x, w["gate"]), linear(x, w["up"])
     y = linear(silu_mul(gate, up), w["down"])
-    return h + (reduce(y) if reduce is not None else y)
+    return reduce(y) if reduce is not None else y
 
 
 def layer_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, ctx: StepContext, reduce: Reduce = None) -> torch.Tensor:
-    h = attn_forward(h, w, cfg, k_cache, v_cache, ctx, reduce)
-    return mlp_forward(h, w, cfg, reduce)
+    """attn_forward then mlp_forward, with the attention's residual add and the MLP's norm in one kernel."""
+    h, x = add_rms_norm(h, attn_delta(h, w, cfg, k_cache, v_cache, ctx, reduce), w["post_norm"], cfg.rms_norm_eps)
+    return h + mlp_delta(x, w, reduce)
 
 
 def head_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, embed: Weights | None,
