@@ -22,12 +22,7 @@ def compare(dtype: torch.dtype, device: str, seed: int = 0) -> dict:
     x, w = r(3, 5, 96), r(96)
     a, b = fused.rms_norm(x, w, 1e-5), fused.rms_norm_reference(x, w, 1e-5)
     out["norm_rel"] = ((a.double() - b.double()).norm() / b.double().norm()).item()
-    h, d = r(3, 5, 96), r(3, 5, 96)
-    (ah, ax), (bh, bx) = fused.add_rms_norm(h, d, w, 1e-5), fused.add_rms_norm_reference(h, d, w, 1e-5)
-    out["add_equal"] = torch.equal(ah, bh)                  # the sum rounds once, as ATen's add
-    out["add_norm_rel"] = ((ax.double() - bx.double()).norm() / bx.double().norm()).item()
-    out["add_norm_unfused_equal"] = torch.equal(ax, fused.rms_norm(h + d, w, 1e-5))   # what the half-layer
-    gate, up = r(2, 3, 160), r(2, 3, 160)                                               # groups compute
+    gate, up = r(2, 3, 160), r(2, 3, 160)
     a, b = fused.silu_mul(gate, up), fused.silu_mul_reference(gate, up)
     out["silu_rel"] = ((a.double() - b.double()).norm() / b.double().norm()).item()
     B, T, H, Hkv, D, S = 2, 3, 4, 2, 16, 10
@@ -64,7 +59,6 @@ def check(res: dict, dtype: str, exact_rope: bool) -> None:
         assert res["rope_equal"] and res["kv_equal"], res
     assert res["rope_rel"] < tol and res["kv_rel"] < tol and res["kv_untouched_equal"] and res["stacked_equal"], res
     assert res["norm_rel"] < tol and res["silu_rel"] < tol, res
-    assert res["add_equal"] and res["add_norm_unfused_equal"] and res["add_norm_rel"] < tol, res
 
 
 _SCRIPT = INTERPRETER_SETUP + textwrap.dedent("""
@@ -87,7 +81,6 @@ def test_cpu_runs_the_reference():
     assert torch.equal(fused.rms_norm(x, w, 1e-6), fused.rms_norm_reference(x, w, 1e-6))
     res = compare(torch.float32, "cpu")
     assert res["rope_equal"] and res["kv_equal"] and res["norm_rel"] == 0 and res["silu_rel"] == 0
-    assert res["add_equal"] and res["add_norm_rel"] == 0 and res["add_norm_unfused_equal"]
 
 
 @pytest.mark.gpu

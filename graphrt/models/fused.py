@@ -9,7 +9,6 @@ gap between resident decode and the HBM roofline. Here each is one kernel:
                                       k rotated and v written into the caches [maxB, Hkv, S, D] at each token's
                                       position (the KV append)
   silu_mul(g, u)                      silu(g) * u
-  add_rms_norm(h, d, w, eps)          (h + d, rms_norm(h + d)): a layer's attention residual and its MLP norm
 
 Each function computes the same math as its `*_reference` (the code the CPU runs), rounding where the reference
 rounds (every RoPE product and sum is rounded to the compute dtype as ATen's elementwise kernels round them),
@@ -32,11 +31,6 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
-
-
-def add_rms_norm_reference(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
-    h = h + delta
-    return h, rms_norm_reference(h, weight, eps)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -72,22 +66,6 @@ def _build():
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-        r = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / N + eps)
-        y = (x * r).to(out_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * N + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, h_out_ptr, out_ptr, N, eps, BLOCK: tl.constexpr):
-        # the sum rounded to the dtype as ATen's add rounds it, then exactly _rms_norm_kernel's math on it
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < N
-        s = tl.load(h_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32) \
-            + tl.load(d_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
-        s = s.to(h_out_ptr.dtype.element_ty)
-        tl.store(h_out_ptr + row * N + cols, s, mask=mask)
-        x = s.to(tl.float32)
         r = 1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / N + eps)
         y = (x * r).to(out_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -147,7 +125,7 @@ def _build():
         s = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype).to(tl.float32)
         tl.store(out_ptr + row * F + cols, (s * u.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
 
-    return _rms_norm_kernel, _rope_append_kernel, _silu_mul_kernel, _add_rms_norm_kernel
+    return _rms_norm_kernel, _rope_append_kernel, _silu_mul_kernel
 
 
 def _kernels():
@@ -174,20 +152,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     block = _triton()[0].next_power_of_2(n)
     _kernels()[0][(x2.shape[0],)](x2, weight, out, n, eps, BLOCK=block, num_warps=min(16, max(1, block // 256)))
     return out.view(x.shape)
-
-
-def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(h + delta, RMSNorm(h + delta) * weight), h and delta [..., N] of one dtype: the residual add and the next
-    norm in one kernel, each output bit for bit what `h + delta` and `rms_norm` of it give on the same device."""
-    if not fused_available(h) or weight.dtype != h.dtype or delta.dtype != h.dtype or delta.shape != h.shape:
-        return add_rms_norm_reference(h, delta, weight, eps)
-    n = h.shape[-1]
-    h2, d2 = h.reshape(-1, n).contiguous(), delta.reshape(-1, n).contiguous()
-    h_out, out = torch.empty_like(h2), torch.empty_like(h2)
-    block = _triton()[0].next_power_of_2(n)
-    _kernels()[3][(h2.shape[0],)](h2, d2, weight, h_out, out, n, eps, BLOCK=block,
-                                  num_warps=min(16, max(1, block // 256)))
-    return h_out.view(h.shape), out.view(h.shape)
 
 
 def rope_append(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..weights.formats import Weight, embedding, linear
 from .attention import masked_attention
-from .fused import add_rms_norm, rms_norm, rope_append, silu_mul
+from .fused import rms_norm, rope_append, silu_mul
 
 Weights = dict[str, torch.Tensor | Weight]
 
@@ -90,13 +90,8 @@ def embed_forward(ids: torch.Tensor, w: Weights, dtype: torch.dtype, vocab_start
 def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, ctx: StepContext, reduce: Reduce = None) -> torch.Tensor:
     """Pre-norm attention with residual. Appends this step's K/V at ctx.positions into the caches
-    [maxB, Hkv, S, D], then attends over cache[:B, :, :L] with the causal mask ctx.mask."""
-    return h + attn_delta(h, w, cfg, k_cache, v_cache, ctx, reduce)
-
-
-def attn_delta(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, ctx: StepContext, reduce: Reduce = None) -> torch.Tensor:
-    """attn_forward without the residual add: [B, T, hidden] the attention block adds to h."""
+    [maxB, Hkv, S, D], then attends over cache[:B, :, :L] with the causal mask ctx.mask. Returns h + attention;
+    h itself may be reused for the sum (the caller's h is consumed)."""
     B, T, _ = h.shape
     H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // Hkv
@@ -121,29 +116,26 @@ def attn_delta(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Ten
     else:  # GQA without copying K/V: the G query heads of one kv head become G*T query rows.
         o = masked_attention(q.reshape(B, Hkv, G * T, D), keys, values, ctx.mask)
     o = o.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D)
-    o = linear(o, w["o"])
-    return reduce(o) if reduce is not None else o
+    if reduce is not None:
+        return h + reduce(linear(o, w["o"]))
+    return linear(o, w["o"], residual=h)    # h + o W^T, in the product's kernel where the format can
 
 
 def mlp_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, reduce: Reduce = None) -> torch.Tensor:
-    return h + mlp_delta(rms_norm(h, w["post_norm"], cfg.rms_norm_eps), w, reduce)
-
-
-def mlp_delta(x: torch.Tensor, w: Weights, reduce: Reduce = None) -> torch.Tensor:
-    """x: the post-attention norm of h -> [B, T, hidden] the MLP adds to h."""
+    x = rms_norm(h, w["post_norm"], cfg.rms_norm_eps)
     if "gate_up" in w:  # gate and up stacked along rows: [B, T, 2F]
         gate, up = linear(x, w["gate_up"]).chunk(2, dim=-1)
     else:
         gate, up = linear(x, w["gate"]), linear(x, w["up"])
-    y = linear(silu_mul(gate, up), w["down"])
-    return reduce(y) if reduce is not None else y
+    if reduce is not None:
+        return h + reduce(linear(silu_mul(gate, up), w["down"]))
+    return linear(silu_mul(gate, up), w["down"], residual=h)
 
 
 def layer_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, ctx: StepContext, reduce: Reduce = None) -> torch.Tensor:
-    """attn_forward then mlp_forward, with the attention's residual add and the MLP's norm in one kernel."""
-    h, x = add_rms_norm(h, attn_delta(h, w, cfg, k_cache, v_cache, ctx, reduce), w["post_norm"], cfg.rms_norm_eps)
-    return h + mlp_delta(x, w, reduce)
+    h = attn_forward(h, w, cfg, k_cache, v_cache, ctx, reduce)
+    return mlp_forward(h, w, cfg, reduce)
 
 
 def head_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, embed: Weights | None,

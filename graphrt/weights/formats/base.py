@@ -82,8 +82,16 @@ def stack_rows(fmt: WeightFormat, stored: list[dict[str, torch.Tensor]]) -> dict
     return {name: torch.cat([s[name] for s in stored], dim=axis(name)) for name in stored[0]}
 
 
-def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return w.format.linear(x, w.parts, bias)
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] -> x W^T (+ bias) [..., out]; with `residual` [..., out]: residual + that, in the product's own
+    kernel where the format has one for this call (`linear_add`, which may reuse residual's memory: the caller
+    gives it up), else as a separate add."""
+    if residual is None:
+        return w.format.linear(x, w.parts, bias)
+    fused = getattr(w.format, "linear_add", None)
+    out = fused(x, w.parts, bias, residual) if fused is not None else None
+    return out if out is not None else residual + w.format.linear(x, w.parts, bias)
 
 
 def embedding(ids: torch.Tensor, w: Weight, dtype: torch.dtype) -> torch.Tensor:

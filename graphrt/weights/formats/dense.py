@@ -33,6 +33,16 @@ class Dense:
             return y.view(*x.shape[:-1], y.shape[-1])
         return F.linear(x, parts["w"], bias)
 
+    def linear_add(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None,
+                   residual: torch.Tensor) -> torch.Tensor | None:
+        """residual + x W^T on CUDA as one GEMM with beta = 1 (cuBLAS adds the residual in its epilogue or its
+        split-K reduction, one rounding), written into residual's memory; None (a separate add) elsewhere."""
+        w = parts.get("w")
+        if (not x.is_cuda or bias is not None or "packed" in parts or not residual.is_contiguous()
+                or residual.dtype != x.dtype or w.dtype != x.dtype):
+            return None
+        return residual.view(-1, w.shape[0]).addmm_(x.reshape(-1, x.shape[-1]), w.t()).view(residual.shape)
+
     def for_cpu(self, parts: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
         """The parts the CPU lane computes with: a bf16 matrix gains oneDNN's packed copy for `rows`-row inputs
         (made once, here); other dtypes, or a torch without oneDNN, keep their parts."""

@@ -180,6 +180,16 @@ class Int4:
         zero = sz[..., 1].t().repeat_interleave(group, dim=1)
         return ((q.to(torch.float32) - 8.0) * scale + zero).to(dtype)
 
+    def linear_add(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None,
+                   residual: torch.Tensor) -> torch.Tensor | None:
+        """residual + x W^T in the NVRTC kernel's epilogue (one rounding) where it takes the call; else None."""
+        w, sz = parts["w"], parts["scales_and_zeros"]
+        if (self.packing == "blocked" and x.device.type == "cuda" and residual.is_contiguous()
+                and residual.dtype == x.dtype and residual.shape == (*x.shape[:-1], sz.shape[1])
+                and x.reshape(-1, x.shape[-1]).shape[0] <= int4_cuda.MAX_INPUTS and int4_cuda.supports(x, w, sz)):
+            return int4_cuda.int4_gemv_row(x, w, sz, bias, residual=residual)
+        return None
+
     def linear(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
         w, sz = parts["w"], parts["scales_and_zeros"]
         inp = x.shape[-1]

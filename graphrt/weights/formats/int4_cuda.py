@@ -112,7 +112,8 @@ __device__ __forceinline__ float code(unsigned int bytes, unsigned int selector)
 
 extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* __restrict__ w,
                                          const unsigned int* __restrict__ sz, const xt* __restrict__ bias,
-                                         xt* __restrict__ out, int N, int K, int group, int has_bias) {
+                                         const xt* __restrict__ residual, xt* __restrict__ out, int N, int K,
+                                         int group, int has_bias, int has_residual) {
     // MR input rows x[m, :] (m < MR, row stride K) share every weight load; out[m, n] at m * N + n
     const int n0 = blockIdx.x * ROWS;
     const int chunks = K >> 5;                 // 16-byte chunks per row (32 weights)
@@ -182,6 +183,7 @@ extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* 
         float v = partial[0][threadIdx.x];
         for (int i = 1; i < (int)(blockDim.x >> 5); ++i) v += partial[i][threadIdx.x];
         if (has_bias) v += to_f32(bias[n0 + r]);
+        if (has_residual) v += to_f32(residual[(unsigned long long)m * N + n0 + r]);
         store(out + (unsigned long long)m * N + n0 + r, v);
     }
 }
@@ -224,9 +226,11 @@ def supports(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor) -
 
 
 def int4_gemv_row(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor,
-                  bias: torch.Tensor | None = None, *, rows: int = ROWS, max_threads: int = MAX_THREADS) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, *, rows: int = ROWS, max_threads: int = MAX_THREADS,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (1..MAX_INPUTS rows in all) times the blocked int4 matrix (w uint8 [N, K/2], scales_and_zeros bf16
-    [K/G, N, 2]) transposed (+ bias [N]) -> [..., N] in x's dtype. Call `supports` first."""
+    [K/G, N, 2]) transposed (+ bias [N]) (+ residual [..., N], contiguous, x's dtype: added in float32 before the
+    one rounding) -> [..., N] in x's dtype. Call `supports` first."""
     n, kh = w.shape
     k = 2 * kh
     group = k // scales_and_zeros.shape[0]
@@ -236,6 +240,7 @@ def int4_gemv_row(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tens
     threads = min(max_threads, max(32, -(-(k // 32) // 32) * 32))
     kernel = _kernel(x.dtype, x.device.index or 0, rows, inputs)
     b = bias.contiguous() if bias is not None else x1
+    res = residual if residual is not None else x1
     kernel(grid=(n // rows, 1, 1), block=(threads, 1, 1),
-           args=[x1, w, scales_and_zeros, b, out, n, k, group, int(bias is not None)])
+           args=[x1, w, scales_and_zeros, b, res, out, n, k, group, int(bias is not None), int(residual is not None)])
     return out
