@@ -5,6 +5,7 @@ load (`for_cpu`: `torch.ops.mkldnn._reorder_linear_weight`), and `linear` runs o
 the H100 host (tools/cpu_gemv_probe.py, 15 threads, one row): 4096 x 14336 at 160 GB/s against F.linear's 50; the
 packed copy is an opaque oneDNN tensor that cannot live in the group buffer, so the lane holds it beside the buffer
 (the bf16 bytes stay: prompt steps stream them to the GPU).
+On CUDA, one input row times a large bf16 / fp16 matrix runs graphrt's Triton GEMV (dense_gemv.py); the rest cuBLAS.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import dense_gemv
 from .base import PartSpec
 
 
@@ -31,13 +33,18 @@ class Dense:
         if "packed" in parts:   # the CPU lane's oneDNN copy (for_cpu); x [..., in] -> [..., out]
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), parts["packed"], bias, "none", [], "")
             return y.view(*x.shape[:-1], y.shape[-1])
+        if bias is None and dense_gemv.fits(x, parts["w"]):     # one row on CUDA: the Triton GEMV
+            return dense_gemv.dense_gemv(x, parts["w"])
         return F.linear(x, parts["w"], bias)
 
     def linear_add(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None,
                    residual: torch.Tensor) -> torch.Tensor | None:
-        """residual + x W^T on CUDA as one GEMM with beta = 1 (cuBLAS adds the residual in its epilogue or its
-        split-K reduction, one rounding), written into residual's memory; None (a separate add) elsewhere."""
+        """residual + x W^T on CUDA in one kernel, one rounding: the Triton GEMV for one row of a large matrix,
+        else one cuBLAS GEMM with beta = 1 written into residual's memory; None (a separate add) elsewhere."""
         w = parts.get("w")
+        if bias is None and "packed" not in parts and dense_gemv.fits(x, w) and residual.dtype == x.dtype \
+                and residual.numel() == w.shape[0]:
+            return dense_gemv.dense_gemv(x, w, residual)
         if (not x.is_cuda or bias is not None or "packed" in parts or not residual.is_contiguous()
                 or residual.dtype != x.dtype or w.dtype != x.dtype):
             return None
