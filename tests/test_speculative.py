@@ -29,7 +29,7 @@ def test_device_lookup_drafts_what_prompt_lookup_drafts():
     g = torch.Generator().manual_seed(0)
     for trial in range(30):
         B, S, k, ngram = 3, 40, 4, 3
-        st = SpecState.empty(B, S, torch.device("cpu"))
+        st = SpecState.empty(B, S, k, torch.device("cpu"))
         st.history.copy_(torch.randint(0, 4, (B, S), generator=g))     # a small alphabet: many matches
         st.pos.copy_(torch.randint(0, S - 1, (B,), generator=g))
         st.last.copy_(st.history.gather(1, st.pos[:, None]).squeeze(1))

@@ -8,6 +8,8 @@ only writes KV positions past its own end, which its later steps overwrite befor
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import nvtx
 import torch
 
@@ -100,9 +102,10 @@ class Engine:
 
     def run_plan(self, plan: StepPlan, ids: torch.Tensor, positions: torch.Tensor, ctx_len: int,
                  pick: torch.Tensor | None, annotate: bool = True, prompt: bool = False,
-                 causal: bool = False) -> torch.Tensor:
+                 causal: bool = False, tail: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Issue one step plan (eagerly, or into a graph being captured); no ring bookkeeping. `prompt`: a plan
-        of prompt_plans (the CPU lane's groups it streams are computed from their slots)."""
+        of prompt_plans (the CPU lane's groups it streams are computed from their slots). `tail(logits)`: work
+        issued after the LM head and before the step joins its copy stream (StepExecutor.run)."""
         cfg = self.config
         ctx = llama.step_context(positions, self.inv_freq, self.dtype, cfg.num_heads // cfg.num_kv_heads, ctx_len,
                                  causal)
@@ -131,7 +134,7 @@ class Engine:
                 embed = self.store.views("embed") if cfg.tie_word_embeddings else None
                 act["logits"] = llama.head_forward(h, w, cfg, embed, gather)
 
-        self.executor.run(plan, compute, annotate)
+        self.executor.run(plan, compute, annotate, None if tail is None else lambda: tail(act["logits"]))
         return act["logits"]
 
     # ---- prompts -------------------------------------------------------------------------------

@@ -52,12 +52,21 @@ class StepExecutor:
             return [self.copy_streams[-1] if op.group in self.second_stream_groups else self.copy_streams[0]]
         return self.copy_streams  # fork/join marks apply to every copy stream
 
-    def run(self, plan: StepPlan, compute: ComputeFn, annotate: bool = True) -> None:
-        """Issue every op of `plan`; `compute(group, weights)` runs a group's math on the current stream."""
+    def run(self, plan: StepPlan, compute: ComputeFn, annotate: bool = True,
+            tail: Callable[[], None] | None = None) -> None:
+        """Issue every op of `plan`; `compute(group, weights)` runs a group's math on the current stream.
+        `tail()`: more work on the compute stream after the step's last group and before it joins the copy stream,
+        so it overlaps the copies of the next step's first groups (work that reads no ring slot)."""
         if not self.cuda:
-            return self._run_serial(plan, compute, annotate)
+            self._run_serial(plan, compute, annotate)
+            if tail is not None:
+                tail()
+            return
         compute_stream = torch.cuda.current_stream(self.store.device)
         for op in plan.ops:
+            if tail is not None and op is plan.ops[-1]:
+                assert op.stream == "compute" and op.waits == ("end",), op
+                tail()
             for i, stream in enumerate(self._streams(op, compute_stream)):
                 for ev in op.waits:
                     stream.wait_event(self._event(ev))

@@ -47,13 +47,14 @@ class SpecState:
     top_k: torch.Tensor      # [B] int64
     top_p: torch.Tensor      # [B] float32
     seed: torch.Tensor       # [B] int64
+    drafts: torch.Tensor     # [B, k] int64: the next round's drafted tokens (proposed at the end of a round)
 
     @classmethod
-    def empty(cls, batch: int, max_seq_len: int, device: torch.device) -> "SpecState":
+    def empty(cls, batch: int, max_seq_len: int, k: int, device: torch.device) -> "SpecState":
         z = lambda: torch.zeros(batch, dtype=torch.int64, device=device)  # noqa: E731
         f = lambda: torch.zeros(batch, dtype=torch.float32, device=device)  # noqa: E731
         return cls(torch.zeros(batch, max_seq_len, dtype=torch.int64, device=device), z(), z(), z(), z(), z(), z(),
-                   f(), z(), f(), z())
+                   f(), z(), f(), z(), torch.zeros(batch, k, dtype=torch.int64, device=device))
 
     def sampling(self) -> tuple[torch.Tensor, ...]:
         return self.temperature, self.top_k, self.top_p, self.seed
@@ -136,27 +137,35 @@ class DeviceModelDraft:
 
 
 def spec_round(target: Engine, draft, st: SpecState, k: int, phase: int, ctx_len: int, greedy: bool = True) -> None:
-    """One round on the device (see the module docstring). ctx_len >= every row's pos + k + 1."""
+    """One round on the device (see the module docstring). ctx_len >= every row's pos + 2k + 2: the round verifies
+    st.drafts at pos .. pos + k, and after accepting proposes the next round's drafts (at most k + 1 positions on).
+    The proposal runs after the target's LM head and before its step joins the copy stream, so the draft model
+    computes while the copy engine prefetches the next pass's first groups (engine.run_plan's `tail`)."""
     dev = st.pos.device
     steps = torch.arange(k + 1, device=dev)
-    drafts = draft.propose(st, k, ctx_len)                                              # [B, k]
+    drafts = st.drafts                     # [B, k]; read (in stream order) before accept overwrites it
     tokens = torch.cat([st.last[:, None], drafts], dim=1)                               # [B, k+1]
-    logits = target.run_plan(target.plans[phase], tokens, st.pos[:, None] + steps, ctx_len, None)   # [B, k+1, V]
-    n, nxt = verify_greedy(logits, drafts) if greedy else verify_sampled(logits, drafts, None, st.sampling(), st.pos)
-    live = st.made < st.limit
-    emitted = torch.cat([drafts, nxt[:, None]], dim=1).scatter(1, n[:, None], nxt[:, None])   # d_1..d_n, nxt
-    # a row takes at most the tokens it still wants, so its pos never passes prompt + limit - 1: a finished row
-    # keeps writing K/V (masked) at pos .. pos + k < max_seq_len (check_room) and its history is left as it is
-    step = torch.where(live, torch.minimum(n + 1, st.limit - st.made), 0)
-    at = (st.pos[:, None] + 1 + steps).clamp(max=st.history.shape[1] - 1)              # [B, k+1] positions
-    keep = steps[None] < step[:, None]
-    st.history.scatter_(1, at, torch.where(keep, emitted, st.history.gather(1, at)))
-    draft.commit(st, n, k)
-    st.pos.add_(step)
-    st.made.add_(step)
-    st.last.copy_(torch.where(live, nxt, st.last))
-    st.accepted.add_(torch.where(live, n, 0))
-    st.passes.add_(live.long())
+
+    def accept(logits: torch.Tensor) -> None:                                           # [B, k+1, V]
+        n, nxt = verify_greedy(logits, drafts) if greedy else verify_sampled(logits, drafts, None, st.sampling(),
+                                                                              st.pos)
+        live = st.made < st.limit
+        emitted = torch.cat([drafts, nxt[:, None]], dim=1).scatter(1, n[:, None], nxt[:, None])   # d_1..d_n, nxt
+        # a row takes at most the tokens it still wants, so its pos never passes prompt + limit - 1: a finished
+        # row keeps writing K/V (masked) at pos .. pos + k < max_seq_len (check_room); its history stays as it is
+        step = torch.where(live, torch.minimum(n + 1, st.limit - st.made), 0)
+        at = (st.pos[:, None] + 1 + steps).clamp(max=st.history.shape[1] - 1)              # [B, k+1] positions
+        keep = steps[None] < step[:, None]
+        st.history.scatter_(1, at, torch.where(keep, emitted, st.history.gather(1, at)))
+        draft.commit(st, n, k)
+        st.pos.add_(step)
+        st.made.add_(step)
+        st.last.copy_(torch.where(live, nxt, st.last))
+        st.accepted.add_(torch.where(live, n, 0))
+        st.passes.add_(live.long())
+        st.drafts.copy_(draft.propose(st, k, ctx_len))
+
+    target.run_plan(target.plans[phase], tokens, st.pos[:, None] + steps, ctx_len, None, tail=accept)
 
 
 class SpecRounds:
@@ -166,8 +175,9 @@ class SpecRounds:
     def __init__(self, target: Engine, draft, batch: int, k: int, capture: bool, greedy: bool = True):
         self.target, self.draft, self.batch, self.k, self.greedy = target, draft, batch, k, greedy
         self.capture = capture and target.device.type == "cuda"
-        self.state = SpecState.empty(batch, target.options.max_seq_len, target.device)
+        self.state = SpecState.empty(batch, target.options.max_seq_len, k, target.device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.first: dict[tuple[int], torch.cuda.CUDAGraph] = {}   # per context bucket: the first proposal
         if self.capture:
             self.pool = torch.cuda.graph_pool_handle()
             self.stream = torch.cuda.Stream(target.device)
@@ -180,6 +190,14 @@ class SpecRounds:
         else:
             self.graphs[key].replay()
         e.ring_step += 1
+
+    def _propose_first(self, ctx_len: int) -> None:
+        """The first round's drafts (later rounds propose at their end)."""
+        c = self.target.context(ctx_len)
+        if not self.capture:
+            self.state.drafts.copy_(self.draft.propose(self.state, self.k, c))
+        else:
+            self.first[(c,)].replay()
 
     def _capture_all(self) -> None:
         """Every (phase, context bucket) graph, before the prefill (warm-up and capture scribble the state)."""
@@ -197,6 +215,9 @@ class SpecRounds:
         torch.cuda.current_stream().wait_stream(self.stream)
         self.graphs.update(capture_graphs(todo, lambda *key: spec_round(e, self.draft, st, self.k, *key, self.greedy),
                                           self.pool, self.stream))
+        self.first.update(capture_graphs([(c,) for c in ctxs if (c,) not in self.first],
+                                         lambda c: st.drafts.copy_(self.draft.propose(st, self.k, c)),
+                                         self.pool, self.stream))
         e.reset()
 
     @torch.inference_mode()
@@ -233,7 +254,8 @@ class SpecRounds:
         if max_new_tokens == 1:
             return
         shown = [1] * B                         # tokens of each row handed out
-        cap = max(lengths) + max_new_tokens + k  # no live row's pos + k + 1 goes past it
+        cap = max(lengths) + max_new_tokens + k  # no row's verified or drafted position reaches it
+        self._propose_first(min(max(lengths) + k + 1, cap))
         bound, pending = max(lengths), []       # bound: >= every row's pos
         rate = [1 + k / 2] * B                  # tokens per round of each row (observed once it has taken part)
         in_flight = 0                           # rounds queued and not yet read back
@@ -244,7 +266,7 @@ class SpecRounds:
             if need > 0 or not pending:
                 n = int(min(sync_every, max(need, 1)))
                 for _ in range(n):
-                    self._round(min(bound + k + 1, cap))
+                    self._round(min(bound + 2 * (k + 1), cap))
                     bound += k + 1
                 copy = (st.history.to("cpu", non_blocking=True), st.made.to("cpu", non_blocking=True),
                         st.pos.max().to("cpu", non_blocking=True), st.passes.to("cpu", non_blocking=True))
