@@ -100,7 +100,6 @@ class DeviceModelDraft:
         dev = engine.device
         self.catch_up = torch.zeros(batch, dtype=torch.bool, device=dev)   # the last draft was accepted
         self.pending = torch.zeros(batch, dtype=torch.int64, device=dev)   # ... and is not in the draft's KV
-        self.drafts = torch.zeros(batch, 1, dtype=torch.int64, device=dev)
 
     def start(self, ids: torch.Tensor, lengths: list[int]) -> None:
         e = self.engine
@@ -127,13 +126,13 @@ class DeviceModelDraft:
             out.append(tok)
             if i + 1 < k:
                 logits = self._step(tok[:, None], (pos + i + 1)[:, None], ctx)
-        drafts = torch.stack(out, dim=1)
-        self.drafts = drafts
-        return drafts
+        return torch.stack(out, dim=1)
 
     def commit(self, st: SpecState, accepted: torch.Tensor, k: int) -> None:
+        """After verifying st.drafts (this round's, still in place): remember whether all k were accepted.
+        (Device buffers only: a captured round must not read a tensor that another graph's capture made.)"""
         self.catch_up.copy_(accepted == k)
-        self.pending.copy_(self.drafts[:, -1])
+        self.pending.copy_(st.drafts[:, -1])
 
 
 def spec_round(target: Engine, draft, st: SpecState, k: int, phase: int, ctx_len: int, greedy: bool = True) -> None:
