@@ -256,19 +256,19 @@ class SpecRounds:
         cap = max(lengths) + max_new_tokens + k  # no row's verified or drafted position reaches it
         self._propose_first(min(max(lengths) + k + 1, cap))
         bound, pending = max(lengths), []       # bound: >= every row's pos
-        rate = [1 + k / 2] * B                  # tokens per round of each row (observed once it has taken part)
         in_flight = 0                           # rounds queued and not yet read back
         while True:
-            # Queue only the rounds the rows are expected to still need (at their observed rate): a round queued
-            # after every row finished would still stream the target's weights once. Too few costs a short wait.
-            need = max(-(-(max_new_tokens - shown[b]) // rate[b]) for b in range(B)) - in_flight
+            # Queue only rounds that some row surely still needs, counting k + 1 tokens per round (every draft
+            # accepted): a round queued after every row finished would still stream the target's weights once
+            # (~a decode step), while a round too few costs one host read-back (~0.1 ms) before the next block.
+            need = max(-(-(max_new_tokens - shown[b]) // (k + 1)) for b in range(B)) - in_flight
             if need > 0 or not pending:
                 n = int(min(sync_every, max(need, 1)))
                 for _ in range(n):
                     self._round(min(bound + 2 * (k + 1), cap))
                     bound += k + 1
                 copy = (st.history.to("cpu", non_blocking=True), st.made.to("cpu", non_blocking=True),
-                        st.pos.max().to("cpu", non_blocking=True), st.passes.to("cpu", non_blocking=True))
+                        st.pos.max().to("cpu", non_blocking=True))
                 event = torch.cuda.Event() if e.device.type == "cuda" else None
                 if event is not None:
                     event.record()
@@ -276,7 +276,7 @@ class SpecRounds:
                 in_flight += n
                 if len(pending) < 2 and e.device.type == "cuda" and need > n:
                     continue                        # keep one block of rounds queued ahead of the host
-            event, (hist, made, top, passes), since = pending.pop(0)
+            event, (hist, made, top), since = pending.pop(0)
             if event is not None:
                 event.synchronize()
             in_flight -= since
@@ -286,8 +286,6 @@ class SpecRounds:
                 m = min(int(made[b]), max_new_tokens)
                 gained.append(hist[b, lengths[b] + shown[b]:lengths[b] + m].tolist())
                 shown[b] = m
-                if int(passes[b]):
-                    rate[b] = max(1.0, (int(made[b]) - 1) / int(passes[b]))
             yield gained
             if min(shown) >= max_new_tokens:
                 break
