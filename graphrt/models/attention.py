@@ -27,13 +27,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..weights.formats.gemv import _triton
+from ..weights.formats.gemv import _triton, zeroed_counters
 
 MAX_ROWS = 64
 BLOCK_L = 64
 TARGET_PROGRAMS = 128   # the context is split until about this many programs run (each at least BLOCK_L keys)
 _KERNELS = None
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -119,15 +118,6 @@ def _kernels():
     return _KERNELS
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """int32 [n] zeros on `device`, shared by every call (each call leaves its counters at zero again). Kernels on
-    one stream run one after another, and the runtime issues attention on one compute stream per device."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf
-
-
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The module's Triton path; shapes as `masked_attention` (k, v may be views of the caches)."""
     B, HKV, R, D = q.shape
@@ -147,7 +137,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         acc = torch.empty(B * HKV * splits * block_r, D, dtype=torch.float32, device=q.device)
         m = torch.empty(B * HKV * splits * block_r, dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
-        count = _counters(q.device, B * HKV)
+        count = zeroed_counters(q.device, B * HKV)
     _kernels()[(B * HKV, splits)](
         q, k, v, mask, out, acc, m, l, count, R, L, HKV, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -17,10 +17,9 @@ import functools
 
 import torch
 
-from .gemv import _triton
+from .gemv import _triton, zeroed_counters
 
 _KERNEL = None
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
 DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -104,9 +103,7 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None =
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     if sp > 1:
         part = torch.empty(sp * n, dtype=torch.float32, device=x.device)
-        count = _COUNTERS.get(x.device)
-        if count is None or count.numel() < n // block_n:
-            count = _COUNTERS[x.device] = torch.zeros(max(n // block_n, 1 << 15), dtype=torch.int32, device=x.device)
+        count = zeroed_counters(x.device, n // block_n)
     else:
         part = count = out
     res = residual.contiguous() if residual is not None else out
