@@ -27,7 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..weights.formats.gemv import _triton, zeroed_counters
+from ..weights.formats.counters import zeroed_counters
+from ..weights.formats.gemv import _triton
 
 MAX_ROWS = 64
 BLOCK_L = 64

@@ -17,7 +17,8 @@ import functools
 
 import torch
 
-from .gemv import _triton, zeroed_counters
+from .counters import zeroed_counters
+from .gemv import _triton
 
 _KERNEL = None
 DTYPES = (torch.bfloat16, torch.float16)
