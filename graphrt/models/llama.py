@@ -122,6 +122,7 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
 
 
 def mlp_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, reduce: Reduce = None) -> torch.Tensor:
+    """Pre-norm SwiGLU MLP with residual: h + down(silu(gate) * up); h may be reused for the sum, as in attn_forward."""
     x = rms_norm(h, w["post_norm"], cfg.rms_norm_eps)
     if "gate_up" in w:  # gate and up stacked along rows: [B, T, 2F]
         gate, up = linear(x, w["gate_up"]).chunk(2, dim=-1)
