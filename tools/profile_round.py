@@ -1,11 +1,13 @@
 """Where a captured speculative round's time goes (issue 12): per-kernel GPU time of rounds, against plain steps.
 
-    python3 tools/profile_round.py [--dtype float32] [--k 4] [--out DIR]
+    python3 tools/profile_round.py [--dtype float32] [--k 4] [--ring 3] [--out DIR]
 
 The default model's shape with random weights (the "smollm2-135m" preset), every layer streamed (the smallest
 budget), batch 1; the self-int4 draft. Profiles one `generate` of 64 tokens with captured rounds and one plain
-(graph) `generate`, and prints per round (per step) the GPU time of the top kernels and copies, and the wall time.
-Writes profile_round.json.
+(graph) `generate`, and prints per round (per step) the GPU time of the top kernels and copies, the wall time, and
+from the trace how busy the compute kernels and the copies kept the GPU (busy: the union of their intervals) and
+the kernels' count. Then the same for one step of the draft alone (its own plain graph decode). Writes
+profile_round.json.
 """
 from __future__ import annotations
 
@@ -25,13 +27,38 @@ from graphrt.speculative import Speculative
 from graphrt.weights.synthetic import PRESETS, make_config, random_tensors, write_checkpoint
 
 
-def kernels(fn, per: int, top: int = 16) -> tuple[float, list]:
+def busy(trace: Path, per: int) -> dict:
+    """Per round (step), from the chrome trace: the span of GPU activity, the union of kernel intervals and of
+    copy intervals, and the number of kernels (us)."""
+    events = json.loads(trace.read_text())["traceEvents"]
+    out = {}
+    for label, cats in (("kernels", {"kernel"}), ("copies", {"gpu_memcpy"})):
+        spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("cat") in cats)
+        total, end = 0.0, None
+        for a, b in spans:
+            if end is None or a > end:
+                total += b - a
+                end = b
+            elif b > end:
+                total += b - end
+                end = b
+        out[f"{label}_busy_us"] = total / per
+        out[f"{label}_count"] = len(spans) / per
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if gpu:
+        out["span_us"] = (max(e["ts"] + e.get("dur", 0) for e in gpu) - min(e["ts"] for e in gpu)) / per
+    return out
+
+
+def kernels(fn, per: int, top: int = 24, trace: Path | None = None) -> tuple[float, list]:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
         fn()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
     by_name: dict[str, list] = defaultdict(lambda: [0, 0.0])
     for ev in prof.events():
         if ev.device_type.name == "CUDA":
@@ -45,6 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--ring", type=int, default=3, help="ring slots of the streamed plan")
     ap.add_argument("--out", type=Path, default=Path("/tmp/graphrt-profile-round"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -52,8 +80,8 @@ def main() -> None:
     if not (path / "config.json").is_file():
         cfg = make_config(**PRESETS["smollm2-135m"], dtype="float32")
         write_checkpoint(path, cfg, random_tensors(cfg, 0, torch.float32, device="cuda"))
-    budget = budgets_for(path, 1, 3, 2, 256, max_seq_len=512, dtype=a.dtype)[0]
-    rt = Runtime.from_pretrained(path, device="cuda", dtype=a.dtype, gpu_budget=budget, ring_depth=3, max_seq_len=512,
+    budget = budgets_for(path, 1, a.ring, 2, 256, max_seq_len=512, dtype=a.dtype)[0]
+    rt = Runtime.from_pretrained(path, device="cuda", dtype=a.dtype, gpu_budget=budget, ring_depth=a.ring, max_seq_len=512,
                                  stream_unit="layer")
     ids = [list(range(5, 45))]
     spec = Speculative("self-int4", k=a.k)
@@ -61,12 +89,18 @@ def main() -> None:
     rt.generate(ids, 16, speculative=spec)
     stats = SpecStats()
     res = {}
-    wall, rows = kernels(lambda: rt.generate(ids, 64), 64)
-    res["plain"] = dict(wall_ms_per_token=1e3 * wall / 64, per_step=rows)
-    wall, rows = kernels(lambda: rt.generate(ids, 64, speculative=spec, speculative_stats=stats), 1)
+    trace = a.out / "trace.json"
+    wall, rows = kernels(lambda: rt.generate(ids, 64), 64, trace=trace)
+    res["plain"] = dict(wall_ms_per_token=1e3 * wall / 64, **busy(trace, 64), per_step=rows)
+    wall, rows = kernels(lambda: rt.generate(ids, 64, speculative=spec, speculative_stats=stats), 1, trace=trace)
     rounds = stats.rounds
     res["spec"] = dict(rounds=rounds, tokens_per_pass=stats.tokens_per_pass, wall_ms=1e3 * wall,
-                       per_round=[(us / rounds, n / rounds, name) for us, n, name in rows])
+                       **busy(trace, rounds), per_round=[(us / rounds, n / rounds, name) for us, n, name in rows])
+    draft = next(iter(rt.speculation.drafts.values()))      # the self-int4 runtime, fully resident
+    draft.generate(ids, 16)
+    wall, rows = kernels(lambda: draft.generate(ids, 64), 64, trace=trace)
+    res["draft"] = dict(wall_ms_per_token=1e3 * wall / 64, **busy(trace, 64), per_step=rows)
+    trace.unlink()
     for label, r in res.items():
         print(f"## {label}: " + json.dumps({k: v for k, v in r.items() if not k.startswith("per_")}))
         for us, n, name in r.get("per_step", r.get("per_round", [])):
