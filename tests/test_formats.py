@@ -11,7 +11,7 @@ from graphrt.config import ConfigError
 from graphrt.weights.formats import (FP8, Dense, GGUFQuant, Int4, Int8, Weight, fp8_supported, linear, stack_rows,
                                      stackable)
 from graphrt.weights.formats.gguf import GGML_TYPES, dequantize, row_bytes, type_name
-from graphrt.weights.formats.int4 import _to_uint8_pairs, pack_tinygemm, unpack_tinygemm
+from graphrt.weights.formats.int4_layouts import _to_uint8_pairs, pack_tinygemm, unpack_tinygemm
 from graphrt.weights.formats.policy import QUANTIZATIONS, quantization_policy
 from graphrt.weights.layout import ALIGN, FormatPolicy, model_groups
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..weights.formats import Weight, embedding, linear
+from ..weights.formats import RopeAppend, Weight, embedding, linear, linear_fused
 from .attention import masked_attention
 from .fused import rms_norm, rope_append, silu_mul
 
@@ -95,15 +95,19 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
     B, T, _ = h.shape
     H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     G = H // Hkv
-    x = rms_norm(h, w["input_norm"], cfg.rms_norm_eps)
-    if "qkv" in w:  # q, k, v stacked along rows: one product [B, T, (H + 2 Hkv) D], sliced by columns
-        q, k, v = linear(x, w["qkv"], w.get("qkv_bias")).split((H * D, Hkv * D, Hkv * D), dim=-1)
-    else:
-        q = linear(x, w["q"], w.get("q_bias"))  # [B, T, H*D]
-        k = linear(x, w["k"], w.get("k_bias"))  # [B, T, Hkv*D]
-        v = linear(x, w["v"], w.get("v_bias"))
-    # RoPE on q and k; k and v appended at ctx.positions into [B, Hkv, S, D]; q -> [B, H, T, D]
-    q = rope_append(q, k, v, ctx.cos, ctx.sin, k_cache, v_cache, ctx.rows, ctx.positions, H, Hkv)
+    norm = (w["input_norm"], cfg.rms_norm_eps)
+    # norm, the q/k/v product, RoPE on q and k, K/V appended at ctx.positions into [B, Hkv, S, D]; q [B, H, T, D]
+    q = linear_fused(h, w["qkv"], w.get("qkv_bias"), norm=norm, rope=RopeAppend(
+        ctx.cos, ctx.sin, ctx.positions, k_cache, v_cache, H, Hkv)) if "qkv" in w else None
+    if q is None:   # the same steps apart (formats without the fused kernel, more rows, the CPU)
+        x = rms_norm(h, *norm)
+        if "qkv" in w:  # q, k, v stacked along rows: one product [B, T, (H + 2 Hkv) D], sliced by columns
+            q, k, v = linear(x, w["qkv"], w.get("qkv_bias")).split((H * D, Hkv * D, Hkv * D), dim=-1)
+        else:
+            q = linear(x, w["q"], w.get("q_bias"))  # [B, T, H*D]
+            k = linear(x, w["k"], w.get("k_bias"))  # [B, T, Hkv*D]
+            v = linear(x, w["v"], w.get("v_bias"))
+        q = rope_append(q, k, v, ctx.cos, ctx.sin, k_cache, v_cache, ctx.rows, ctx.positions, H, Hkv)
     L = ctx.ctx_len
     keys, values = k_cache[:B, :, :L], v_cache[:B, :, :L]
     if ctx.mask is None:  # prompt chunk: causal over the L keys, the last query at the last key
@@ -123,10 +127,18 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
 
 def mlp_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, reduce: Reduce = None) -> torch.Tensor:
     """Pre-norm SwiGLU MLP with residual: h + down(silu(gate) * up); h may be reused for the sum, as in attn_forward."""
-    x = rms_norm(h, w["post_norm"], cfg.rms_norm_eps)
-    if "gate_up" in w:  # gate and up stacked along rows: [B, T, 2F]
-        gate, up = linear(x, w["gate_up"]).chunk(2, dim=-1)
+    norm = (w["post_norm"], cfg.rms_norm_eps)
+    if "gate_up" in w:  # gate and up stacked along rows: [B, T, 2F], the norm inside the product where it can be
+        gate_up = linear_fused(h, w["gate_up"], norm=norm)
+        if gate_up is None:
+            gate_up = linear(rms_norm(h, *norm), w["gate_up"])
+        # silu(gate) * up inside the down product where it can be (and the residual, without a reduce)
+        out = linear_fused(gate_up, w["down"], silu=True, residual=h if reduce is None else None)
+        if out is not None:
+            return out if reduce is None else h + reduce(out)
+        gate, up = gate_up.chunk(2, dim=-1)
     else:
+        x = rms_norm(h, *norm)
         gate, up = linear(x, w["gate"]), linear(x, w["up"])
     if reduce is not None:
         return h + reduce(linear(silu_mul(gate, up), w["down"]))

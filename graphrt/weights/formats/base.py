@@ -94,6 +94,32 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None,
     return out if out is not None else residual + w.format.linear(x, w.parts, bias)
 
 
+class RopeAppend(NamedTuple):
+    """What follows a stacked [q | k | v] product in attention: RoPE on q and k and the KV append
+    (models/fused.rope_append)."""
+    cos: torch.Tensor        # [B, 1, T, D] compute dtype
+    sin: torch.Tensor        # [B, 1, T, D]
+    positions: torch.Tensor  # [B, T] int64: where row b's token t goes in cache row b
+    k_cache: torch.Tensor    # [maxB, Hkv, S, D]
+    v_cache: torch.Tensor    # [maxB, Hkv, S, D]
+    num_heads: int
+    num_kv_heads: int
+
+
+def linear_fused(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, *,
+                 norm: tuple[torch.Tensor, float] | None = None, silu: bool = False,
+                 residual: torch.Tensor | None = None, rope: RopeAppend | None = None) -> torch.Tensor | None:
+    """The product with its neighbours in one kernel, where the weight's format has one for this call
+    (`format.linear_fused`); None otherwise, and the caller runs the steps apart. What it computes:
+      norm (weight [in], eps): linear(rms_norm(x, weight, eps), w)
+      silu: x [..., 2 in] (a stacked gate | up product): linear(silu(x[..., :in]) * x[..., in:], w)
+      residual [..., out]: residual + the product
+      rope: q, k, v = the product's columns; returns q rotated [B, H, T, D] and writes k rotated and v into the
+            caches (models/fused.rope_append)."""
+    fn = getattr(w.format, "linear_fused", None)
+    return fn(x, w.parts, bias, norm=norm, silu=silu, residual=residual, rope=rope) if fn is not None else None
+
+
 def embedding(ids: torch.Tensor, w: Weight, dtype: torch.dtype) -> torch.Tensor:
     return w.format.embedding(ids, w.parts, dtype)
 

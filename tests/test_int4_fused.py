@@ -1,0 +1,127 @@
+"""`linear_fused` on blocked int4 weights (the NVRTC kernel with its prologues and epilogues, int4_cuda_source.py)
+against the same steps run apart (models/fused.py's kernels and the plain product): RMSNorm before the product,
+silu(gate) * up before it, the residual and RoPE with the KV append after it. Each fused call is also replayed in a
+CUDA graph, which must give the eager call's bits."""
+import pytest
+import torch
+
+from graphrt.models.fused import rms_norm, rope_append, silu_mul
+from graphrt.weights.formats import RopeAppend, Weight, linear, linear_fused
+from graphrt.weights.formats.dense import Dense
+from graphrt.weights.formats.int4 import Int4
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-5}
+
+
+def weights(out: int, inp: int, dtype: torch.dtype, seed: int = 1) -> Weight:
+    dense = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) / inp ** 0.5
+    fmt = Int4(dtype, packing="blocked")
+    parts = {k: v.cuda() for k, v in fmt.encode(dense, torch.device("cuda")).items()}
+    return Weight(fmt, parts, (out, inp))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def same_in_a_graph(fn, *inputs: torch.Tensor) -> None:
+    """fn(*inputs) replayed from a CUDA graph gives the eager call's bits (outputs compared after each)."""
+    eager = fn(*inputs)
+    static = [t.clone() for t in inputs]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(*static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*static)
+    for t, src in zip(static, inputs):
+        t.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_norm_before_the_product(dt, rows):
+    dtype = DTYPES[dt]
+    w = weights(320, 576, dtype)
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    x = (3 * torch.randn(rows, 1, 576, device="cuda", generator=g)).to(dtype)
+    nw = (1 + 0.1 * torch.randn(576, device="cuda", generator=g)).to(dtype)
+    got = linear_fused(x, w, norm=(nw, 1e-5))
+    assert got is not None and got.shape == (rows, 1, 320) and got.dtype == dtype
+    assert rel(got, linear(rms_norm(x, nw, 1e-5), w)) < TOL[dtype]
+    same_in_a_graph(lambda a: linear_fused(a, w, norm=(nw, 1e-5)), x)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_silu_mul_before_the_product_and_the_residual_after(dt, rows):
+    dtype = DTYPES[dt]
+    w = weights(256, 1536, dtype)
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    gate_up = torch.randn(rows, 1, 3072, device="cuda", generator=g).to(dtype)
+    h = torch.randn(rows, 1, 256, device="cuda", generator=g).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = linear(silu_mul(gate, up), w, residual=h.clone())
+    got = linear_fused(gate_up, w, silu=True, residual=h.clone())
+    assert got is not None and got.shape == h.shape
+    assert rel(got, want) < TOL[dtype]
+    plain = linear_fused(gate_up, w, silu=True)
+    assert rel(plain, linear(silu_mul(gate, up), w)) < TOL[dtype]
+    same_in_a_graph(lambda a, b: linear_fused(a, w, silu=True, residual=b), gate_up, h)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("batch,tokens", [(1, 1), (1, 2), (2, 2), (4, 1)])
+def test_rope_and_the_kv_append_after_the_product(dt, batch, tokens):
+    dtype = DTYPES[dt]
+    H, Hkv, D, S, hidden = 9, 3, 64, 48, 576
+    w = weights((H + 2 * Hkv) * D, hidden, dtype)
+    g = torch.Generator(device="cuda").manual_seed(batch * 10 + tokens)
+    x = torch.randn(batch, tokens, hidden, device="cuda", generator=g).to(dtype)
+    nw = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).to(dtype)
+    positions = torch.stack([torch.arange(tokens, device="cuda") + 5 + 7 * b for b in range(batch)])
+    angle = positions.float()[..., None] * (1e-2 * torch.arange(1, D // 2 + 1, device="cuda"))
+    emb = torch.cat([angle, angle], dim=-1)
+    cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    caches = torch.randn(2, 2, 5, Hkv, S, D, device="cuda", generator=g).to(dtype)   # (want, got) x (k, v)
+    rows = torch.arange(batch, device="cuda")[:, None].expand(batch, tokens)
+    q, k, v = linear(rms_norm(x, nw, 1e-6), w).split((H * D, Hkv * D, Hkv * D), dim=-1)
+    want_q = rope_append(q, k, v, cos, sin, caches[0, 0], caches[0, 1], rows, positions, H, Hkv)
+    before = caches[1].clone()
+    got_q = linear_fused(x, w, norm=(nw, 1e-6), rope=RopeAppend(cos, sin, positions, caches[1, 0], caches[1, 1],
+                                                                 H, Hkv))
+    assert got_q is not None and got_q.shape == want_q.shape == (batch, H, tokens, D)
+    assert rel(got_q, want_q) < TOL[dtype]
+    written = torch.zeros(5, S, dtype=torch.bool, device="cuda")
+    written[rows, positions] = True
+    for i in range(2):
+        assert rel(caches[1, i][:, :, :][written[:, None].expand(5, Hkv, S)],
+                   caches[0, i][written[:, None].expand(5, Hkv, S)]) < TOL[dtype]
+        untouched = ~written[:, None].expand(5, Hkv, S)
+        assert torch.equal(caches[1, i][untouched], before[i][untouched])
+    rope = RopeAppend(cos, sin, positions, caches[1, 0], caches[1, 1], H, Hkv)
+    same_in_a_graph(lambda a: torch.cat([linear_fused(a, w, norm=(nw, 1e-6), rope=rope).flatten(),
+                                         caches[1].flatten()]), x)
+
+
+def test_formats_without_the_kernel_say_so():
+    """Dense weights and the CPU: None, so the model math runs the steps apart."""
+    x = torch.randn(1, 1, 64)
+    dense = Weight(Dense(torch.float32), {"w": torch.randn(32, 64)}, (32, 64))
+    assert linear_fused(x, dense, norm=(torch.ones(64), 1e-5)) is None
+    fmt = Int4(torch.float32, packing="blocked")
+    w = Weight(fmt, fmt.encode(torch.randn(64, 64), torch.device("cpu")), (64, 64))
+    assert linear_fused(x, w, norm=(torch.ones(64), 1e-5)) is None
