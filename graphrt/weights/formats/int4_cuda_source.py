@@ -3,10 +3,12 @@
     XT    activation type: 0 bfloat16, 1 float16, 2 float32
     ROWS  weight rows per block (4)
     MR    input rows (1..4): every weight load serves all of them
-    NORM  prologue: the product's input is rms_norm(x) * nw, as models/fused.rms_norm rounds it
-          (round(nw * round(x * r)), r = 1 / sqrt(mean(x^2) + eps)); each block sums the squares itself
+    NORM  prologue: the product's input is rms_norm(x) * nw = r * x * nw, r = 1 / sqrt(mean(x^2) + eps): the
+          product runs on x * nw (float32, not rounded) while each block sums the squares of the x it reads, and
+          the sum is scaled by r at the end (models/fused.rms_norm rounds x * r and then nw times it to the
+          activation type: here neither is rounded, a difference of the order of that rounding)
     SILU  prologue: x is [MR, 2K] (a stacked gate | up product) and the input is round(round(silu(g)) * u), as
-          models/fused.silu_mul rounds it
+          models/fused.silu_mul rounds it (fast exp and division, as Triton's)
     ROPE  epilogue: the matrix is a stacked [q | k | v] projection of heads of D columns. A block owns the rows
           j, j + 1, j + D/2, j + D/2 + 1 of one head (two rotary pairs), rounds the products to XT as the plain
           linear would, then rotates q and k rows as models/fused.rope_append does (each product and the sum
@@ -107,14 +109,13 @@ __device__ __forceinline__ int row_of(int block, int r, int head_dim) {
 }
 
 // the 16 product inputs at columns col .. col + 15 of input row m (after the prologue)
-__device__ __forceinline__ void inputs16(const xt* x, const xt* nw, const float* r_norm, int m, int K, int col,
-                                         float* v) {
+__device__ __forceinline__ void inputs16(const xt* x, const xt* nw, float* ss, int m, int K, int col, float* v) {
 #if SILU
     float g[16], u[16];
     load16(x + (unsigned long long)m * 2 * K + col, g);
     load16(x + (unsigned long long)m * 2 * K + K + col, u);
     #pragma unroll
-    for (int i = 0; i < 16; ++i) v[i] = rnd(rnd(g[i] / (1.0f + expf(-g[i]))) * u[i]);
+    for (int i = 0; i < 16; ++i) v[i] = rnd(rnd(__fdividef(g[i], 1.0f + __expf(-g[i]))) * u[i]);
 #else
     load16(x + (unsigned long long)m * K + col, v);
 #endif
@@ -122,7 +123,7 @@ __device__ __forceinline__ void inputs16(const xt* x, const xt* nw, const float*
     float w[16];
     load16(nw + col, w);
     #pragma unroll
-    for (int i = 0; i < 16; ++i) v[i] = rnd(w[i] * rnd(v[i] * r_norm[m]));
+    for (int i = 0; i < 16; ++i) { *ss = fmaf(v[i], v[i], *ss); v[i] *= w[i]; }
 #endif
 }
 
@@ -143,32 +144,10 @@ extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* 
     #pragma unroll
     for (int r = 0; r < ROWS; ++r) rows[r] = row_of(blockIdx.x, r, D);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __shared__ float partial[8][MR * ROWS];
-    float r_norm[MR];
-#if NORM
-    {   // every block sums the squares of its input rows (K values each) itself: no kernel before it
-        float ss[MR];
-        #pragma unroll
-        for (int m = 0; m < MR; ++m) {
-            ss[m] = 0.0f;
-            for (int k = threadIdx.x; k < K; k += blockDim.x) { const float v = to_f32(x[(unsigned long long)m * K + k]); ss[m] += v * v; }
-            #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) ss[m] += __shfl_xor_sync(0xFFFFFFFFu, ss[m], o);
-            if (lane == 0) partial[warp][m] = ss[m];
-        }
-        __syncthreads();
-        #pragma unroll
-        for (int m = 0; m < MR; ++m) {
-            float t = partial[0][m];
-            for (int i = 1; i < (int)(blockDim.x >> 5); ++i) t += partial[i][m];
-            r_norm[m] = 1.0f / __fsqrt_rn(t / (float)K + __int_as_float(eps_bits));
-        }
-        __syncthreads();
-    }
-#else
+    __shared__ float partial[8][MR * ROWS + MR];
+    float ss[MR];                              // NORM: each row's sum of squares (this thread's columns)
     #pragma unroll
-    for (int m = 0; m < MR; ++m) r_norm[m] = 1.0f;
-#endif
+    for (int m = 0; m < MR; ++m) ss[m] = 0.0f;
     float acc[MR][ROWS];
     #pragma unroll
     for (int m = 0; m < MR; ++m)
@@ -199,8 +178,8 @@ extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* 
         #pragma unroll
         for (int m = 0; m < MR; ++m) {
             float xl[16], xh[16];
-            inputs16(x, nw, r_norm, m, K, col, xl);
-            inputs16(x, nw, r_norm, m, K, col + 32, xh);
+            inputs16(x, nw, ss + m, m, K, col, xl);
+            inputs16(x, nw, ss + m, m, K, col + 32, xh);
             float sum_lo = 0.0f, sum_hi = 0.0f;
             #pragma unroll
             for (int i = 0; i < 16; ++i) { sum_lo += xl[i]; sum_hi += xh[i]; }
@@ -239,21 +218,36 @@ extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* 
             for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
             if (lane == 0) partial[warp][m * ROWS + r] = v;
         }
+#if NORM
+    #pragma unroll
+    for (int m = 0; m < MR; ++m) {
+        float v = ss[m];
+        #pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+        if (lane == 0) partial[warp][MR * ROWS + m] = v;
+    }
+#endif
     __syncthreads();
     float v = 0.0f;
     const int m = threadIdx.x / ROWS, r = threadIdx.x % ROWS;
     if (threadIdx.x < MR * ROWS) {
         v = partial[0][threadIdx.x];
         for (int i = 1; i < (int)(blockDim.x >> 5); ++i) v += partial[i][threadIdx.x];
-        if (has_bias) v += to_f32(bias[rows[r]]);
-        if (has_residual) v += to_f32(residual[(unsigned long long)m * N + rows[r]]);
+#if NORM
+        float sq = partial[0][MR * ROWS + m];
+        for (int i = 1; i < (int)(blockDim.x >> 5); ++i) sq += partial[i][MR * ROWS + m];
+        v *= 1.0f / __fsqrt_rn(sq / (float)K + __int_as_float(eps_bits));
+#endif
+        const int n = row_of(blockIdx.x, r, D);
+        if (has_bias) v += to_f32(bias[n]);
+        if (has_residual) v += to_f32(residual[(unsigned long long)m * N + n]);
     }
 #if ROPE
     __shared__ float done[MR * ROWS];
     if (threadIdx.x < MR * ROWS) done[threadIdx.x] = rnd(v);     // the projection as the plain linear stores it
     __syncthreads();
     if (threadIdx.x < MR * ROWS) {
-        const int n = rows[r], head = n / D, d = n % D;
+        const int n = row_of(blockIdx.x, r, D), head = n / D, d = n % D;
         const int b = m / T, t = m % T;
         const float x1 = done[m * ROWS + (r & 1)], x2 = done[m * ROWS + 2 + (r & 1)];   // the pair (j, j + D/2)
         const float c = to_f32(cos[m * D + d]), s = to_f32(sin[m * D + d]);
@@ -269,7 +263,7 @@ extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* 
         }
     }
 #else
-    if (threadIdx.x < MR * ROWS) out[(unsigned long long)m * N + rows[r]] = to_xt(v);
+    if (threadIdx.x < MR * ROWS) out[(unsigned long long)m * N + row_of(blockIdx.x, r, D)] = to_xt(v);
 #endif
 }
 """
