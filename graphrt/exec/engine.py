@@ -42,6 +42,7 @@ class Engine:
         self.kv = torch.zeros(cfg.num_layers, 2, options.max_batch_size, cfg.num_kv_heads, options.max_seq_len,
                               cfg.head_dim, dtype=dtype, device=self.device)
         self.inv_freq = llama.rope_inv_freq(cfg).to(self.device)
+        self.rope = llama.rope_table(self.inv_freq, options.max_seq_len, options.max_batch_size, dtype)
         self.ring_step = 0          # steps run since the last prologue; selects the ring phase
         self.ring_cold = True       # the prologue must run before the next step
         # prompt steps attend causally without a mask where a fused kernel does it (CUDA's flash attention takes
@@ -107,8 +108,7 @@ class Engine:
         of prompt_plans (the CPU lane's groups it streams are computed from their slots). `tail(logits)`: work
         issued after the LM head and before the step joins its copy stream (StepExecutor.run)."""
         cfg = self.config
-        ctx = llama.step_context(positions, self.inv_freq, self.dtype, cfg.num_heads // cfg.num_kv_heads, ctx_len,
-                                 causal)
+        ctx = llama.step_context(positions, self.rope, cfg.num_heads // cfg.num_kv_heads, ctx_len, causal)
         act: dict[str, torch.Tensor] = {}
 
         reduce = self.comm.all_reduce if self.comm is not None else None

@@ -108,9 +108,8 @@ class DeviceModelDraft:
         self.catch_up.zero_()
 
     def _step(self, ids: torch.Tensor, positions: torch.Tensor, ctx_len: int) -> torch.Tensor:
-        e = self.engine
-        pick = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.int64, device=e.device)
-        return e.run_plan(e.plans[0], ids, positions, ctx_len, pick)[:, 0]              # [B, V]
+        e = self.engine   # every position's logits (one or two), the last one's kept: no pick tensor to make
+        return e.run_plan(e.plans[0], ids, positions, ctx_len, None)[:, -1]              # [B, V]
 
     def propose(self, st: SpecState, k: int, ctx_len: int) -> torch.Tensor:
         """As drafts.ModelDraft: a row whose k drafts were all accepted first writes the k-th at pos - 1."""

@@ -40,6 +40,26 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+class RopeTable(NamedTuple):
+    """What every step's context is cut from, made once per engine (a step then gathers its rows: 2 kernels
+    where computing cos / sin and the mask takes about 13, at every decode and draft step)."""
+    cos: torch.Tensor        # [S, D] compute dtype: cos(position * inv_freq), the frequencies repeated twice
+    sin: torch.Tensor        # [S, D]
+    keys: torch.Tensor       # [S] int64 0..S-1
+    rows: torch.Tensor       # [maxB] int64 0..maxB-1
+    zero: torch.Tensor       # [] compute dtype 0 (mask values)
+    hidden: torch.Tensor     # [] compute dtype -inf
+
+
+def rope_table(inv_freq: torch.Tensor, max_seq_len: int, max_batch_size: int, dtype: torch.dtype) -> RopeTable:
+    dev = inv_freq.device
+    keys = torch.arange(max_seq_len, device=dev)
+    freqs = keys.float()[:, None] * inv_freq  # [S, D/2] float32: the same products a step of those positions makes
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return RopeTable(emb.cos().to(dtype), emb.sin().to(dtype), keys, torch.arange(max_batch_size, device=dev),
+                     torch.zeros((), dtype=dtype, device=dev), torch.full((), float("-inf"), dtype=dtype, device=dev))
+
+
 class StepContext(NamedTuple):
     """Per-step tensors shared by every layer (computed once per step, not per layer)."""
     positions: torch.Tensor  # [B, T] int64
@@ -52,23 +72,22 @@ class StepContext(NamedTuple):
     ctx_len: int             # L
 
 
-def step_context(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, num_groups: int,
-                 ctx_len: int, causal: bool = False) -> StepContext:
+def step_context(positions: torch.Tensor, table: RopeTable, num_groups: int, ctx_len: int,
+                 causal: bool = False) -> StepContext:
     """causal: every row's positions are ctx_len - T .. ctx_len - 1 (a prompt chunk of right-padded prompts):
-    attention is causal aligned at the last key, with no mask tensor (flash / cuDNN kernels on CUDA)."""
+    attention is causal aligned at the last key, with no mask tensor (flash / cuDNN kernels on CUDA).
+    Positions must be < the table's S (max_seq_len)."""
     B, T = positions.shape
-    freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2] float32
-    emb = torch.cat((freqs, freqs), dim=-1)
-    rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
+    cos, sin = table.cos[positions][:, None], table.sin[positions][:, None]     # [B, 1, T, D]
+    rows = table.rows[:B, None].expand(B, T)
     if causal:
         if ctx_len < T:
             raise ValueError(f"a causal step of {T} tokens needs ctx_len >= {T}, got {ctx_len}")
-        return StepContext(positions, emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None], rows, None, ctx_len)
-    q_pos = positions.repeat(1, num_groups)  # [B, G*T], row g*T + t has position positions[b, t]
-    keys = torch.arange(ctx_len, device=positions.device)
-    visible = (keys[None, None, :] <= q_pos[:, :, None])[:, None]
-    mask = torch.zeros(visible.shape, dtype=dtype, device=positions.device).masked_fill_(~visible, float("-inf"))
-    return StepContext(positions, emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None], rows, mask, ctx_len)
+        return StepContext(positions, cos, sin, rows, None, ctx_len)
+    # query row g*T + t of batch row b has position positions[b, t]: [B, G, T, L] -> [B, 1, G*T, L]
+    visible = table.keys[:ctx_len] <= positions[:, None, :, None]
+    mask = torch.where(visible.expand(B, num_groups, T, ctx_len), table.zero, table.hidden)
+    return StepContext(positions, cos, sin, rows, mask.view(B, 1, num_groups * T, ctx_len), ctx_len)
 
 
 Reduce = Callable[[torch.Tensor], torch.Tensor] | None   # tensor parallel: sums partial products over ranks

@@ -116,7 +116,7 @@ def _ranges(names: list[str]) -> str:
 
 def essentials(cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int, max_seq_len: int,
                prefill_chunk: int, fused_attention: bool = False) -> dict[str, int]:
-    """Memory that is needed whatever the placement: KV cache, activations, logits, margin.
+    """Memory that is needed whatever the placement: KV cache, activations, logits, RoPE table, margin.
     fused_attention: attention never holds a [rows, heads, chunk, context] score tensor (CUDA's fused SDPA
     kernels); else two float32 copies of it are counted (the CPU's math path)."""
     e = dtype.itemsize
@@ -130,7 +130,8 @@ def essentials(cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int, max_se
     # it, where this gives 0.54 GiB
     activations = 2 * tokens * width * e + (mask if fused_attention else 2 * scores)
     logits = 6 * max_batch_size * cfg.vocab_size * 4  # last-position logits and sampling buffers
-    return {"kv_cache": kv, "activations": activations, "logits": logits, "margin": MARGIN}
+    rope = 2 * max_seq_len * cfg.head_dim * e + 8 * (max_seq_len + max_batch_size)   # llama.RopeTable
+    return {"kv_cache": kv, "activations": activations, "logits": logits, "rope_table": rope, "margin": MARGIN}
 
 
 def widen_prefill_chunk(p: Placement, cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int,
