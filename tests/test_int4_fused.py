@@ -2,6 +2,8 @@
 against the same steps run apart (models/fused.py's kernels and the plain product): RMSNorm before the product,
 silu(gate) * up before it, the residual and RoPE with the KV append after it. Each fused call is also replayed in a
 CUDA graph, which must give the eager call's bits."""
+import textwrap
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from graphrt.models.fused import rms_norm, rope_append, silu_mul
 from graphrt.weights.formats import RopeAppend, Weight, linear, linear_fused
 from graphrt.weights.formats.dense import Dense
 from graphrt.weights.formats.int4 import Int4
+from test_gemv import INTERPRETER_SETUP, needs_triton, run_interpreter
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -125,3 +128,37 @@ def test_formats_without_the_kernel_say_so():
     fmt = Int4(torch.float32, packing="blocked")
     w = Weight(fmt, fmt.encode(torch.randn(64, 64), torch.device("cpu")), (64, 64))
     assert linear_fused(x, w, norm=(torch.ones(64), 1e-5)) is None
+
+
+# ---- prompt steps: one dequantizing kernel (int4_gemv.dequant_blocked) then a dense product -----------------
+_DEQUANT_SCRIPT = INTERPRETER_SETUP + textwrap.dedent("""
+    import torch
+    from graphrt.weights.formats.int4 import Int4
+    from graphrt.weights.formats.int4_gemv import dequant_blocked
+    same = {{}}
+    for n, k, group in ((40, 128, 64), (64, 576, 64), (96, 256, 128)):
+        fmt = Int4(torch.float32, group_size=group, packing="blocked")
+        parts = fmt.encode(torch.randn(n, k, generator=torch.Generator().manual_seed(n)), torch.device("cpu"))
+        for dtype in (torch.float32, torch.float16):
+            got = dequant_blocked(parts["w"], parts["scales_and_zeros"], dtype)
+            same[f"{{n}}x{{k}} g{{group}} {{dtype}}"] = bool(torch.equal(got, fmt.dense(parts, dtype)))
+    print("RESULTS " + json.dumps(same))
+""")
+
+
+@needs_triton
+def test_dequant_kernel_equals_dense_in_the_interpreter():
+    res = run_interpreter(_DEQUANT_SCRIPT, timeout=300)
+    assert len(res) == 6 and all(res.values()), res
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dt", DTYPES)
+def test_prompt_rows_dequantize_in_one_kernel(dt):
+    dtype = DTYPES[dt]
+    from graphrt.weights.formats.int4_gemv import dequant_blocked
+    w = weights(320, 576, dtype)
+    assert torch.equal(dequant_blocked(w.parts["w"], w.parts["scales_and_zeros"], dtype), w.format.dense(w.parts, dtype))
+    x = torch.randn(1, 40, 576, device="cuda").to(dtype)
+    assert rel(linear(x, w), x.double() @ w.format.dense(w.parts, torch.float64).t()) < TOL[dtype]

@@ -119,7 +119,9 @@ def main() -> None:
     wall, rows = kernels(lambda: draft.generate(ids, 64), 64, trace=trace)
     # the draft's step: 64 tokens less 8 (the prompt and the first tokens cancel), per token, unprofiled
     per_step = (unprofiled_ms(lambda: draft.generate(ids, 64)) - unprofiled_ms(lambda: draft.generate(ids, 8))) / 56
-    res["draft"] = dict(wall_ms_per_token=1e3 * wall / 64, unprofiled_ms_per_step=per_step, **busy(trace, 64),
+    res["draft"] = dict(wall_ms_per_token=1e3 * wall / 64, unprofiled_ms_per_step=per_step,
+                        prompt_ms=unprofiled_ms(lambda: draft.generate(ids, 1)),
+                        target_prompt_ms=unprofiled_ms(lambda: rt.generate(ids, 1)), **busy(trace, 64),
                         per_step=rows)
     trace.unlink()
     for label, r in res.items():

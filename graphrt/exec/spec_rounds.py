@@ -176,6 +176,9 @@ class SpecRounds:
         self.state = SpecState.empty(batch, target.options.max_seq_len, k, target.device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.first: dict[tuple[int], torch.cuda.CUDAGraph] = {}   # per context bucket: the first proposal
+        # on CUDA the draft model's prompt runs on its own stream, beside the target's (its weights stream)
+        self.side = torch.cuda.Stream(target.device) if target.device.type == "cuda" and not isinstance(
+            draft, DeviceLookup) else None
         if self.capture:
             self.pool = torch.cuda.graph_pool_handle()
             self.stream = torch.cuda.Stream(target.device)
@@ -230,6 +233,9 @@ class SpecRounds:
         if self.capture:
             self._capture_all()
         ids = ids.to(e.device)
+        side = self.side
+        if side is not None:   # the draft's prefill computes while the target's streams its weights
+            side.wait_stream(torch.cuda.current_stream(e.device))
         logits = e.prefill(ids, lengths)
         pos = torch.tensor(lengths, device=e.device)
         if self.greedy:
@@ -247,7 +253,12 @@ class SpecRounds:
         st.limit.fill_(max_new_tokens)
         st.accepted.zero_()
         st.passes.zero_()
-        self.draft.start(ids, lengths)
+        if side is None:
+            self.draft.start(ids, lengths)
+        else:
+            with torch.cuda.stream(side):
+                self.draft.start(ids, lengths)
+            torch.cuda.current_stream(e.device).wait_stream(side)
         yield [[t] for t in first.tolist()]
         if max_new_tokens == 1:
             return

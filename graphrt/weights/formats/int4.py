@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from .base import GEMV_MAX_ROWS, PartSpec
 from .gemv import gemv_available
 from . import int4_cuda
-from .int4_gemv import int4_gemv, pack_blocked, unpack_blocked
+from .int4_gemv import dequant_blocked, int4_gemv, pack_blocked, unpack_blocked
 from .int4_layouts import _cpu_nibble_index, _to_uint8_pairs, pack_tinygemm, unpack_tinygemm
 
 PACKINGS = ("cpu", "cuda", "blocked")
@@ -213,6 +213,9 @@ class Int4:
         if self.packing == "blocked" and x.device.type == "cuda" and x2.shape[0] <= GEMV_MAX_ROWS \
                 and gemv_available(x):
             return int4_gemv(x, w, sz, bias)
+        if self.packing == "blocked" and x.device.type == "cuda" and gemv_available(x):
+            # many rows (prefill): one dequantizing kernel, then a dense GEMM
+            return F.linear(x, dequant_blocked(w, sz, x.dtype), bias)
         if self.packing != x.device.type or x2.shape[0] > GEMV_MAX_ROWS:
             # parts packed for the other device (reference path), or many rows (prefill), where one
             # dequantization and a dense GEMM beat the GEMV-shaped kernel (measured 50x on the CPU)

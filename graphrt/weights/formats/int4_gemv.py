@@ -132,7 +132,40 @@ def _build():
             else:
                 tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
-    return _int4_kernel
+    @triton.jit
+    def _dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+        # rows pid_n * BLOCK_N .. of one 64-column packing block: byte j holds columns j (low) and 32 + j (high)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col = tl.program_id(1) * 64 + tl.arange(0, 32)
+        rows = tl.minimum(rn, N - 1).to(tl.int64)
+        byte = tl.load(w_ptr + rows[:, None] * (K // 2) + (tl.program_id(1) * 32 + tl.arange(0, 32))[None, :]
+                       ).to(tl.int32)
+        at_lo = ((col // GROUP)[None, :] * N + rows[:, None]) * 2
+        at_hi = (((col + 32) // GROUP)[None, :] * N + rows[:, None]) * 2
+        w_lo = _deq(byte & 15, tl.load(sz_ptr + at_lo).to(tl.float32), tl.load(sz_ptr + at_lo + 1).to(tl.float32))
+        w_hi = _deq(byte >> 4, tl.load(sz_ptr + at_hi).to(tl.float32), tl.load(sz_ptr + at_hi + 1).to(tl.float32))
+        ok = (rn < N)[:, None]
+        out = out_ptr + rows[:, None] * K + col[None, :]
+        tl.store(out, w_lo.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out + 32, w_hi.to(out_ptr.dtype.element_ty), mask=ok)
+
+    return _int4_kernel, _dequant_kernel
+
+
+def dequant_blocked(w: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The blocked int4 matrix (w uint8 [N, K/2], scales_and_zeros bf16 [K/G, N, 2]) as a dense [N, K] of `dtype`,
+    in one kernel: the same values as Int4.dense (each weight (q - 8) * s + z in float32, where the product is
+    exact, then rounded once to `dtype`). Prompt steps (more rows than a GEMV takes) multiply by it."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _build()
+    n, kh = w.shape
+    k = 2 * kh
+    out = torch.empty(n, k, dtype=dtype, device=w.device)
+    block_n = 32
+    _KERNEL[1][(-(-n // block_n), k // BLOCK)](w, scales_and_zeros, out, n, k,
+                                                GROUP=k // scales_and_zeros.shape[0], BLOCK_N=block_n, num_warps=4)
+    return out
 
 
 def int4_gemv(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None = None,
@@ -172,7 +205,7 @@ def int4_gemv(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor, 
     dot_f32 = x.dtype == torch.float32 or (_interpreting() and x.dtype == torch.bfloat16)
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 or bias is not None else out2
     triton = _triton()[0]
-    _KERNEL[(-(-n // block_n), split)](
+    _KERNEL[0][(-(-n // block_n), split)](
         x2, w, scales_and_zeros, part, m, n, k, k_split, x2.stride(0), part.stride(-2),
         part.stride(0) if part.dim() == 3 else 0,
         GROUP=k // groups, PARTIAL=part.dim() == 3, USE_DOT=use_dot, DOT_F32=dot_f32,
