@@ -4,7 +4,8 @@ shapes (the self-int4 draft's layer), each replayed 200 times from one CUDA grap
     python3 tools/int4_fused_probe.py [--dtype bfloat16] [--out DIR]
 
 qkv: rms_norm + product + rope_append against one kernel; gate_up: rms_norm + product against one; down:
-silu_mul + product + residual against one; o: product + residual (the same kernel both ways)."""
+silu_mul + product + residual against one; o: product + residual (the same kernel both ways). And the decode
+attention kernel over 256 keys with the context split for about 1, 6 and 128 programs."""
 from __future__ import annotations
 
 import argparse
@@ -85,7 +86,15 @@ def main() -> None:
         "down fused": lambda: linear_fused(gu, down, silu=True, residual=h),
         "o product + residual": lambda: linear(attn, o, residual=h),
     }
+    from graphrt.models import attention
+    q4 = torch.randn(1, Hkv, H // Hkv, D, device="cuda", dtype=dtype)
+    mask = torch.zeros(1, 1, H // Hkv, 256, device="cuda", dtype=dtype)
     res = {name: per_call_us(fn) for name, fn in cases.items()}
+    for programs in (1, 6, 128):   # the context split until about this many programs (the default: 128)
+        attention.TARGET_PROGRAMS = programs
+        res[f"attention, 256 keys, about {programs} programs"] = per_call_us(
+            lambda: attention.decode_attention(q4, kc[:, :, :256], vc[:, :, :256], mask))
+    attention.TARGET_PROGRAMS = 128
     for name, us in res.items():
         print(f"{us:8.2f} us  {name}")
     (a.out / "int4_fused_probe.json").write_text(json.dumps(dict(dtype=a.dtype, us=res), indent=1))
