@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Union
 
 from .config import ConfigError
-from .exec.spec_rounds import DeviceLookup, DeviceModelDraft, SpecRounds
+from .exec.device_drafts import DeviceLookup, DeviceModelDraft
+from .exec.spec_rounds import SpecRounds
 from .exec.speculative import SpecStats
 from .sampling import SamplingParams
 

@@ -25,7 +25,7 @@ def rt_of(path, **kw):
 
 def test_device_lookup_drafts_what_prompt_lookup_drafts():
     from graphrt.exec.drafts import PromptLookup
-    from graphrt.exec.spec_rounds import DeviceLookup, SpecState
+    from graphrt.exec.device_drafts import DeviceLookup, SpecState
     g = torch.Generator().manual_seed(0)
     for trial in range(30):
         B, S, k, ngram = 3, 40, 4, 3
@@ -116,7 +116,8 @@ def test_sampled_device_rounds_equal_the_host_loop(target, temperature, top_k, t
     host-loop rounds (exec/speculative.py) with the same drafts and seeds: the same rejection rule and noise.
     At temperature 0.05 drafts are accepted (the rule's acceptance branch runs), at 0.8 mostly rejected."""
     from graphrt.exec.drafts import PromptLookup
-    from graphrt.exec.spec_rounds import DeviceLookup, SpecRounds
+    from graphrt.exec.device_drafts import DeviceLookup
+    from graphrt.exec.spec_rounds import SpecRounds
     from graphrt.exec.speculative import speculative_decode
     from graphrt.sampling import SamplingParams
     rt = rt_of(target)
