@@ -129,12 +129,15 @@ class DeviceModelDraft:
         e = self.engine
         e.reset()
         padded = self._bucket(ids.shape[1])
-        if padded is None or (padded,) not in self.prompts:
+        if padded is None:
             e.prefill(ids, lengths)
-        else:
+        else:   # the padded prompt, captured or eager (the same kernels: captured rounds == eager rounds)
             self.prompt_ids[:, :ids.shape[1]].copy_(ids)
             self.prompt_last.copy_(torch.tensor([n - 1 for n in lengths]), non_blocking=True)
-            self.prompts[(padded,)].replay()
+            if (padded,) in self.prompts:
+                self.prompts[(padded,)].replay()
+            else:
+                self._prompt(padded)
         self.catch_up.zero_()
 
     def _step(self, ids: torch.Tensor, positions: torch.Tensor, ctx_len: int) -> torch.Tensor:
