@@ -146,6 +146,16 @@ def context_bucket(length: int, max_seq_len: int) -> int:
     return min(max_seq_len, max(64, 1 << (max(length, 1) - 1).bit_length()))
 
 
+def context_buckets(max_seq_len: int) -> list[int]:
+    """Every value context_bucket takes for lengths 1..max_seq_len, longest first (without visiting each length:
+    a runtime of 128k positions would otherwise walk them all before each generate)."""
+    buckets, b = {max_seq_len}, 64
+    while b < max_seq_len:
+        buckets.add(b)
+        b *= 2
+    return sorted(buckets, reverse=True)
+
+
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

@@ -29,3 +29,10 @@ def test_table_gives_the_computed_context(dtype):
     causal = step_context(torch.arange(40, 48)[None], table, num_groups=3, ctx_len=48, causal=True)
     assert causal.mask is None and torch.equal(causal.cos, computed(torch.arange(40, 48)[None], inv_freq, dtype, 3,
                                                                      48)[0])
+
+
+def test_context_buckets_are_every_bucket_a_length_takes():
+    from graphrt.config import context_bucket, context_buckets
+    for max_seq_len in (1, 63, 64, 65, 100, 512, 1000, 4096, 5000):
+        every = {context_bucket(n, max_seq_len) for n in range(1, max_seq_len + 1)}
+        assert context_buckets(max_seq_len) == sorted(every, reverse=True), max_seq_len

@@ -15,7 +15,7 @@ import gc
 import nvtx
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, context_buckets
 from ..sampling import SamplingParams, sample
 from .engine import Engine
 
@@ -86,7 +86,7 @@ class GraphCache:
         """Capture every (phase, context bucket) for these batch buckets, largest first, one pool.
         Warm-up and capture scribble on the static buffers and KV rows: callers prefill afterwards."""
         e = self.engine
-        ctxs = sorted({e.context(n) for n in range(1, e.options.max_seq_len + 1)}, reverse=True)
+        ctxs = context_buckets(e.options.max_seq_len)
         todo = [(b, p, c, greedy) for b in sorted(buckets, reverse=True) for c in ctxs
                 for p in range(len(e.plans)) if (b, p, c, greedy) not in self.graphs]
         if not todo:

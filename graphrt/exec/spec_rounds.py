@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, context_buckets
 from ..sampling import SamplingParams, argmax_rows, sample
 from .device_drafts import DeviceLookup, DeviceModelDraft, SpecState
 from .engine import Engine
@@ -96,7 +96,7 @@ class SpecRounds:
     def _capture_all(self) -> None:
         """Every (phase, context bucket) graph, before the prefill (warm-up and capture scribble the state)."""
         e, st = self.target, self.state
-        ctxs = sorted({e.context(n) for n in range(1, e.options.max_seq_len + 1)}, reverse=True)
+        ctxs = context_buckets(e.options.max_seq_len)
         todo = [(p, c) for c in ctxs for p in range(len(e.plans)) if (p, c) not in self.graphs]
         if not todo:
             return
