@@ -231,3 +231,15 @@ def test_rows_of_different_lengths_with_max_seq_len_exactly_enough(target, tempe
     assert [len(r) for r in got] == [len(p) + new for p in prompts]
     if temperature == 0.0:
         assert got == rt.generate(prompts, new)
+
+
+def test_statistics_when_the_caller_stops_early(target):
+    """A chat stops at EOS by closing the stream: the rounds run until then are still counted (the CLI prints
+    them)."""
+    rt = rt_of(target)
+    stats = SpecStats()
+    stream = rt.stream([REPEATING], 40, speculative=Speculative("lookup", k=3), speculative_stats=stats)
+    got = [next(stream) for _ in range(2)]
+    stream.close()
+    assert sum(len(g[0]) for g in got) >= 2
+    assert stats.rounds >= 1 and stats.row_passes >= 1 and stats.tokens_per_pass >= 1.0, stats

@@ -162,43 +162,45 @@ class SpecRounds:
         self._propose_first(min(max(lengths) + k + 1, cap))
         bound, pending = max(lengths), []       # bound: >= every row's pos
         in_flight = 0                           # rounds queued and not yet read back
-        while True:
-            # Queue only rounds that some row surely still needs, counting k + 1 tokens per round (every draft
-            # accepted): a round queued after every row finished would still stream the target's weights once
-            # (~a decode step), while a round too few costs one host read-back (~0.1 ms) before the next block.
-            need = max(-(-(max_new_tokens - shown[b]) // (k + 1)) for b in range(B)) - in_flight
-            if need > 0 or not pending:
-                n = int(min(sync_every, max(need, 1)))
-                for _ in range(n):
-                    self._round(min(bound + 2 * (k + 1), cap))
-                    bound += k + 1
-                copy = (st.history.to("cpu", non_blocking=True), st.made.to("cpu", non_blocking=True),
-                        st.pos.max().to("cpu", non_blocking=True))
-                event = torch.cuda.Event() if e.device.type == "cuda" else None
+        try:   # the statistics also when the caller stops early (a row's EOS closes this generator)
+            while True:
+                # Queue only rounds that some row surely still needs, counting k + 1 tokens per round (every draft
+                # accepted): a round queued after every row finished would still stream the target's weights once
+                # (~a decode step), while a round too few costs one host read-back (~0.1 ms) before the next block.
+                need = max(-(-(max_new_tokens - shown[b]) // (k + 1)) for b in range(B)) - in_flight
+                if need > 0 or not pending:
+                    n = int(min(sync_every, max(need, 1)))
+                    for _ in range(n):
+                        self._round(min(bound + 2 * (k + 1), cap))
+                        bound += k + 1
+                    copy = (st.history.to("cpu", non_blocking=True), st.made.to("cpu", non_blocking=True),
+                            st.pos.max().to("cpu", non_blocking=True))
+                    event = torch.cuda.Event() if e.device.type == "cuda" else None
+                    if event is not None:
+                        event.record()
+                    pending.append((event, copy, n))
+                    in_flight += n
+                    if len(pending) < 2 and e.device.type == "cuda" and need > n:
+                        continue                        # keep one block of rounds queued ahead of the host
+                event, (hist, made, top), since = pending.pop(0)
                 if event is not None:
-                    event.record()
-                pending.append((event, copy, n))
-                in_flight += n
-                if len(pending) < 2 and e.device.type == "cuda" and need > n:
-                    continue                        # keep one block of rounds queued ahead of the host
-            event, (hist, made, top), since = pending.pop(0)
-            if event is not None:
-                event.synchronize()
-            in_flight -= since
-            bound = min(bound, int(top) + (k + 1) * in_flight)
-            gained = []
-            for b in range(B):
-                m = min(int(made[b]), max_new_tokens)
-                gained.append(hist[b, lengths[b] + shown[b]:lengths[b] + m].tolist())
-                shown[b] = m
-            yield gained
-            if min(shown) >= max_new_tokens:
-                break
-        if stats is not None:
-            torch.cuda.synchronize() if e.device.type == "cuda" else None
-            stats.rounds += int(st.passes.max())
-            stats.row_passes += int(st.passes.sum())
-            stats.accepted += int(st.accepted.sum())
-            stats.proposed += k * int(st.passes.sum())
-            stats.emitted += int((st.made - 1).sum())
-            stats.per_row = [min(int(m), max_new_tokens) for m in st.made.tolist()]
+                    event.synchronize()
+                in_flight -= since
+                bound = min(bound, int(top) + (k + 1) * in_flight)
+                gained = []
+                for b in range(B):
+                    m = min(int(made[b]), max_new_tokens)
+                    gained.append(hist[b, lengths[b] + shown[b]:lengths[b] + m].tolist())
+                    shown[b] = m
+                yield gained
+                if min(shown) >= max_new_tokens:
+                    break
+        finally:
+            if stats is not None:
+                torch.cuda.synchronize() if e.device.type == "cuda" else None
+                stats.rounds += int(st.passes.max())
+                stats.row_passes += int(st.passes.sum())
+                stats.accepted += int(st.accepted.sum())
+                stats.proposed += k * int(st.passes.sum())
+                stats.emitted += int((st.made - 1).sum())
+                stats.per_row = [min(int(m), max_new_tokens) for m in st.made.tolist()]
