@@ -6,7 +6,7 @@
 #   llama.cpp, carry .peer: the first starts llama.cpp's detached build; the second waits for it, so the CPU lane
 #   has the CPU to itself, and runs graphrt's rows; the third runs llama.cpp and writes the table; each in its
 #   own call on the warm machine),
-#   int4 (one-row int4 GEMV kernels side by side), copy (copy kernels vs memcpy nodes), host (host cost of steps and the decode loop's timeline), prefill, cpu-probe (CPU GEMV paths), model-speed (the default model against .old/<commit> packages), round (a speculative round's kernels), lane-sync (the CPU lane, spinning vs sleeping waiters) (prompts on a streamed plan), tp (2 GPUs: tensor-parallel tests and tools/bench_tp.py), bench (`graphrt bench`), or all.
+#   int4 (one-row int4 GEMV kernels side by side), copy (copy kernels vs memcpy nodes), host (host cost of steps and the decode loop's timeline), prefill, cpu-probe (CPU GEMV paths), model-speed (the default model against .old/<commit> packages), round (a speculative round's kernels and timeline, ROUND_ARGS e.g. "--dtype bfloat16 --ring 16"), fused-probe (fused int4 products against apart), prompt-host (cProfile of an eager prompt), lane-sync (the CPU lane, spinning vs sleeping waiters) (prompts on a streamed plan), tp (2 GPUs: tensor-parallel tests and tools/bench_tp.py), bench (`graphrt bench`), or all.
 # Writes everything under $OUT. Carry .whl (nvtx, gguf wheels). The default model's GGUF (98 MB) is larger
 # than one call may carry: it travels in two halves, .dev1/part1 in one call (kept in /tmp/keep) and
 # .dev2/part2 in the next, and is reassembled here for GRAPHRT_DEFAULT_GGUF.
@@ -90,6 +90,12 @@ if has model-speed; then  # default model, resident graph replay: this tree agai
 fi
 if has round; then  # where a captured speculative round's time goes (tools/profile_round.py)
   timeout 240 python3 tools/profile_round.py --out "$OUT" ${ROUND_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/profile_round.log"
+fi
+if has fused-probe; then  # int4 products with their neighbours fused, against the steps apart (tools/int4_fused_probe.py)
+  timeout 200 python3 tools/int4_fused_probe.py --out "$OUT" 2>&1 | tee "$OUT/int4_fused_probe.log"
+fi
+if has prompt-host; then  # the host's time in an eager prompt step, cProfile (tools/prompt_host.py)
+  timeout 300 python3 tools/prompt_host.py --out "$OUT" 2>&1 | grep -v "Loading weights" | head -80
 fi
 if has lane-sync; then  # the CPU lane with spinning against sleeping waiters (tools/lane_sync.py)
   timeout 420 python3 tools/lane_sync.py --out "$OUT" 2>&1 | grep -v "Loading weights" | tee "$OUT/lane_sync.log"
