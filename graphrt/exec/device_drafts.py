@@ -133,7 +133,7 @@ class DeviceModelDraft:
             e.prefill(ids, lengths)
         else:   # the padded prompt, captured or eager (the same kernels: captured rounds == eager rounds)
             self.prompt_ids[:, :ids.shape[1]].copy_(ids)
-            self.prompt_last.copy_(torch.tensor([n - 1 for n in lengths]), non_blocking=True)
+            self.prompt_last.copy_(torch.tensor([n - 1 for n in lengths]))
             if (padded,) in self.prompts:
                 self.prompts[(padded,)].replay()
             else:

@@ -85,12 +85,11 @@ def stack_rows(fmt: WeightFormat, stored: list[dict[str, torch.Tensor]]) -> dict
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] -> x W^T (+ bias) [..., out]; with `residual` [..., out]: residual + that, in the product's own
-    kernel where the format has one for this call (`linear_add`, which may reuse residual's memory: the caller
+    kernel where the format has one for this call (`linear_fused`, which may reuse residual's memory: the caller
     gives it up), else as a separate add."""
     if residual is None:
         return w.format.linear(x, w.parts, bias)
-    fused = getattr(w.format, "linear_add", None)
-    out = fused(x, w.parts, bias, residual) if fused is not None else None
+    out = linear_fused(x, w, bias, residual=residual)
     return out if out is not None else residual + w.format.linear(x, w.parts, bias)
 
 

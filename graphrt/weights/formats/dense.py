@@ -37,10 +37,14 @@ class Dense:
             return dense_gemv.dense_gemv(x, parts["w"])
         return F.linear(x, parts["w"], bias)
 
-    def linear_add(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None,
-                   residual: torch.Tensor) -> torch.Tensor | None:
-        """residual + x W^T on CUDA in one kernel, one rounding: the Triton GEMV for one row of a large matrix,
-        else one cuBLAS GEMM with beta = 1 written into residual's memory; None (a separate add) elsewhere."""
+    def linear_fused(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None, *,
+                     norm: tuple | None = None, silu: bool = False, residual: torch.Tensor | None = None,
+                     rope=None) -> torch.Tensor | None:
+        """Only the residual (base.linear_fused): residual + x W^T on CUDA in one kernel, one rounding: the Triton
+        GEMV for one row of a large matrix, else one cuBLAS GEMM with beta = 1 written into residual's memory;
+        None (the steps apart) for anything else or elsewhere."""
+        if residual is None or norm is not None or silu or rope is not None:
+            return None
         w = parts.get("w")
         if bias is None and "packed" not in parts and dense_gemv.fits(x, w) and residual.dtype == x.dtype \
                 and residual.numel() == w.shape[0]:

@@ -180,11 +180,6 @@ class Int4:
         zero = sz[..., 1].t().repeat_interleave(group, dim=1)
         return ((q.to(torch.float32) - 8.0) * scale + zero).to(dtype)
 
-    def linear_add(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None,
-                   residual: torch.Tensor) -> torch.Tensor | None:
-        """residual + x W^T in the NVRTC kernel's epilogue (one rounding) where it takes the call; else None."""
-        return self.linear_fused(x, parts, bias, residual=residual)
-
     def linear_fused(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None, *,
                      norm: tuple | None = None, silu: bool = False, residual: torch.Tensor | None = None,
                      rope=None) -> torch.Tensor | None:
