@@ -17,6 +17,7 @@ from graphrt.plan.placement import CostModel, plan_placement
 from graphrt.runtime import Runtime
 from graphrt.weights.formats import Dense, Weight, for_cpu, linear
 from graphrt.weights.formats.dense import onednn_available
+from graphrt.weights.formats import int4_cpu
 from graphrt.weights.formats.policy import quantization_policy
 from graphrt.weights.synthetic import PRESETS, make_config, random_tensors, write_checkpoint
 
@@ -27,6 +28,13 @@ CFG_8B = ModelConfig.from_dict(make_config(**dict(PRESETS["llama-3.1-8b"], layer
 def model(tmp_path_factory):
     cfg = make_config(**dict(PRESETS["tiny-llama"], layers=6))
     return write_checkpoint(tmp_path_factory.mktemp("lane") / "m", cfg, random_tensors(cfg, 3))
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    """Widths that are multiples of 128: int4 takes the "blocked" layout on both sides of the lane."""
+    cfg = make_config(**dict(PRESETS["tiny-llama"], layers=6, hidden=128, intermediate=256))
+    return write_checkpoint(tmp_path_factory.mktemp("lane") / "w", cfg, random_tensors(cfg, 4))
 
 
 def half_budget(p) -> int:
@@ -79,10 +87,14 @@ def test_h2d_beside_cpu_is_measured_and_cached(tmp_path, monkeypatch):
     assert 1e9 < rate < 200e9 and calibrate.h2d_beside_cpu(cfg, policy, 1) == rate
 
 
-@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
-def test_cpu_lane_runtime_equals_all_resident(model, quantization):
+@pytest.mark.parametrize("quantization,dtype", [(None, None), ("int8", None), ("int4", None), ("int4", "bfloat16")])
+def test_cpu_lane_runtime_equals_all_resident(model, wide_model, quantization, dtype):
+    """(int4 in bfloat16: graphrt's AVX512-BF16 kernel where the CPU has it, ATen's otherwise)"""
+    if dtype == "bfloat16":
+        model = wide_model
     ids = torch.randint(3, 256, (2, 11), generator=torch.Generator().manual_seed(1))
-    kw = dict(device="cpu", max_batch_size=2, max_seq_len=64, quantization=quantization)
+    kw = dict(device="cpu", max_batch_size=2, max_seq_len=64, quantization=quantization,
+              **({"dtype": dtype} if dtype else {}))
     ref = Runtime.from_pretrained(model, **kw)
     probe = Runtime.from_pretrained(model, **kw, gpu_budget=1 << 60, stream_unit="attn_mlp")
     budget = half_budget(probe.placement)
@@ -92,6 +104,9 @@ def test_cpu_lane_runtime_equals_all_resident(model, quantization):
     p = rt.placement
     assert p.cpu and p.streamed, p.describe()
     assert rt.engine.store.cpu == p.cpu and set(rt.engine.store.cpu_buffers) == set(p.cpu)
+    if quantization == "int4" and dtype == "bfloat16":
+        packing = {t.format.packing for g in p.groups if g.name in p.cpu for t in g.tensors if hasattr(t.format, "packing")}
+        assert packing == {"blocked" if int4_cpu.available() else "cpu"}
     assert torch.equal(rt.logits(ids), ref.logits(ids))
     assert rt.generate(ids, 8).equal(ref.generate(ids, 8))
     rt.close()
@@ -200,8 +215,11 @@ def test_calibration_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_cpu_lane_graph_equals_eager_and_tracks_all_gpu(model):
-    kw = dict(device="cuda", dtype="bfloat16", max_seq_len=128, stream_unit="attn_mlp")
+@pytest.mark.parametrize("quantization", [None, "int4"])
+def test_cuda_cpu_lane_graph_equals_eager_and_tracks_all_gpu(model, wide_model, quantization):
+    """int4: the lane's groups in the GPU's "blocked" bytes, computed by graphrt's CPU kernel where AVX512-BF16 runs"""
+    model = wide_model if quantization else model
+    kw = dict(device="cuda", dtype="bfloat16", max_seq_len=128, stream_unit="attn_mlp", quantization=quantization)
     ref = Runtime.from_pretrained(model, **kw)
     probe = Runtime.from_pretrained(model, **kw, gpu_budget="60GiB")   # every group resident: its sizes and memory
     budget = half_budget(probe.placement)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from graphrt.config import ConfigError
 from graphrt.weights.formats import (FP8, Dense, GGUFQuant, Int4, Int8, Weight, fp8_supported, linear, stack_rows,
                                      stackable)
+from graphrt.weights.formats import int4_cpu
 from graphrt.weights.formats.gguf import GGML_TYPES, dequantize, row_bytes, type_name
 from graphrt.weights.formats.int4_layouts import _to_uint8_pairs, pack_tinygemm, unpack_tinygemm
 from graphrt.weights.formats.policy import QUANTIZATIONS, quantization_policy
@@ -270,7 +271,11 @@ def test_quantization_policy():
         assert isinstance(p.format_of("model.layers.0.mlp.down_proj.weight"), cls)
         assert isinstance(p.format_of("lm_head.weight"), cls)                       # untied head: quantized
         assert p.format_of("model.embed_tokens.weight") == Dense(torch.bfloat16)    # table (and tied head): dense
-    assert quantization_policy("int4", torch.bfloat16, cpu).matrix.packing == "cpu"
+    # on the CPU: graphrt's kernel's "blocked" layout in bfloat16 where AVX512-BF16 runs, else ATen's "cpu" layout
+    assert quantization_policy("int4", torch.bfloat16, cpu).matrix.packing == ("blocked" if int4_cpu.available() else "cpu")
+    assert quantization_policy("int4", torch.float32, cpu).matrix.packing == "cpu"
+    assert quantization_policy("int4-g64", torch.bfloat16, cpu).matrix.packing == "cpu"
+    assert quantization_policy("int4", torch.bfloat16, cpu, in_features=(576,)).matrix.packing == "cpu"
     assert [quantization_policy(q, torch.bfloat16, cpu).matrix.group_size for q in QUANTIZATIONS[2:]] == [128, 64, 32]
     assert quantization_policy(None, torch.float32, cpu) == FormatPolicy(torch.float32)
     with pytest.raises(ValueError, match="unknown quantization 'int3'; use one of int8, fp8, int4, int4-g64, int4-g32"):

@@ -26,7 +26,7 @@ from ..weights.formats import for_cpu
 from ..weights.layout import FormatPolicy, GroupLayout, model_groups
 
 
-CPU_KERNELS = "onednn-packed-bf16"   # the lane's kernels, in the cache key: a change measures again
+CPU_KERNELS = "onednn-packed-bf16,int4-blocked-avx512bf16"   # the lane's kernels, in the cache key: a change measures again
 
 
 def cache_file() -> Path:
@@ -93,7 +93,7 @@ def measure(cfg: ModelConfig, policy: FormatPolicy, batch: int, seconds: float =
 def _key(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: bool) -> str:
     """What a cached rate depends on: CPU, this thread's team size, torch, the group's formats and shape."""
     g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
-    formats = ",".join(sorted({type(t.format).__name__ + ":" + getattr(t.format, "name", "") for t in g.tensors}))
+    formats = ",".join(sorted({f"{type(t.format).__name__}:{getattr(t.format, 'name', '')}:{getattr(t.format, 'packing', '')}" for t in g.tensors}))
     return "|".join(map(str, (_cpu_name(), torch.get_num_threads(), torch.__version__, formats, CPU_KERNELS,
                               policy.compute_dtype, cfg.hidden_size, cfg.intermediate_size, batch, concurrent_h2d)))
 

@@ -35,6 +35,8 @@ linear:
         for float32 / float16 compute, which tinygemm rounds to bfloat16, and for bfloat16 where the CUDA kernel
         compiles): 1..4 rows through `int4_cuda.int4_gemv_row` (NVRTC), 5..GEMV_MAX_ROWS rows through the Triton
         `int4_gemv`; both form `dense(parts, float32)` in registers.
+        "blocked" packing on the CPU (the policy's choice where AVX512-BF16 runs: bfloat16 compute, groups of 128 or
+        256): 1..16 rows through graphrt's C++ kernel (int4_cpu.py), which reads the bytes the GPU streams.
   Both: more than GEMV_MAX_ROWS rows (prefill), or parts packed for another device: dequantize, then F.linear.
 The CPU packed layout depends on the CPU's vector ISA (AVX512: blocks of 64 rows, AVX2 / default: 32, ...), so
 parts packed for "cpu" belong to the machine that packed them; `dense` recovers q by probing the pack op once
@@ -49,7 +51,7 @@ import torch.nn.functional as F
 
 from .base import GEMV_MAX_ROWS, PartSpec
 from .gemv import gemv_available
-from . import int4_cuda
+from . import int4_cpu, int4_cuda
 from .int4_gemv import dequant_blocked, int4_gemv, pack_blocked, unpack_blocked
 from .int4_layouts import _cpu_nibble_index, _to_uint8_pairs, pack_tinygemm, unpack_tinygemm
 
@@ -211,6 +213,9 @@ class Int4:
         if self.packing == "blocked" and x.device.type == "cuda" and gemv_available(x):
             # many rows (prefill): one dequantizing kernel, then a dense GEMM
             return F.linear(x, dequant_blocked(w, sz, x.dtype), bias)
+        if self.packing == "blocked" and int4_cpu.supports(x2, w, sz):    # the CPU kernel (AVX512-BF16)
+            y = int4_cpu.int4_gemv(x2, w, sz).view(*x.shape[:-1], out)
+            return y + bias if bias is not None else y
         if self.packing != x.device.type or x2.shape[0] > GEMV_MAX_ROWS:
             # parts packed for the other device (reference path), or many rows (prefill), where one
             # dequantization and a dense GEMM beat the GEMV-shaped kernel (measured 50x on the CPU)

@@ -6,7 +6,8 @@
           capability >= 8.9 (ConfigError otherwise)
   "int4"  every linear layer Int4 (groups of 128 along `in`, fewer where `in` needs it; see int4.py), packed for
           the device it will run on (`int4_packing`: on CUDA the "blocked" layout of the NVRTC row kernel and
-          the Triton GEMV, or ATen's tinygemm "cuda" layout where NVRTC is missing; the "cpu" layout on the CPU);
+          the Triton GEMV, or ATen's tinygemm "cuda" layout where NVRTC is missing; on the CPU "blocked" for
+          graphrt's AVX512-BF16 kernel in bfloat16, else ATen's "cpu" layout);
           "int4-g64" / "int4-g32": smaller groups, 0.25 / 0.75 bits per weight more, closer to the original (a
           checkpoint that was itself 4-bit in blocks of 32, as GGUF Q4_0/Q4_1 are, survives groups of 32 almost
           exactly)
@@ -24,7 +25,7 @@ import torch
 
 from ...config import ConfigError
 from ..layout import FormatPolicy
-from . import int4_cuda
+from . import int4_cpu, int4_cuda
 from .fp8 import FP8, fp8_supported
 from .int4 import Int4
 from .int8 import Int8
@@ -57,18 +58,23 @@ def quantization_policy(quantization: str | None, compute_dtype: torch.dtype, de
         fmt = FP8(compute_dtype)
     elif quantization.startswith("int4"):
         group = 128 if quantization == "int4" else int(quantization.split("-g")[1])
-        fmt = Int4(compute_dtype, group_size=group, packing=int4_packing(device, compute_dtype, in_features))
+        fmt = Int4(compute_dtype, group_size=group, packing=int4_packing(device, compute_dtype, in_features, group))
     return FormatPolicy(compute_dtype, matrix=fmt, embedding=None, lm_head=fmt)
 
 
-def int4_packing(device: torch.device, compute_dtype: torch.dtype, in_features: tuple[int, ...] = ()) -> str:
-    """The int4 layout for `device`: the CPU kernel's "cpu" layout on the CPU. On CUDA the "blocked" layout (the
+def int4_packing(device: torch.device, compute_dtype: torch.dtype, in_features: tuple[int, ...] = (),
+                 group_size: int = 128) -> str:
+    """The int4 layout for `device`. On the CPU: "blocked" (graphrt's C++ kernel, int4_cpu.py; the bytes the GPU
+    streams) for bfloat16 compute where the kernel runs (AVX512-BF16), the groups are 128 or 256 and every input
+    width a multiple of 128; else ATen's "cpu" layout. On CUDA the "blocked" layout (the
     NVRTC kernel at 1..4 rows, int4_cuda.py; the Triton GEMV at 5..16 rows) where the NVRTC kernel compiles and
     every input width is a multiple of 64 (the layout's block), and for float32 / float16 compute, which
     tinygemm would round to bfloat16; else ATen's tinygemm "cuda" layout (widths % 32).
     GRAPHRT_INT4_PACKING=cuda|blocked overrides the CUDA choice (the quant bench measures both in one run)."""
     if device.type != "cuda":
-        return "cpu"
+        ok = (compute_dtype == torch.bfloat16 and group_size in int4_cpu.GROUPS
+              and not any(k % 128 for k in in_features) and int4_cpu.available())
+        return "blocked" if ok else "cpu"
     forced = os.environ.get("GRAPHRT_INT4_PACKING")
     if forced in ("cuda", "blocked"):
         return forced

@@ -1,0 +1,109 @@
+"""The CPU int4 kernel (source and math: int4_cpu_source.py): built once per machine with the system's C++
+compiler into graphrt's cache, loaded with ctypes, called with the tensors' pointers (ctypes releases the GIL
+for the call, and the kernel's OpenMP team is torch's: the library links the libgomp torch loaded).
+
+Where it runs: bfloat16 activations, the "blocked" layout, on a CPU with AVX512-BF16 (`available()`); there the
+CPU policy packs int4 "blocked" (policy.int4_packing), so a CPU-lane group holds the bytes the GPU streams. On
+the H100 host's Xeon, the 14336 x 4096 matrix read at ... (tools/cpu_gemv_probe.py). The portable path computes
+the same operations lane by lane (bitwise equal; tests compare them) and is the reference, not a fallback: a CPU
+without AVX512-BF16 keeps ATen's "cpu" layout and kernel.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .int4_cpu_source import SOURCE
+
+GROUPS = (128, 256)     # group sizes the kernel takes (it works in 128-column chunks)
+MAX_ROWS = 16          # activation rows per call (the GEMV regime; more rows dequantize, then F.linear)
+FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-std=c++17")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphrt" / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """(library, "") or (None, why not). Built into the cache once (written to a temporary name, then renamed:
+    never a half-written library)."""
+    cxx = _compiler()
+    if cxx is None:
+        return None, "no C++ compiler (g++, c++ or clang++; or set CXX)"
+    tag = hashlib.sha256((SOURCE + " ".join(FLAGS) + cxx).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"int4_cpu_{tag}.so"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            src, lib = Path(tmp) / "int4_cpu.cpp", Path(tmp) / "int4_cpu.so"
+            src.write_text(SOURCE)
+            run = subprocess.run([cxx, *FLAGS, str(src), "-o", str(lib)], capture_output=True, text=True)
+            if run.returncode != 0:
+                return None, f"{cxx} failed: {run.stderr.strip()[-400:]}"
+            os.replace(lib, path)
+    lib = ctypes.CDLL(str(path))
+    lib.graphrt_int4_gemv.restype = None
+    lib.graphrt_int4_gemv.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
+    lib.graphrt_int4_has_avx512bf16.restype = ctypes.c_int
+    return lib, ""
+
+
+def built() -> bool:
+    """Whether the kernel library builds and loads here (either path)."""
+    return _library()[0] is not None
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether the AVX512-BF16 path runs on this CPU (GRAPHRT_INT4_CPU=0 turns it off: ATen's kernel then)."""
+    if os.environ.get("GRAPHRT_INT4_CPU", "1") == "0":
+        return False
+    lib, _ = _library()
+    return lib is not None and bool(lib.graphrt_int4_has_avx512bf16())
+
+
+def why_unavailable() -> str:
+    lib, why = _library()
+    return why or ("" if lib is None or lib.graphrt_int4_has_avx512bf16() else "this CPU has no AVX512-BF16")
+
+
+def supports(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor) -> bool:
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and w.device.type == "cpu" and w.dtype == torch.uint8
+            and 1 <= rows <= MAX_ROWS and k % 64 == 0 and w.shape[-1] * 2 == k and k % sz.shape[0] == 0
+            and (k // sz.shape[0]) in GROUPS and sz.dtype == torch.bfloat16 and available())
+
+
+def int4_gemv(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, portable: bool = False) -> torch.Tensor:
+    """x bf16 [..., K] (CPU), w uint8 [N, K/2] blocked, sz bf16 [K/G, N, 2] -> y bf16 [..., N].
+    portable: the lane-by-lane path (tests; bitwise equal to the vector path)."""
+    lib, why = _library()
+    if lib is None:
+        raise RuntimeError(f"the CPU int4 kernel is not built: {why}")
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).contiguous()
+    w, sz = w.contiguous(), sz.contiguous()
+    b, n, groups = x2.shape[0], w.shape[0], sz.shape[0]
+    y = torch.empty(b, n, dtype=torch.bfloat16)
+    xp = torch.empty_like(x2)
+    sums = torch.empty(b * groups, dtype=torch.float32)
+    lib.graphrt_int4_gemv(x2.data_ptr(), w.data_ptr(), sz.data_ptr(), y.data_ptr(), xp.data_ptr(), sums.data_ptr(),
+                          b, n, k, k // groups, torch.get_num_threads(), 0 if portable else 1)
+    return y.view(*x.shape[:-1], n)

@@ -1,0 +1,210 @@
+"""C++ source of the CPU int4 kernel (int4_cpu.py builds and calls it): y = x W'^T for bf16 activations and the
+"blocked" int4 layout (int4_gemv.py), the layout the GPU streams, so a CPU-lane group holds the GPU's bytes.
+
+Layout: w uint8 [N, K/2]: columns in blocks of 64, byte j of a block holding column j (low nibble) and 32 + j
+(high nibble); sz bf16 [K/G, N, 2] (scale, zero); W'[o, i] = (q - 8) * scale + zero (int4.py).
+
+The math, in float32 operations that both paths below compute one for one (their results are bitwise equal):
+  - The kernel works in 128-column chunks (group sizes 128 and 256). A chunk's 64 bytes are 32 16-bit words; the
+    nibbles at bits 4p..4p+3 of the words (p = 0..3) form four vectors of 32 codes, each code q as the bfloat16
+    16 + q (exponent 4, mantissa 8q: exact). The activations are permuted once per call to the same order
+    (`chunk_col`).
+  - Per vector p, 16 lanes: lane l = w'[2l+1] x[2l+1] + w'[2l] x[2l], added to 0 in that order (float32 adds,
+    round to nearest even; the product of two bfloat16 is exact): AVX512-BF16's vdpbf16ps.
+  - Lane totals: t[l] = fma((a0 + a1) + (a2 + a3), scale of the chunk's group, t[l]) over the chunks; the 16 lanes
+    are then added as a tree (l + 8, l + 4, l + 2, l + 1).
+  - (q - 8) = w' - 24, so y = tree + (an fma chain over the groups of c_g X_g), c_g = zero_g - 24 scale_g and X_g
+    the float32 sum of the group's activations in order; y is rounded to bfloat16.
+Compiled with -ffp-contract=off: every fma above is explicit.
+"""
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <omp.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* what both paths share: the activations' group sums and the tail of a row */
+static void group_sums(const uint16_t* x, int K, int G, float* X) {
+    for (int g = 0; g < K / G; ++g) {
+        float s = 0.0f;
+        for (int i = 0; i < G; ++i) s = s + bf16_to_f32(x[g * G + i]);
+        X[g] = s;
+    }
+}
+
+static inline float tree16(const float* t) {
+    float t8[8], t4[4], t2[2];
+    for (int i = 0; i < 8; ++i) t8[i] = t[i] + t[i + 8];
+    for (int i = 0; i < 4; ++i) t4[i] = t8[i] + t8[i + 4];
+    for (int i = 0; i < 2; ++i) t2[i] = t4[i] + t4[i + 2];
+    return t2[0] + t2[1];
+}
+
+static inline float zero_term(const uint16_t* sz, const float* X, int o, int N, int ng) {
+    float z = 0.0f;
+    for (int g = 0; g < ng; ++g) {
+        float s = bf16_to_f32(sz[((size_t)g * N + o) * 2]), zero = bf16_to_f32(sz[((size_t)g * N + o) * 2 + 1]);
+        z = fmaf(zero - 24.0f * s, X[g], z);
+    }
+    return z;
+}
+
+/* Column (within its 128-column chunk) of the nibble at bits 4p..4p+3 of 16-bit word i of the chunk's 64 bytes:
+   byte 2i + p / 2, its high nibble if p is odd; byte b holds column 64 (b / 32) + b % 32 (+ 32 if high). */
+static inline int chunk_col(int i, int p) {
+    int byte = 2 * i + p / 2;
+    return 64 * (byte / 32) + byte % 32 + 32 * (p % 2);
+}
+
+/* x bf16 [K] -> xp [K]: chunk c's values in the order the chunk's four word vectors read them (xp[128 c + 32 p + i]) */
+static void permute_x(const uint16_t* x, uint16_t* xp, int K) {
+    for (int c = 0; c < K / 128; ++c)
+        for (int p = 0; p < 4; ++p)
+            for (int i = 0; i < 32; ++i) xp[128 * c + 32 * p + i] = x[128 * c + chunk_col(i, p)];
+}
+
+static inline uint16_t code_bf16(int q) { return (uint16_t)(0x4180 | (q << 3)); }   /* 16 + q */
+
+/* the portable path: the same operations, lane by lane */
+static void rows_portable(const uint16_t* xp, const uint8_t* w, const uint16_t* sz, uint16_t* y, const float* X,
+                          int B, int N, int K, int G, int o0, int o1) {
+    int ng = K / G, nc = K / 128;
+    for (int o = o0; o < o1; ++o) {
+        const uint8_t* wr = w + (size_t)o * (K / 2);
+        for (int b = 0; b < B; ++b) {
+            const uint16_t* xb = xp + (size_t)b * K;
+            float t[16] = {0};
+            for (int c = 0; c < nc; ++c) {
+                const uint8_t* cw = wr + 64 * c;
+                float a[4][16] = {{0}};
+                for (int p = 0; p < 4; ++p)
+                    for (int l = 0; l < 16; ++l)
+                        for (int e = 1; e >= 0; --e) {
+                            int i = 2 * l + e, byte = 2 * i + p / 2;
+                            int q = p % 2 ? cw[byte] >> 4 : cw[byte] & 15;
+                            a[p][l] = a[p][l] + bf16_to_f32(code_bf16(q)) * bf16_to_f32(xb[128 * c + 32 * p + i]);
+                        }
+                float s = bf16_to_f32(sz[((size_t)(c * 128 / G) * N + o) * 2]);
+                for (int l = 0; l < 16; ++l) t[l] = fmaf((a[0][l] + a[1][l]) + (a[2][l] + a[3][l]), s, t[l]);
+            }
+            y[(size_t)b * N + o] = f32_to_bf16(tree16(t) + zero_term(sz, X + (size_t)b * ng, o, N, ng));
+        }
+    }
+}
+
+#if defined(__x86_64__)
+#define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
+/* the bfloat16 16 + q of the nibbles at bits 4p..4p+3 of each word: ((v >> (4p - 3)) & 0x78) | 0x4180 */
+TGT static inline __m512bh nibbles(__m512i v, int p) {
+    __m512i sh = p == 0 ? _mm512_slli_epi16(v, 3) : p == 1 ? _mm512_srli_epi16(v, 1)
+               : p == 2 ? _mm512_srli_epi16(v, 5) : _mm512_srli_epi16(v, 9);
+    return (__m512bh)_mm512_ternarylogic_epi32(sh, _mm512_set1_epi16(0x78), _mm512_set1_epi16(0x4180), 0xEA);
+}
+
+template <int NB>
+TGT static void rows_avx512(const uint16_t* xp, const uint8_t* w, const uint16_t* sz, uint16_t* y, const float* X,
+                            int N, int K, int G, int o0, int o1) {
+    int ng = K / G, nc = K / 128, cpg = G / 128;   /* chunks per group: 1 or 2 */
+    float zt[NB][16];                              /* the rows' zero terms, 16 rows in the lanes of a vector */
+    if (o1 - o0 == 16) {
+        __m512 zv[NB];
+        for (int b = 0; b < NB; ++b) zv[b] = _mm512_setzero_ps();
+        for (int g = 0; g < ng; ++g) {
+            __m512i pair = _mm512_loadu_si512((const void*)(sz + ((size_t)g * N + o0) * 2));   /* (scale, zero) x 16 */
+            __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+            __m512 ze = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32((int)0xffff0000u)));
+            __m512 c = _mm512_sub_ps(ze, _mm512_mul_ps(_mm512_set1_ps(24.0f), sc));
+            for (int b = 0; b < NB; ++b) zv[b] = _mm512_fmadd_ps(c, _mm512_set1_ps(X[(size_t)b * ng + g]), zv[b]);
+        }
+        for (int b = 0; b < NB; ++b) _mm512_storeu_ps(zt[b], zv[b]);
+    } else {
+        for (int b = 0; b < NB; ++b)
+            for (int o = o0; o < o1; ++o) zt[b][o - o0] = zero_term(sz, X + (size_t)b * ng, o, N, ng);
+    }
+    for (int o = o0; o < o1; ++o) {
+        const uint8_t* wr = w + (size_t)o * (K / 2);
+        __m512 t[NB];
+        for (int b = 0; b < NB; ++b) t[b] = _mm512_setzero_ps();
+        const uint16_t* so = sz + (size_t)o * 2;      /* this row's (scale, zero) of group 0; group g at + g N 2 */
+        for (int c = 0; c < nc; ++c) {
+            __m512i v = _mm512_loadu_si512((const void*)(wr + 64 * c));
+            __m512bh w0 = nibbles(v, 0), w1 = nibbles(v, 1), w2 = nibbles(v, 2), w3 = nibbles(v, 3);
+            __m512 s = _mm512_set1_ps(bf16_to_f32(so[(size_t)(cpg == 1 ? c : c >> 1) * N * 2]));
+            #pragma GCC unroll 4
+            for (int b = 0; b < NB; ++b) {
+                const uint16_t* xc = xp + (size_t)b * K + 128 * c;
+                __m512 z = _mm512_setzero_ps();
+                __m512 a0 = _mm512_dpbf16_ps(z, w0, (__m512bh)_mm512_loadu_si512((const void*)xc));
+                __m512 a1 = _mm512_dpbf16_ps(z, w1, (__m512bh)_mm512_loadu_si512((const void*)(xc + 32)));
+                __m512 a2 = _mm512_dpbf16_ps(z, w2, (__m512bh)_mm512_loadu_si512((const void*)(xc + 64)));
+                __m512 a3 = _mm512_dpbf16_ps(z, w3, (__m512bh)_mm512_loadu_si512((const void*)(xc + 96)));
+                t[b] = _mm512_fmadd_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), s, t[b]);
+            }
+        }
+        for (int b = 0; b < NB; ++b) {
+            float tl[16];
+            _mm512_storeu_ps(tl, t[b]);
+            y[(size_t)b * N + o] = f32_to_bf16(tree16(tl) + zt[b][o - o0]);
+        }
+    }
+}
+
+/* rows o0..o1 for every batch row, four at a time (a chunk's weights stay in cache between batch chunks) */
+TGT static void rows_avx512_all(const uint16_t* xp, const uint8_t* w, const uint16_t* sz, uint16_t* y,
+                                const float* X, int B, int N, int K, int G, int o0, int o1) {
+    int ng = K / G;
+    for (int b0 = 0; b0 < B; b0 += 4) {
+        const uint16_t* xb = xp + (size_t)b0 * K;
+        uint16_t* yb = y + (size_t)b0 * N;
+        const float* Xb = X + (size_t)b0 * ng;
+        switch (B - b0 < 4 ? B - b0 : 4) {
+            case 1: rows_avx512<1>(xb, w, sz, yb, Xb, N, K, G, o0, o1); break;
+            case 2: rows_avx512<2>(xb, w, sz, yb, Xb, N, K, G, o0, o1); break;
+            case 3: rows_avx512<3>(xb, w, sz, yb, Xb, N, K, G, o0, o1); break;
+            default: rows_avx512<4>(xb, w, sz, yb, Xb, N, K, G, o0, o1); break;
+        }
+    }
+}
+#endif
+
+extern "C" int graphrt_int4_has_avx512bf16(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+/* x bf16 [B, K], w uint8 [N, K/2] (blocked), sz bf16 [K/G, N, 2] -> y bf16 [B, N]; scratch: xp bf16 [B, K] and
+   X float [B, K/G]. G in 128, 256 dividing K. path 1: AVX512-BF16, 0: portable. */
+extern "C" void graphrt_int4_gemv(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint16_t* y,
+                                  uint16_t* xp, float* X, int B, int N, int K, int G, int threads, int path) {
+    int ng = K / G;
+    for (int b = 0; b < B; ++b) {
+        group_sums(x + (size_t)b * K, K, G, X + (size_t)b * ng);
+        permute_x(x + (size_t)b * K, xp + (size_t)b * K, K);
+    }
+    int chunk = 16, nchunks = (N + chunk - 1) / chunk;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int c = 0; c < nchunks; ++c) {
+        int o0 = c * chunk, o1 = o0 + chunk < N ? o0 + chunk : N;
+#if defined(__x86_64__)
+        if (path == 1) { rows_avx512_all(xp, w, sz, y, X, B, N, K, G, o0, o1); continue; }
+#endif
+        rows_portable(xp, w, sz, y, X, B, N, K, G, o0, o1);
+    }
+}
+"""

@@ -1,0 +1,86 @@
+"""graphrt's CPU int4 kernel (weights/formats/int4_cpu.py): the AVX512-BF16 path against the portable path that
+computes the same float32 operations lane by lane (bitwise), both against the float64 product of the format's
+own dequantized matrix, and the format's CPU linear going through it."""
+import pytest
+import torch
+
+from graphrt.weights.formats import Int4, Weight, linear
+from graphrt.weights.formats import int4_cpu
+from graphrt.weights.formats.policy import quantization_policy
+
+needs_kernel = pytest.mark.skipif(not int4_cpu.available(), reason=f"graphrt's int4 CPU kernel: "
+                                  f"{int4_cpu.why_unavailable() or 'off'}")
+
+
+def _matrix(n: int, k: int, group: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    fmt = Int4(torch.bfloat16, group_size=group, packing="blocked")
+    parts = fmt.encode(torch.randn(n, k, generator=gen) * 0.05, "cpu")
+    return fmt, parts
+
+
+SHAPES = [(16, 128, 128, 1), (48, 256, 128, 3), (32, 512, 256, 5), (40, 1024, 128, 4), (64, 4096, 128, 16),
+          (16, 14336, 128, 2), (7, 384, 128, 1)]   # the last: fewer rows than one 16-row chunk
+
+
+def test_portable_path_matches_the_float64_product():
+    if not int4_cpu.built():
+        pytest.skip(f"no C++ toolchain: {int4_cpu.why_unavailable()}")
+    for n, k, g, b in SHAPES:
+        fmt, parts = _matrix(n, k, g)
+        x = torch.randn(b, k).bfloat16()
+        y = int4_cpu.int4_gemv(x, parts["w"], parts["scales_and_zeros"], portable=True)
+        ref = x.double() @ fmt.dense(parts, torch.float64).t()
+        # float32 sums, one bfloat16 rounding of the result: within 2^-8 of each value plus float32 noise
+        assert torch.allclose(y.double(), ref, rtol=2 ** -8, atol=1e-4 * ref.abs().max().item()), (n, k, g, b)
+
+
+@needs_kernel
+def test_vector_path_is_bitwise_the_portable_path():
+    torch.manual_seed(1)
+    for n, k, g, b in SHAPES:
+        _, parts = _matrix(n, k, g, seed=n)
+        x = torch.randn(b, k).bfloat16() * 3
+        vec = int4_cpu.int4_gemv(x, parts["w"], parts["scales_and_zeros"])
+        ref = int4_cpu.int4_gemv(x, parts["w"], parts["scales_and_zeros"], portable=True)
+        assert torch.equal(vec.view(torch.int16), ref.view(torch.int16)), (n, k, g, b)
+
+
+@needs_kernel
+def test_thread_count_does_not_change_a_bit():
+    _, parts = _matrix(96, 1024, 128)
+    x = torch.randn(2, 1024).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, max(2, before)):
+            torch.set_num_threads(t)
+            outs.append(int4_cpu.int4_gemv(x, parts["w"], parts["scales_and_zeros"]))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+@needs_kernel
+def test_the_format_on_the_cpu_goes_through_the_kernel():
+    policy = quantization_policy("int4", torch.bfloat16, "cpu")
+    assert policy.matrix.packing == "blocked"
+    fmt, parts = _matrix(64, 512, 128)
+    w = Weight(fmt, parts, (64, 512))
+    x = torch.randn(2, 3, 512).bfloat16()
+    y = linear(x, w)
+    assert y.shape == (2, 3, 64) and y.dtype == torch.bfloat16
+    assert torch.equal(y.reshape(6, 64), int4_cpu.int4_gemv(x.reshape(6, 512), parts["w"], parts["scales_and_zeros"]))
+    # many rows (a prompt): the dequantized matrix and one GEMM, close to the kernel's rows
+    xs = torch.randn(40, 512).bfloat16()
+    ref = xs.double() @ fmt.dense(parts, torch.float64).t()
+    assert torch.allclose(linear(xs, w).double(), ref, rtol=2 ** -6, atol=1e-2 * ref.abs().max().item())
+
+
+def test_the_kernel_refuses_what_it_cannot_take():
+    fmt, parts = _matrix(16, 128, 128)
+    w, sz = parts["w"], parts["scales_and_zeros"]
+    assert not int4_cpu.supports(torch.randn(1, 128), w, sz)                      # float32 activations
+    assert not int4_cpu.supports(torch.randn(17, 128).bfloat16(), w, sz)          # more rows than a GEMV
+    _, p64 = _matrix(16, 128, 64)
+    assert not int4_cpu.supports(torch.randn(1, 128).bfloat16(), p64["w"], p64["scales_and_zeros"])   # groups of 64
