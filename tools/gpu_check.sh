@@ -6,7 +6,7 @@
 #   llama.cpp, carry .peer: the first starts llama.cpp's detached build; the second waits for it, so the CPU lane
 #   has the CPU to itself, and runs graphrt's rows; the third runs llama.cpp and writes the table; each in its
 #   own call on the warm machine),
-#   int4 (one-row int4 GEMV kernels side by side), copy (copy kernels vs memcpy nodes), host (host cost of steps and the decode loop's timeline), prefill, cpu-probe (CPU GEMV paths), model-speed (the default model against .old/<commit> packages), round (a speculative round's kernels and timeline, ROUND_ARGS e.g. "--dtype bfloat16 --ring 16"), fused-probe (fused int4 products against apart), prompt-host (cProfile of an eager prompt), lane-sync (the CPU lane, spinning vs sleeping waiters) (prompts on a streamed plan), tp (2 GPUs: tensor-parallel tests and tools/bench_tp.py), bench (`graphrt bench`), or all.
+#   int4 (one-row int4 GEMV kernels side by side), copy (copy kernels vs memcpy nodes), host (host cost of steps and the decode loop's timeline), prefill, cpu-probe (CPU GEMV paths), model-speed (the default model against .old/<commit> packages), round (a speculative round's kernels and timeline, ROUND_ARGS e.g. "--dtype bfloat16 --ring 16"), fused-probe (fused int4 products against apart), prompt-host (cProfile of an eager prompt), lane-sync (the CPU lane, spinning vs sleeping waiters), lane-probe (one lane group's cost in a graph, LANE_PROBE_ARGS), lane-tests (CPU lane and CPU int4 kernel tests, CPU ones too) (prompts on a streamed plan), tp (2 GPUs: tensor-parallel tests and tools/bench_tp.py), bench (`graphrt bench`), or all.
 # Writes everything under $OUT. Carry .whl (nvtx, gguf wheels). The default model's GGUF (98 MB) is larger
 # than one call may carry: it travels in two halves, .dev1/part1 in one call (kept in /tmp/keep) and
 # .dev2/part2 in the next, and is reassembled here for GRAPHRT_DEFAULT_GGUF.
@@ -77,7 +77,7 @@ if has prefill; then  # prompts on a streamed plan against their limit (graphrt 
     | tee "$OUT/bench_prefill.log" | tail -20
 fi
 if has cpu-probe; then  # the CPU lane's GEMV paths on this host, alone and beside H2D copies (tools/cpu_gemv_probe.py)
-  timeout 300 python3 tools/cpu_gemv_probe.py --out "$OUT" 2>&1 | tail -3
+  timeout 300 python3 tools/cpu_gemv_probe.py --out "$OUT" ${CPU_PROBE_ARGS:-} 2>&1 | tail -3
 fi
 if has model-speed; then  # default model, resident graph replay: this tree against old commits carried in .old/<commit>
   if [ -z "${GRAPHRT_DEFAULT_GGUF:-}" ]; then echo "model-speed: the default GGUF is not here (carry .dev1 then .dev2)"; else
@@ -96,6 +96,13 @@ if has fused-probe; then  # int4 products with their neighbours fused, against t
 fi
 if has prompt-host; then  # the host's time in an eager prompt step, cProfile (tools/prompt_host.py)
   timeout 300 python3 tools/prompt_host.py --out "$OUT" 2>&1 | grep -v "Loading weights" | head -80
+fi
+if has lane-probe; then  # one CPU-lane group's cost in a captured step beyond its math (tools/lane_probe.py)
+  timeout 300 python3 tools/lane_probe.py --out "$OUT" ${LANE_PROBE_ARGS:-} 2>&1 | tee "$OUT/lane_probe.log"
+fi
+if has lane-tests; then  # the CPU lane and the CPU int4 kernel on this host (CPU tests included)
+  timeout ${TEST_TIMEOUT_S:-420} python3 -m pytest -q -rs -p no:cacheprovider tests/test_cpu_lane.py tests/test_int4_cpu.py 2>&1 \
+    | tee "$OUT/lane_tests.log" | tail -8
 fi
 if has lane-sync; then  # the CPU lane with spinning against sleeping waiters (tools/lane_sync.py)
   timeout 420 python3 tools/lane_sync.py --out "$OUT" 2>&1 | grep -v "Loading weights" | tee "$OUT/lane_sync.log"
