@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--formats", default="bf16,int8,int4")
     ap.add_argument("--threads", type=int, default=15)
     ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the direct calls")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(a.threads)
@@ -62,6 +63,11 @@ def main() -> None:
         with torch.inference_mode():
             fn(x_cpu)
             direct = median_time(lambda: fn(x_cpu), a.reps)
+            if a.profile:
+                with torch.profiler.profile() as prof:
+                    for _ in range(10):
+                        fn(x_cpu)
+                print(name, prof.key_averages().table(sort_by="cpu_time_total", row_limit=14), flush=True)
             lane = CpuLane(dev, 1, cfg.hidden_size, torch.bfloat16, threads=a.threads)
             h = torch.randn(1, 1, cfg.hidden_size, device=dev).bfloat16()
             graphs = {}

@@ -6,7 +6,10 @@ them: two host paths at once. For one group on a CUDA device the compute stream 
     activation D2H (into pinned staging)  ->  host node: fn(staging) on the CPU  ->  result H2D
 
 so the GPU work after it waits for the CPU result, and the copy stream, which does not wait on the compute
-stream until its ring slots run out, keeps streaming meanwhile. Eagerly the same three steps run as plain
+stream until its ring slots run out, keeps streaming meanwhile. The two small copies are kernels that read and
+write the pinned staging through its mapped address (weights/copy_kernel.py) where NVRTC compiles: as memcpys
+they waited behind the ring's copies on the copy engine (tools/lane_probe.py on the H100: a lane group took
+9.6 ms instead of 1.7 ms while 256 MB copies ran beside it). Eagerly the same three steps run as plain
 copies around a direct call (the host waits). In a graph being captured, the middle step is a host node:
 `cuLaunchHostFunc` (the CUDA driver, through ctypes) records a call of one C-callable trampoline with a key;
 each replay calls it from the driver's thread, which runs the Python function registered under that key. Host
@@ -24,6 +27,9 @@ import threading
 from typing import Callable
 
 import torch
+
+from ..weights import copy_kernel
+from ..weights.store import pinned_empty, unpin
 
 HostFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -95,19 +101,35 @@ class CpuLane:
         self.device = device
         self.cuda = device.type == "cuda"
         self.hidden, self.dtype, self.retired = hidden, dtype, []
+        self.kernel_copies = self.cuda and copy_kernel.available(device.index or 0)
+        self.pinned: list[torch.Tensor] = []   # mapped staging buffers (unpinned by release)
         if self.cuda:  # pinned staging, reused by every group: the compute stream orders their uses
-            self.stage_in = torch.empty(max_tokens * hidden, dtype=dtype, pin_memory=True)
-            self.stage_out = torch.empty(max_tokens * hidden, dtype=dtype, pin_memory=True)
+            self.stage_in, self.stage_out = self._staging(max_tokens * hidden), self._staging(max_tokens * hidden)
         self.keys: list[int] = []   # host functions registered by captures (kept while graphs live)
         self.host_threads: int | None = None   # torch threads the last host function ran with
+
+    def _staging(self, numel: int) -> torch.Tensor:
+        if not self.kernel_copies:
+            return torch.empty(numel, dtype=self.dtype, pin_memory=True)
+        buf = pinned_empty(numel * self.dtype.itemsize, mapped=True)
+        self.pinned.append(buf)
+        return buf.view(self.dtype)
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst <- src (same shape, contiguous), one side pinned staging: the copy kernel where it runs and both
+        are aligned, else a copy-engine memcpy."""
+        if self.kernel_copies and dst.data_ptr() % 16 == 0 and src.data_ptr() % 16 == 0:
+            copy_kernel.copy_bytes(dst.view(-1).view(torch.uint8), src.reshape(-1).view(torch.uint8),
+                                   self.device.index or 0)
+        else:
+            dst.copy_(src, non_blocking=True)
 
     def reserve(self, tokens: int) -> None:
         """Staging for steps of `tokens` activation rows (batch x tokens per row; call before capturing such
         steps, e.g. speculative rounds of k + 1 tokens). Graphs captured earlier keep the old buffers alive."""
         if self.cuda and tokens * self.hidden > self.stage_in.numel():
             self.retired += [self.stage_in, self.stage_out]
-            self.stage_in = torch.empty(tokens * self.hidden, dtype=self.dtype, pin_memory=True)
-            self.stage_out = torch.empty(tokens * self.hidden, dtype=self.dtype, pin_memory=True)
+            self.stage_in, self.stage_out = self._staging(tokens * self.hidden), self._staging(tokens * self.hidden)
 
     def run(self, h: torch.Tensor, fn: HostFn) -> torch.Tensor:
         if not self.cuda:
@@ -118,7 +140,7 @@ class CpuLane:
         if n > self.stage_in.numel():
             raise RuntimeError(f"CPU-lane staging holds {self.stage_in.numel()} values, the step needs {n}")
         x, y = self.stage_in[:n].view(h.shape), self.stage_out[:n].view(h.shape)
-        x.copy_(h, non_blocking=True)                        # D2H node
+        self._copy(x, h.contiguous())                        # D2H (a kernel node, or a memcpy node)
 
         threads, lane = self.threads, self
 
@@ -131,11 +153,15 @@ class CpuLane:
         key = register(host)
         self.keys.append(key)
         launch_host_func(torch.cuda.current_stream(self.device), key)   # host node
-        out = torch.empty_like(h)
-        out.copy_(y, non_blocking=True)                      # H2D node
+        out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+        self._copy(out, y)                                   # H2D
         return out
 
     def release(self) -> None:
+        """Forget the host functions and unpin the mapped staging: call once no graph that uses them lives."""
         for key in self.keys:
             _REGISTRY.pop(key, None)
         self.keys.clear()
+        for buf in self.pinned:
+            unpin(buf)
+        self.pinned.clear()

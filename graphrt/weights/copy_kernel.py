@@ -54,6 +54,16 @@ def available(device_index: int = 0) -> bool:
         return False
 
 
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor, device_index: int) -> None:
+    """dst <- src (uint8, 16-byte aligned, one of them on the GPU and the other in pinned host memory registered
+    as mapped, or both on the GPU), by the copy kernel on the current stream of `device_index`: no copy engine
+    (a small copy issued on the compute stream does not queue behind the copy stream's large ones)."""
+    n = src.numel()
+    if dst.numel() < n or dst.data_ptr() % 16 or src.data_ptr() % 16:
+        raise ValueError(f"copy_bytes needs a 16-byte aligned destination of >= {n} bytes and an aligned source")
+    _kernel(device_index)(grid=(BLOCKS, 1, 1), block=(THREADS, 1, 1), args=[src, dst, n])
+
+
 def copy_h2d(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst (uint8, CUDA) <- src (uint8, pinned host memory registered as mapped), on the current stream.
     Both must be 16-byte aligned (ring slots and page-aligned host buffers are)."""
