@@ -84,3 +84,36 @@ def test_the_kernel_refuses_what_it_cannot_take():
     assert not int4_cpu.supports(torch.randn(17, 128).bfloat16(), w, sz)          # more rows than a GEMV
     _, p64 = _matrix(16, 128, 64)
     assert not int4_cpu.supports(torch.randn(1, 128).bfloat16(), p64["w"], p64["scales_and_zeros"])   # groups of 64
+
+
+@needs_kernel
+def test_fused_neighbours_match_the_steps_apart():
+    """norm before the product, silu(gate) * up before it, the residual after: against the steps apart, and the
+    vector path bitwise equal to the portable one with each neighbour."""
+    from graphrt.models.fused import rms_norm_reference, silu_mul_reference
+    from graphrt.weights.formats import linear_fused
+    fmt, parts = _matrix(64, 512, 128)
+    w = Weight(fmt, parts, (64, 512))
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, 1, 512).bfloat16()
+        nw = (torch.rand(512) + 0.5).bfloat16()
+        res = torch.randn(rows, 1, 64).bfloat16()
+        gu = torch.randn(rows, 1, 1024).bfloat16()
+        cases = [(dict(x=x, norm=(nw, 1e-5)), linear(rms_norm_reference(x, nw, 1e-5), w)),
+                 (dict(x=gu, silu=True), linear(silu_mul_reference(gu[..., :512], gu[..., 512:]), w)),
+                 (dict(x=x, residual=res), res + linear(x, w)),
+                 (dict(x=gu, silu=True, residual=res),
+                  res + linear(silu_mul_reference(gu[..., :512], gu[..., 512:]), w))]
+        for kw, apart in cases:
+            kw = dict(kw)
+            xin = kw.pop("x")
+            fused = linear_fused(xin, w, **kw)
+            assert fused is not None and fused.shape == apart.shape
+            # the input rows round alike; the sum differs only by the residual's one rounding instead of two
+            assert torch.allclose(fused.float(), apart.float(), rtol=2 ** -7, atol=2 ** -7 * apart.abs().max().item())
+            portable = int4_cpu.int4_gemv(xin, parts["w"], parts["scales_and_zeros"], portable=True, **kw)
+            assert torch.equal(fused.view(torch.int16), portable.view(torch.int16))
+    # what it does not take: both norm and silu, a bias, float32 rows
+    assert linear_fused(x, w, norm=(nw, 1e-5), silu=True) is None
+    assert linear_fused(x, w, torch.zeros(64).bfloat16(), residual=res) is None
+    assert linear_fused(x.float(), w, residual=res) is None

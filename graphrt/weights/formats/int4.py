@@ -185,9 +185,14 @@ class Int4:
     def linear_fused(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None, *,
                      norm: tuple | None = None, silu: bool = False, residual: torch.Tensor | None = None,
                      rope=None) -> torch.Tensor | None:
-        """The product with its neighbours in one NVRTC kernel (base.linear_fused says what each means) where the
-        kernel takes the call (blocked packing, 1..4 rows on CUDA); else None."""
+        """The product with its neighbours in one kernel (base.linear_fused says what each means) where a kernel
+        takes the call: the NVRTC kernel (blocked packing, 1..4 rows on CUDA), or on the CPU graphrt's C++ kernel
+        (blocked packing, 1..16 rows, norm or silu, residual; no bias or RoPE); else None."""
         w, sz = parts["w"], parts["scales_and_zeros"]
+        if self.packing == "blocked" and x.device.type == "cpu":
+            if bias is not None or rope is not None or not int4_cpu.fusable(x, w, sz, norm, silu, residual):
+                return None
+            return int4_cpu.int4_gemv(x, w, sz, norm=norm, silu=silu, residual=residual)
         if self.packing != "blocked" or x.device.type != "cuda" or not int4_cuda.supports(x, w, sz, norm, silu, rope):
             return None
         lead = x.shape[:-1]

@@ -24,7 +24,7 @@ import torch
 from .int4_cpu_source import SOURCE
 
 GROUPS = (128, 256)     # group sizes the kernel takes (it works in 128-column chunks)
-MAX_ROWS = 16          # activation rows per call (the GEMV regime; more rows dequantize, then F.linear)
+MAX_ROWS = 16          # activation rows per call (the C entry keeps 16 norm scales) (the GEMV regime; more rows dequantize, then F.linear)
 FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-std=c++17")
 
 
@@ -59,7 +59,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
             os.replace(lib, path)
     lib = ctypes.CDLL(str(path))
     lib.graphrt_int4_gemv.restype = None
-    lib.graphrt_int4_gemv.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
+    lib.graphrt_int4_gemv.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
+                                     + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p])
     lib.graphrt_int4_has_avx512bf16.restype = ctypes.c_int
     return lib, ""
 
@@ -91,19 +92,46 @@ def supports(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor) -> bool:
             and (k // sz.shape[0]) in GROUPS and sz.dtype == torch.bfloat16 and available())
 
 
-def int4_gemv(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, portable: bool = False) -> torch.Tensor:
+def fusable(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, norm: tuple | None, silu: bool,
+            residual: torch.Tensor | None) -> bool:
+    """Whether `int4_gemv` takes this call with these neighbours (see its docstring)."""
+    k = w.shape[-1] * 2
+    lead = x.shape[:-1]
+    if norm is not None and silu:
+        return False
+    x_in = x[..., :k] if silu else x
+    if silu and x.shape[-1] != 2 * k:
+        return False
+    if not supports(x_in, w, sz):
+        return False
+    if norm is not None and not (norm[0].dtype == torch.bfloat16 and norm[0].shape == (k,) and norm[0].device.type == "cpu"):
+        return False
+    return residual is None or (residual.dtype == torch.bfloat16 and residual.shape == (*lead, sz.shape[1])
+                                and residual.device.type == "cpu")
+
+
+def int4_gemv(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, portable: bool = False, *,
+              norm: tuple[torch.Tensor, float] | None = None, silu: bool = False,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
     """x bf16 [..., K] (CPU), w uint8 [N, K/2] blocked, sz bf16 [K/G, N, 2] -> y bf16 [..., N].
+    norm (weight bf16 [K], eps): the product of RMSNorm(x) * weight; silu: x is [..., 2K] = [gate | up] and the
+    product reads silu(gate) * up; residual [..., N]: residual + the product, rounded once. The neighbours round
+    as the steps apart do (models/fused.py's reference math).
     portable: the lane-by-lane path (tests; bitwise equal to the vector path)."""
     lib, why = _library()
     if lib is None:
         raise RuntimeError(f"the CPU int4 kernel is not built: {why}")
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k).contiguous()
+    k = w.shape[1] * 2
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
     w, sz = w.contiguous(), sz.contiguous()
     b, n, groups = x2.shape[0], w.shape[0], sz.shape[0]
     y = torch.empty(b, n, dtype=torch.bfloat16)
-    xp = torch.empty_like(x2)
+    xe, xp = torch.empty(b, k, dtype=torch.bfloat16), torch.empty(b, k, dtype=torch.bfloat16)
     sums = torch.empty(b * groups, dtype=torch.float32)
-    lib.graphrt_int4_gemv(x2.data_ptr(), w.data_ptr(), sz.data_ptr(), y.data_ptr(), xp.data_ptr(), sums.data_ptr(),
-                          b, n, k, k // groups, torch.get_num_threads(), 0 if portable else 1)
+    nw = norm[0].contiguous() if norm is not None else None
+    res = residual.reshape(b, n).contiguous() if residual is not None else None
+    lib.graphrt_int4_gemv(x2.data_ptr(), w.data_ptr(), sz.data_ptr(), y.data_ptr(), xe.data_ptr(), xp.data_ptr(),
+                          sums.data_ptr(), b, n, k, k // groups, torch.get_num_threads(), 0 if portable else 1,
+                          nw.data_ptr() if nw is not None else None, float(norm[1]) if norm is not None else 0.0,
+                          int(silu), res.data_ptr() if res is not None else None)
     return y.view(*x.shape[:-1], n)

@@ -8,7 +8,8 @@ The math, in float32 operations that both paths below compute one for one (their
   - The kernel works in 128-column chunks (group sizes 128 and 256). A chunk's 64 bytes are 32 16-bit words; the
     nibbles at bits 4p..4p+3 of the words (p = 0..3) form four vectors of 32 codes, each code q as the bfloat16
     16 + q (exponent 4, mantissa 8q: exact). The activations are permuted once per call to the same order
-    (`chunk_col`).
+    (`chunk_col`), each
+    group's float32 sum X_g taken in order.
   - Per vector p, 16 lanes: lane l = w'[2l+1] x[2l+1] + w'[2l] x[2l], added to 0 in that order (float32 adds,
     round to nearest even; the product of two bfloat16 is exact): AVX512-BF16's vdpbf16ps.
   - Lane totals: t[l] = fma((a0 + a1) + (a2 + a3), scale of the chunk's group, t[l]) over the chunks; the 16 lanes
@@ -35,15 +36,7 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-/* what both paths share: the activations' group sums and the tail of a row */
-static void group_sums(const uint16_t* x, int K, int G, float* X) {
-    for (int g = 0; g < K / G; ++g) {
-        float s = 0.0f;
-        for (int i = 0; i < G; ++i) s = s + bf16_to_f32(x[g * G + i]);
-        X[g] = s;
-    }
-}
-
+/* what both paths share: the tail of a row */
 static inline float tree16(const float* t) {
     float t8[8], t4[4], t2[2];
     for (int i = 0; i < 8; ++i) t8[i] = t[i] + t[i + 8];
@@ -68,18 +61,15 @@ static inline int chunk_col(int i, int p) {
     return 64 * (byte / 32) + byte % 32 + 32 * (p % 2);
 }
 
-/* x bf16 [K] -> xp [K]: chunk c's values in the order the chunk's four word vectors read them (xp[128 c + 32 p + i]) */
-static void permute_x(const uint16_t* x, uint16_t* xp, int K) {
-    for (int c = 0; c < K / 128; ++c)
-        for (int p = 0; p < 4; ++p)
-            for (int i = 0; i < 32; ++i) xp[128 * c + 32 * p + i] = x[128 * c + chunk_col(i, p)];
+static inline uint16_t out_bf16(float y, const uint16_t* residual, size_t at) {
+    return f32_to_bf16(residual ? bf16_to_f32(residual[at]) + y : y);
 }
 
 static inline uint16_t code_bf16(int q) { return (uint16_t)(0x4180 | (q << 3)); }   /* 16 + q */
 
 /* the portable path: the same operations, lane by lane */
 static void rows_portable(const uint16_t* xp, const uint8_t* w, const uint16_t* sz, uint16_t* y, const float* X,
-                          int B, int N, int K, int G, int o0, int o1) {
+                          int B, int N, int K, int G, int o0, int o1, const uint16_t* residual) {
     int ng = K / G, nc = K / 128;
     for (int o = o0; o < o1; ++o) {
         const uint8_t* wr = w + (size_t)o * (K / 2);
@@ -99,7 +89,8 @@ static void rows_portable(const uint16_t* xp, const uint8_t* w, const uint16_t* 
                 float s = bf16_to_f32(sz[((size_t)(c * 128 / G) * N + o) * 2]);
                 for (int l = 0; l < 16; ++l) t[l] = fmaf((a[0][l] + a[1][l]) + (a[2][l] + a[3][l]), s, t[l]);
             }
-            y[(size_t)b * N + o] = f32_to_bf16(tree16(t) + zero_term(sz, X + (size_t)b * ng, o, N, ng));
+            y[(size_t)b * N + o] = out_bf16(tree16(t) + zero_term(sz, X + (size_t)b * ng, o, N, ng), residual,
+                                            (size_t)b * N + o);
         }
     }
 }
@@ -115,7 +106,7 @@ TGT static inline __m512bh nibbles(__m512i v, int p) {
 
 template <int NB>
 TGT static void rows_avx512(const uint16_t* xp, const uint8_t* w, const uint16_t* sz, uint16_t* y, const float* X,
-                            int N, int K, int G, int o0, int o1) {
+                            int N, int K, int G, int o0, int o1, const uint16_t* residual) {
     int ng = K / G, nc = K / 128, cpg = G / 128;   /* chunks per group: 1 or 2 */
     float zt[NB][16];                              /* the rows' zero terms, 16 rows in the lanes of a vector */
     if (o1 - o0 == 16) {
@@ -156,24 +147,25 @@ TGT static void rows_avx512(const uint16_t* xp, const uint8_t* w, const uint16_t
         for (int b = 0; b < NB; ++b) {
             float tl[16];
             _mm512_storeu_ps(tl, t[b]);
-            y[(size_t)b * N + o] = f32_to_bf16(tree16(tl) + zt[b][o - o0]);
+            y[(size_t)b * N + o] = out_bf16(tree16(tl) + zt[b][o - o0], residual, (size_t)b * N + o);
         }
     }
 }
 
 /* rows o0..o1 for every batch row, four at a time (a chunk's weights stay in cache between batch chunks) */
 TGT static void rows_avx512_all(const uint16_t* xp, const uint8_t* w, const uint16_t* sz, uint16_t* y,
-                                const float* X, int B, int N, int K, int G, int o0, int o1) {
+                                const float* X, int B, int N, int K, int G, int o0, int o1, const uint16_t* residual) {
     int ng = K / G;
     for (int b0 = 0; b0 < B; b0 += 4) {
         const uint16_t* xb = xp + (size_t)b0 * K;
         uint16_t* yb = y + (size_t)b0 * N;
         const float* Xb = X + (size_t)b0 * ng;
+        const uint16_t* rb = residual ? residual + (size_t)b0 * N : 0;
         switch (B - b0 < 4 ? B - b0 : 4) {
-            case 1: rows_avx512<1>(xb, w, sz, yb, Xb, N, K, G, o0, o1); break;
-            case 2: rows_avx512<2>(xb, w, sz, yb, Xb, N, K, G, o0, o1); break;
-            case 3: rows_avx512<3>(xb, w, sz, yb, Xb, N, K, G, o0, o1); break;
-            default: rows_avx512<4>(xb, w, sz, yb, Xb, N, K, G, o0, o1); break;
+            case 1: rows_avx512<1>(xb, w, sz, yb, Xb, N, K, G, o0, o1, rb); break;
+            case 2: rows_avx512<2>(xb, w, sz, yb, Xb, N, K, G, o0, o1, rb); break;
+            case 3: rows_avx512<3>(xb, w, sz, yb, Xb, N, K, G, o0, o1, rb); break;
+            default: rows_avx512<4>(xb, w, sz, yb, Xb, N, K, G, o0, o1, rb); break;
         }
     }
 }
@@ -188,23 +180,68 @@ extern "C" int graphrt_int4_has_avx512bf16(void) {
 #endif
 }
 
-/* x bf16 [B, K], w uint8 [N, K/2] (blocked), sz bf16 [K/G, N, 2] -> y bf16 [B, N]; scratch: xp bf16 [B, K] and
-   X float [B, K/G]. G in 128, 256 dividing K. path 1: AVX512-BF16, 0: portable. */
-extern "C" void graphrt_int4_gemv(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint16_t* y,
-                                  uint16_t* xp, float* X, int B, int N, int K, int G, int threads, int path) {
-    int ng = K / G;
-    for (int b = 0; b < B; ++b) {
-        group_sums(x + (size_t)b * K, K, G, X + (size_t)b * ng);
-        permute_x(x + (size_t)b * K, xp + (size_t)b * K, K);
+/* The input row the product reads, in bfloat16 like the steps apart (models/fused.py's reference math), for
+   columns i0..i1 of one row:
+   norm:  bf16(nw * bf16(x * r)), r = 1 / sqrt(mean(x^2) + eps) in float32 (`norm_scale`, the sum in order)
+   silu:  x holds [gate | up] (2K): bf16(bf16(g / (1 + exp(-g))) * u)
+   else:  x as it is */
+static float norm_scale(const uint16_t* x, int K, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < K; ++i) { float v = bf16_to_f32(x[i]); ss = ss + v * v; }
+    return 1.0f / sqrtf(ss / (float)K + eps);
+}
+
+static void input_cols(const uint16_t* x, uint16_t* xe, int K, int i0, int i1, const uint16_t* nw, float r, int silu) {
+    for (int i = i0; i < i1; ++i) {
+        if (nw) {
+            xe[i] = f32_to_bf16(bf16_to_f32(nw[i]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) * r)));
+        } else if (silu) {
+            float g = bf16_to_f32(x[i]);
+            float sg = bf16_to_f32(f32_to_bf16(g / (1.0f + expf(-g))));
+            xe[i] = f32_to_bf16(sg * bf16_to_f32(x[K + i]));
+        } else {
+            xe[i] = x[i];
+        }
     }
+}
+
+/* x bf16 [B, x_row] (x_row = K, or 2K with silu), w uint8 [N, K/2] (blocked), sz bf16 [K/G, N, 2] -> y bf16 [B, N];
+   scratch: xe, xp bf16 [B, K] and X float [B, K/G]. nw (bf16 [K]) or null; residual (bf16 [B, N]) or null: y is
+   then bf16(residual + the float32 product). G in 128, 256 dividing K; B <= 16. path 1: AVX512-BF16, 0: portable.
+   One parallel region: the input rows (by 128-column chunk), the group sums, then the output rows (16 a task). */
+extern "C" void graphrt_int4_gemv(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint16_t* y,
+                                  uint16_t* xe, uint16_t* xp, float* X, int B, int N, int K, int G, int threads,
+                                  int path, const uint16_t* nw, float eps, int silu, const uint16_t* residual) {
+    int ng = K / G, nc = K / 128, x_row = silu ? 2 * K : K;
+    float r[16];
+    for (int b = 0; b < B; ++b) r[b] = nw ? norm_scale(x + (size_t)b * x_row, K, eps) : 1.0f;
     int chunk = 16, nchunks = (N + chunk - 1) / chunk;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int c = 0; c < nchunks; ++c) {
-        int o0 = c * chunk, o1 = o0 + chunk < N ? o0 + chunk : N;
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int t = 0; t < B * nc; ++t) {
+            int b = t / nc, c = t % nc;
+            const uint16_t* xb = x + (size_t)b * x_row;
+            uint16_t* eb = xe + (size_t)b * K;
+            input_cols(xb, eb, K, 128 * c, 128 * c + 128, nw, r[b], silu);
+            for (int p = 0; p < 4; ++p)
+                for (int i = 0; i < 32; ++i) xp[(size_t)b * K + 128 * c + 32 * p + i] = eb[128 * c + chunk_col(i, p)];
+        }
+        #pragma omp for schedule(static)
+        for (int t = 0; t < B * ng; ++t) {
+            int b = t / ng, g = t % ng;
+            float sum = 0.0f;
+            for (int i = 0; i < G; ++i) sum = sum + bf16_to_f32(xe[(size_t)b * K + g * G + i]);
+            X[(size_t)b * ng + g] = sum;
+        }
+        #pragma omp for schedule(static)
+        for (int c = 0; c < nchunks; ++c) {
+            int o0 = c * chunk, o1 = o0 + chunk < N ? o0 + chunk : N;
 #if defined(__x86_64__)
-        if (path == 1) { rows_avx512_all(xp, w, sz, y, X, B, N, K, G, o0, o1); continue; }
+            if (path == 1) { rows_avx512_all(xp, w, sz, y, X, B, N, K, G, o0, o1, residual); continue; }
 #endif
-        rows_portable(xp, w, sz, y, X, B, N, K, G, o0, o1);
+            rows_portable(xp, w, sz, y, X, B, N, K, G, o0, o1, residual);
+        }
     }
 }
 """
