@@ -2,12 +2,15 @@
 
     python3 tools/lane_probe.py [--out DIR] [--formats bf16,int8,int4] [--threads N]
 
-One MLP group of the 8B shape (random contents, the lane's formats: calibrate.mlp_group), batch 1:
+MLP groups of the 8B shape (random contents, the lane's formats, enough groups that the CPU's cache cannot hold them:
+calibrate.mlp_groups), taken in turn, batch 1:
   direct     the group's math called on the CPU (llama.mlp_forward, as the lane's host function runs it)
   graph      a CUDA graph of the lane's three nodes (activation D2H, host node running the same math, result H2D),
-             replayed back to back; per replay
+             replayed back to back; per replay. The small copies as copy kernels (the lane's default) and as
+             copy-engine memcpys (`memcpy_` rows)
   empty      the same graph around a host function that only copies its input (the nodes' own cost)
-  graph+h2d  `graph` while a side stream keeps the copy engine busy with pinned H2D copies (the lane's situation)
+  +h2d       while a side stream keeps the copy engine busy with pinned H2D copies (the lane's situation); only the
+             replay stream is waited for
 overhead = graph - direct: what the planner's CostModel.cpu_overhead stands for. Writes lane_probe.json.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from graphrt.config import ModelConfig
 from graphrt.exec.cpu_lane import CpuLane, check
 from graphrt.models import llama
-from graphrt.plan.calibrate import mlp_group
+from graphrt.plan.calibrate import mlp_groups
 from graphrt.weights.formats.policy import quantization_policy
 from graphrt.weights.synthetic import PRESETS, make_config
 
@@ -57,47 +60,61 @@ def main() -> None:
     rows = []
     for name in a.formats.split(","):
         policy = quantization_policy(QUANT[name], torch.bfloat16, "cpu", in_features=(4096, 4096, 14336))
-        nbytes, w = mlp_group(cfg, policy, 1)
-        fn = lambda x: llama.mlp_forward(x, w, cfg)   # noqa: E731
+        nbytes, groups = mlp_groups(cfg, policy, 1)
+        fns = [lambda x, w=w: llama.mlp_forward(x, w, cfg) for w in groups]
         x_cpu = torch.randn(1, 1, cfg.hidden_size).bfloat16()
+        turn = iter(range(1 << 30))
         with torch.inference_mode():
-            fn(x_cpu)
-            direct = median_time(lambda: fn(x_cpu), a.reps)
+            for f in fns:
+                f(x_cpu)
+            direct = median_time(lambda: fns[next(turn) % len(fns)](x_cpu), a.reps)
             if a.profile:
                 with torch.profiler.profile() as prof:
-                    for _ in range(10):
-                        fn(x_cpu)
+                    for i in range(10):
+                        fns[i % len(fns)](x_cpu)
                 print(name, prof.key_averages().table(sort_by="cpu_time_total", row_limit=14), flush=True)
-            lane = CpuLane(dev, 1, cfg.hidden_size, torch.bfloat16, threads=a.threads)
-            h = torch.randn(1, 1, cfg.hidden_size, device=dev).bfloat16()
-            graphs = {}
-            for kind, f in (("graph", fn), ("empty", lambda x: x.clone())):
+            result = dict(format=name, threads=a.threads, group_MB=nbytes / 1e6, groups=len(groups),
+                          direct_us=direct * 1e6)
+            for kernel_copies in (True, False):
+                lane = CpuLane(dev, 1, cfg.hidden_size, torch.bfloat16, threads=a.threads)
+                lane.kernel_copies = lane.kernel_copies and kernel_copies
+                if kernel_copies != lane.kernel_copies:
+                    continue                    # no copy kernel here
+                prefix = "" if kernel_copies else "memcpy_"
+                h = torch.randn(1, 1, cfg.hidden_size, device=dev).bfloat16()
                 stream = torch.cuda.Stream()
-                with torch.cuda.stream(stream):
-                    lane.run(h, f)              # warm-up outside capture (eager path)
+                graphs = {}
+                for kind, fs in (("graph", fns), ("empty", [lambda x: x.clone()])):
+                    graphs[kind] = []
+                    for f in fs:
+                        with torch.cuda.stream(stream):
+                            lane.run(h, f)          # warm-up outside capture (the eager path)
+                        torch.cuda.synchronize()
+                        g = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(g, stream=stream):
+                            lane.run(h, f)
+                        graphs[kind].append(g)
+                for kind, busy in (("graph", False), ("empty", False), ("graph", True), ("empty", True)):
+                    gs = graphs[kind]
+                    with torch.cuda.stream(stream):
+                        for g in gs:
+                            g.replay()
+                    stream.synchronize()
+                    if busy:
+                        with torch.cuda.stream(side):
+                            for _ in range(64):
+                                dst.copy_(src, non_blocking=True)
+                    t = time.perf_counter()
+                    with torch.cuda.stream(stream):
+                        for i in range(a.reps):
+                            gs[i % len(gs)].replay()
+                    stream.synchronize()                    # the replays only, not the side stream's copies
+                    result[f"{prefix}{kind}{'+h2d' if busy else ''}_us"] = (time.perf_counter() - t) / a.reps * 1e6
+                    side.synchronize()
+                check()
+                del graphs
                 torch.cuda.synchronize()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, stream=stream):
-                    lane.run(h, f)
-                graphs[kind] = g
-            result = dict(format=name, threads=a.threads, group_MB=nbytes / 1e6, direct_us=direct * 1e6)
-            for kind, busy in (("graph", False), ("empty", False), ("graph", True)):
-                g = graphs[kind]
-                g.replay()
-                torch.cuda.synchronize()
-                if busy:
-                    with torch.cuda.stream(side):
-                        for _ in range(64):
-                            dst.copy_(src, non_blocking=True)
-                t = time.perf_counter()
-                for _ in range(a.reps):
-                    g.replay()
-                torch.cuda.synchronize()
-                per = (time.perf_counter() - t) / a.reps
-                side.synchronize()
-                result[f"{kind}{'+h2d' if busy else ''}_us"] = per * 1e6
-            check()
-            lane.release()
+                lane.release()
         result["overhead_us"] = result["graph_us"] - result["direct_us"]
         result["direct_GBps"] = nbytes / direct / 1e9
         rows.append(result)

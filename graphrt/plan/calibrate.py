@@ -1,7 +1,8 @@
 """How fast this machine's CPU computes a model's MLP group: the CPU lane's rate for the planner (bytes/s).
 
-`cpu_rate(cfg, policy, batch)` builds one MLP group of the model in the CPU's formats (random contents: codes
-and scales of the right dtypes; speed does not depend on the values), runs the lane's math on it
+`cpu_rate(cfg, policy, batch)` builds MLP groups of the model in the CPU's formats (random contents: codes
+and scales of the right dtypes; speed does not depend on the values; enough groups that the CPU's cache cannot
+hold them, `mlp_groups`), runs the lane's math on them in turn
 (`llama.mlp_forward` at `batch` rows) for about `seconds`, and returns the group's bytes / the median time. With
 `concurrent_h2d` (a CUDA device), pinned host-to-device copies run on a side stream meanwhile: the two host
 paths share DRAM bandwidth, and the lane runs beside the ring. Results are cached in
@@ -26,7 +27,7 @@ from ..weights.formats import for_cpu
 from ..weights.layout import FormatPolicy, GroupLayout, model_groups
 
 
-CPU_KERNELS = "onednn-packed-bf16,int4-blocked-avx512bf16"   # the lane's kernels, in the cache key: a change measures again
+CPU_KERNELS = "onednn-packed-bf16,int4-blocked-avx512bf16-fused,cycled-320MB"   # the lane's kernels, in the cache key: a change measures again
 
 
 def cache_file() -> Path:
@@ -63,10 +64,24 @@ def mlp_group(cfg: ModelConfig, policy: FormatPolicy, rows: int = 1) -> tuple[in
     return g.nbytes, for_cpu(g.views(_random_buffer(g)), rows)
 
 
+CYCLE_BYTES = 320 << 20   # the groups a measurement cycles through hold at least this much (up to MAX_CYCLE)
+MAX_CYCLE = 4
+
+
+def mlp_groups(cfg: ModelConfig, policy: FormatPolicy, rows: int = 1) -> tuple[int, list[dict]]:
+    """(bytes of one group, groups): enough distinct MLP groups that the CPU's last-level cache cannot hold them
+    all (a decode step computes each group once, from DRAM; one int4 group of the 8B shape, 94 MB, would sit in a
+    large cache and be measured too fast)."""
+    nbytes, first = mlp_group(cfg, policy, rows)
+    count = min(MAX_CYCLE, max(1, -(-CYCLE_BYTES // max(nbytes, 1))))
+    return nbytes, [first] + [mlp_group(cfg, policy, rows)[1] for _ in range(count - 1)]
+
+
 def measure(cfg: ModelConfig, policy: FormatPolicy, batch: int, seconds: float = 0.3,
-            concurrent_h2d: bool = False, group: tuple[int, dict] | None = None) -> float:
-    """Bytes/s of one MLP group computed by the CPU lane's math (no cache); `group` from mlp_group, or built."""
-    nbytes, w = group or mlp_group(cfg, policy, batch)
+            concurrent_h2d: bool = False, group: tuple[int, list[dict]] | None = None) -> float:
+    """Bytes/s of MLP groups computed by the CPU lane's math, one after another (no cache); `group` from
+    mlp_groups, or built."""
+    nbytes, groups = group or mlp_groups(cfg, policy, batch)
     x = torch.randn(batch, 1, cfg.hidden_size).to(policy.compute_dtype)
     copies = None
     if concurrent_h2d and torch.cuda.is_available():
@@ -75,13 +90,15 @@ def measure(cfg: ModelConfig, policy: FormatPolicy, batch: int, seconds: float =
         copies = torch.cuda.Stream()
     times = []
     with torch.inference_mode():
-        llama.mlp_forward(x, w, cfg)
+        for w in groups:
+            llama.mlp_forward(x, w, cfg)
         end = time.perf_counter() + seconds
         while time.perf_counter() < end or len(times) < 3:
             if copies is not None:  # keep the copy engine reading host memory while the CPU computes
                 with torch.cuda.stream(copies):
                     for _ in range(4):
                         dst.copy_(src, non_blocking=True)
+            w = groups[len(times) % len(groups)]
             t = time.perf_counter()
             llama.mlp_forward(x, w, cfg)
             times.append(time.perf_counter() - t)
@@ -110,7 +127,7 @@ def _cached(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: 
 
 
 def cpu_rate(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: bool = False,
-             use_cache: bool = True, group: tuple[int, dict] | None = None) -> float:
+             use_cache: bool = True, group: tuple[int, list[dict]] | None = None) -> float:
     """The cached rate for this machine and group, measuring it the first time."""
     key = _key(cfg, policy, batch, concurrent_h2d)
     cache = _read_cache() if use_cache else {}
@@ -140,13 +157,14 @@ def h2d_beside_cpu(cfg: ModelConfig, policy: FormatPolicy, batch: int, use_cache
     cache = _read_cache() if use_cache else {}
     if key in cache:
         return float(cache[key])
-    nbytes, w = mlp_group(cfg, policy, batch)
+    nbytes, groups = mlp_groups(cfg, policy, batch)
     x = torch.randn(batch, 1, cfg.hidden_size).to(policy.compute_dtype)
     src = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty_like(src, device="cuda")
     stream = torch.cuda.Stream()
     with torch.inference_mode():
-        llama.mlp_forward(x, w, cfg)
+        for w in groups:
+            llama.mlp_forward(x, w, cfg)
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
@@ -155,8 +173,10 @@ def h2d_beside_cpu(cfg: ModelConfig, policy: FormatPolicy, batch: int, use_cache
             for _ in range(24):                    # about 0.1 s of copies
                 dst.copy_(src, non_blocking=True)
             end.record(stream)
+        turn = 0
         while not end.query():                     # the CPU computes for the whole window
-            llama.mlp_forward(x, w, cfg)
+            llama.mlp_forward(x, groups[turn % len(groups)], cfg)
+            turn += 1
         end.synchronize()
     rate = 24 * src.numel() / (start.elapsed_time(end) / 1e3)
     if use_cache:
@@ -181,7 +201,7 @@ def best_threads(cfg: ModelConfig, policy: FormatPolicy, batch: int, candidates:
         for n in candidates:
             torch.set_num_threads(n)
             if group is None and not _cached(cfg, policy, batch, concurrent_h2d):
-                group = mlp_group(cfg, policy, batch)     # built once for every team size measured
+                group = mlp_groups(cfg, policy, batch)    # built once for every team size measured
             rate = cpu_rate(cfg, policy, batch, concurrent_h2d=concurrent_h2d, group=group)
             if best is None or rate > best[1]:
                 best = (n, rate)
