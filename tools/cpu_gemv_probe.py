@@ -10,7 +10,8 @@ few thread counts, each path alone and with pinned H2D copies running beside it 
   int8     torch._weight_int8pack_mm (per-channel int8 weights; bytes counted as int8)
   int4-aten     torch.ops.aten._weight_int4pack_mm_for_cpu (groups of 128; bytes: codes + scales and zeros)
   int4-graphrt  graphrt's AVX512-BF16 kernel on the "blocked" layout (weights/formats/int4_cpu.py; same bytes)
---paths and --rows choose a subset.
+--paths and --rows choose a subset. Each path cycles through distinct copies of its weights holding --cycle-mb (a
+large last-level cache would otherwise serve a repeated matrix, which a decode step never reads twice).
 Each row: G weights/s and GB/s of weight bytes (median over `seconds`). Writes cpu_gemv_probe.json.
 """
 from __future__ import annotations
@@ -41,26 +42,48 @@ def timed(fn, seconds: float) -> float:
     return statistics.median(times)
 
 
-def paths(w: torch.Tensor, m: int) -> dict:
+def cycled(make, nbytes: int, cycle_bytes: int):
+    """fn() that calls the functions of enough distinct weight copies (make() -> fn, one copy each) to hold
+    `cycle_bytes` in turn: the last-level cache cannot serve them, as in a decode step."""
+    fns = [make() for _ in range(max(1, min(8, -(-cycle_bytes // nbytes))))]
+    turn = [0]
+
+    def fn():
+        turn[0] += 1
+        return fns[turn[0] % len(fns)]()
+    return fn
+
+
+def paths(w: torch.Tensor, m: int, cycle_bytes: int) -> dict:
     x = torch.randn(m, w.shape[1]).bfloat16()
-    out = {"linear": (lambda: F.linear(x, w), w.numel() * 2)}
+    n, k = w.shape
+    out = {"linear": (cycled(lambda: (lambda v=w.clone(): F.linear(x, v)), w.numel() * 2, cycle_bytes), w.numel() * 2)}
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
-        out["onednn"] = (lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), w.numel() * 2)
+        def onednn():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
+            return lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        out["onednn"] = (cycled(onednn, w.numel() * 2, cycle_bytes), w.numel() * 2)
     except (RuntimeError, AttributeError) as e:
         print("onednn unavailable:", e)
-    q = torch.randint(-127, 128, w.shape, dtype=torch.int8)
-    scale = torch.rand(w.shape[0], dtype=torch.bfloat16)
-    out["int8"] = (lambda: torch._weight_int8pack_mm(x, q, scale), w.numel())
-    n, k = w.shape
+
+    def int8():
+        q = torch.randint(-127, 128, w.shape, dtype=torch.int8)
+        scale = torch.rand(w.shape[0], dtype=torch.bfloat16)
+        return lambda: torch._weight_int8pack_mm(x, q, scale)
+    out["int8"] = (cycled(int8, w.numel(), cycle_bytes), w.numel())
     codes = torch.randint(0, 16, w.shape, dtype=torch.int32)
     sz = (torch.randn(k // 128, n, 2) * 0.01).bfloat16()
     int4_bytes = w.numel() // 2 + sz.numel() * 2
-    packed4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
-    out["int4-aten"] = (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed4, 128, sz), int4_bytes)
+
+    def aten4():
+        packed4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
+        return lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed4, 128, sz)
+    out["int4-aten"] = (cycled(aten4, int4_bytes, cycle_bytes), int4_bytes)
     if int4_cpu.available():
-        blocked = pack_blocked(codes)
-        out["int4-graphrt"] = (lambda: int4_cpu.int4_gemv(x, blocked, sz), int4_bytes)
+        def ours4():
+            blocked, s2 = pack_blocked(codes), sz.clone()
+            return lambda: int4_cpu.int4_gemv(x, blocked, s2)
+        out["int4-graphrt"] = (cycled(ours4, int4_bytes, cycle_bytes), int4_bytes)
     else:
         print("graphrt's int4 CPU kernel unavailable:", int4_cpu.why_unavailable())
     return out
@@ -72,6 +95,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=0.4)
     ap.add_argument("--paths", default="linear,onednn,int8,int4-aten,int4-graphrt")
     ap.add_argument("--rows", default="1,4,8,16")
+    ap.add_argument("--cycle-mb", type=int, default=320, help="distinct weight copies taken in turn hold this much "
+                    "(0: one copy, which a large last-level cache may serve)")
     ap.add_argument("--threads", default="", help="team sizes, e.g. 15,12 (default: all but one CPU, 3/4, 1/2)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +117,7 @@ def main() -> None:
             for n in threads:
                 torch.set_num_threads(n)
                 for m in row_counts:
-                    for path, (fn, nbytes) in paths(w, m).items():
+                    for path, (fn, nbytes) in paths(w, m, a.cycle_mb << 20).items():
                         if path not in wanted:
                             continue
                         for h2d in ((False, True) if cuda else (False,)):

@@ -96,6 +96,9 @@ static void rows_portable(const uint16_t* xp, const uint8_t* w, const uint16_t* 
 }
 
 #if defined(__x86_64__)
+/* bytes ahead of the read that each chunk prefetches: the rows of a task are contiguous, and the hardware's own
+   prefetch alone left one thread at about 6 GB/s from DRAM (11 G weights/s; 18 with this, ATen's kernel 14.5) */
+#define PREFETCH 8192
 #define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
 /* the bfloat16 16 + q of the nibbles at bits 4p..4p+3 of each word: ((v >> (4p - 3)) & 0x78) | 0x4180 */
 TGT static inline __m512bh nibbles(__m512i v, int p) {
@@ -130,6 +133,7 @@ TGT static void rows_avx512(const uint16_t* xp, const uint8_t* w, const uint16_t
         for (int b = 0; b < NB; ++b) t[b] = _mm512_setzero_ps();
         const uint16_t* so = sz + (size_t)o * 2;      /* this row's (scale, zero) of group 0; group g at + g N 2 */
         for (int c = 0; c < nc; ++c) {
+            _mm_prefetch((const char*)(wr + 64 * c + PREFETCH), _MM_HINT_T0);   /* never faults */
             __m512i v = _mm512_loadu_si512((const void*)(wr + 64 * c));
             __m512bh w0 = nibbles(v, 0), w1 = nibbles(v, 1), w2 = nibbles(v, 2), w3 = nibbles(v, 3);
             __m512 s = _mm512_set1_ps(bf16_to_f32(so[(size_t)(cpg == 1 ? c : c >> 1) * N * 2]));
