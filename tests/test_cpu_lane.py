@@ -17,7 +17,7 @@ from graphrt.plan.placement import CostModel, plan_placement
 from graphrt.runtime import Runtime
 from graphrt.weights.formats import Dense, Weight, for_cpu, linear
 from graphrt.weights.formats.dense import onednn_available
-from graphrt.weights.formats import int4_cpu
+from graphrt.weights.formats import bf16_cpu, int4_cpu
 from graphrt.weights.formats.policy import quantization_policy
 from graphrt.weights.synthetic import PRESETS, make_config, random_tensors, write_checkpoint
 
@@ -112,15 +112,18 @@ def test_cpu_lane_runtime_equals_all_resident(model, wide_model, quantization, d
     rt.close()
 
 
-@pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN bf16 linear")
+@pytest.mark.skipif(not (onednn_available() or bf16_cpu.available()), reason="neither CPU bf16 kernel here")
 @pytest.mark.parametrize("rows", [1, 3, 16])
-def test_packed_bf16_linear_matches_the_float64_product(rows):
+def test_lane_bf16_linear_matches_the_float64_product(rows):
+    """The lane's bf16 product: graphrt's GEMV where AVX512-BF16 runs (on the buffer's bytes), else oneDNN's packed
+    copy; both against float64 and the plain path."""
     g = torch.Generator().manual_seed(rows)
     w = (torch.randn(384, 1024, generator=g) * 0.05).bfloat16()
     x = torch.randn(rows, 2, 1024, generator=g).bfloat16()
     weight = Weight(Dense(torch.bfloat16), {"w": w}, (384, 1024))
     packed = for_cpu({"m": weight}, rows)["m"]
-    assert set(packed.parts) == {"w", "packed"} and packed.parts["w"] is w   # the buffer's bytes stay
+    assert set(packed.parts) == ({"w", "gemv"} if bf16_cpu.available() else {"w", "packed"})
+    assert packed.parts["w"] is w   # the buffer's bytes stay
     y, plain = linear(x, packed), linear(x, weight)
     ref = x.double() @ w.double().T
     assert y.shape == plain.shape == (rows, 2, 384) and y.dtype == torch.bfloat16
@@ -132,9 +135,9 @@ def test_packed_bf16_linear_matches_the_float64_product(rows):
     assert set(kept["m"].parts) == {"w"} and kept["norm"].shape == (4,)
 
 
-@pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN bf16 linear")
-def test_bf16_lane_groups_hold_packed_copies_and_track_all_resident(tmp_path):
-    cfg = make_config(**dict(PRESETS["tiny-llama"], layers=6), dtype="bfloat16")
+@pytest.mark.skipif(not (onednn_available() or bf16_cpu.available()), reason="neither CPU bf16 kernel here")
+def test_bf16_lane_groups_use_the_cpu_kernel_and_track_all_resident(tmp_path):
+    cfg = make_config(**dict(PRESETS["tiny-llama"], layers=6, hidden=128, intermediate=256), dtype="bfloat16")
     path = write_checkpoint(tmp_path / "m", cfg, random_tensors(cfg, 5, torch.bfloat16))
     ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(2))
     kw = dict(device="cpu", dtype="bfloat16", max_batch_size=2, max_seq_len=64)
@@ -145,7 +148,7 @@ def test_bf16_lane_groups_hold_packed_copies_and_track_all_resident(tmp_path):
     assert rt.placement.cpu
     for group in rt.placement.cpu:
         matrices = [w for w in rt.engine.store.views(group).values() if isinstance(w, Weight)]
-        assert matrices and all("packed" in w.parts for w in matrices)
+        assert matrices and all(("gemv" if bf16_cpu.available() else "packed") in w.parts for w in matrices)
     got, want = rt.logits(ids), ref.logits(ids)
     assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2
     rt.close()

@@ -117,3 +117,28 @@ def test_fused_neighbours_match_the_steps_apart():
     assert linear_fused(x, w, norm=(nw, 1e-5), silu=True) is None
     assert linear_fused(x, w, torch.zeros(64).bfloat16(), residual=res) is None
     assert linear_fused(x.float(), w, residual=res) is None
+
+
+# ---- the bf16 GEMV (bf16_cpu.py), built into the same library ------------------------------------------------
+@needs_kernel
+def test_bf16_gemv_vector_path_is_the_portable_path_and_near_float64():
+    from graphrt.weights.formats import bf16_cpu
+    from graphrt.models.fused import rms_norm_reference, silu_mul_reference
+    gen = torch.Generator().manual_seed(3)
+    for n, k, rows in [(16, 128, 1), (40, 512, 3), (64, 4096, 16), (7, 384, 2)]:
+        w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        y = bf16_cpu.bf16_gemv(x, w)
+        assert torch.equal(y.view(torch.int16), bf16_cpu.bf16_gemv(x, w, portable=True).view(torch.int16))
+        ref = x.double() @ w.double().t()
+        assert torch.allclose(y.double(), ref, rtol=2 ** -8, atol=1e-4 * ref.abs().max().item())
+        nw, res = (torch.rand(k, generator=gen) + 0.5).bfloat16(), torch.randn(rows, n, generator=gen).bfloat16()
+        gu = torch.randn(rows, 2 * k, generator=gen).bfloat16()
+        for kw, apart in [(dict(norm=(nw, 1e-5)), bf16_cpu.bf16_gemv(rms_norm_reference(x, nw, 1e-5), w)),
+                          (dict(silu=True, residual=res), res + bf16_cpu.bf16_gemv(silu_mul_reference(gu[:, :k], gu[:, k:]), w))]:
+            xin = gu if kw.get("silu") else x
+            fused = bf16_cpu.bf16_gemv(xin, w, **kw)
+            assert torch.equal(fused.view(torch.int16), bf16_cpu.bf16_gemv(xin, w, portable=True, **kw).view(torch.int16))
+            assert torch.allclose(fused.float(), apart.float(), rtol=2 ** -7, atol=2 ** -7 * apart.abs().max().item())
+    assert not bf16_cpu.fusable(torch.randn(1, 64).bfloat16(), torch.randn(8, 64).bfloat16())     # K % 128
+    assert not bf16_cpu.fusable(torch.randn(17, 128).bfloat16(), torch.randn(8, 128).bfloat16())  # 17 rows

@@ -1,10 +1,11 @@
 """Dense weights in a float dtype (fp32, fp16, bf16): the format every checkpoint has by default.
 
-On the CPU lane (weights computed by the CPU from host memory), a bf16 matrix also gets oneDNN's packed copy at
-load (`for_cpu`: `torch.ops.mkldnn._reorder_linear_weight`), and `linear` runs oneDNN's kernel on it. Measured on
-the H100 host (tools/cpu_gemv_probe.py, 15 threads, one row): 4096 x 14336 at 160 GB/s against F.linear's 50; the
-packed copy is an opaque oneDNN tensor that cannot live in the group buffer, so the lane holds it beside the buffer
-(the bf16 bytes stay: prompt steps stream them to the GPU).
+On the CPU lane (weights computed by the CPU from host memory), a bf16 matrix is computed by graphrt's GEMV
+(`for_cpu` marks it; bf16_cpu.py: AVX512-BF16, software prefetch, RMSNorm / silu * up / residual taken in through
+`linear_fused`) on the group buffer's own bytes, the ones prompt steps stream to the GPU. Where that kernel does not
+run, the matrix gets oneDNN's packed copy at load (`torch.ops.mkldnn._reorder_linear_weight`, an opaque tensor
+held beside the buffer) and `linear` runs oneDNN's kernel on it. From DRAM on the H100 host (tools/cpu_gemv_probe.py,
+weights cycled so the cache cannot serve them, 15 threads, one row) oneDNN read these matrices at 60-80 GB/s.
 On CUDA, one input row times a large bf16 / fp16 matrix runs graphrt's Triton GEMV (dense_gemv.py); the rest cuBLAS.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import dense_gemv
+from . import bf16_cpu, dense_gemv
 from .base import PartSpec
 
 
@@ -30,6 +31,9 @@ class Dense:
         return {"w": dense.to(self.dtype)}
 
     def linear(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        if "gemv" in parts and bf16_cpu.fusable(x, parts["w"]):   # the CPU lane's GEMV (for_cpu)
+            y = bf16_cpu.bf16_gemv(x, parts["w"])
+            return y + bias if bias is not None else y
         if "packed" in parts:   # the CPU lane's oneDNN copy (for_cpu); x [..., in] -> [..., out]
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), parts["packed"], bias, "none", [], "")
             return y.view(*x.shape[:-1], y.shape[-1])
@@ -40,9 +44,14 @@ class Dense:
     def linear_fused(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None, *,
                      norm: tuple | None = None, silu: bool = False, residual: torch.Tensor | None = None,
                      rope=None) -> torch.Tensor | None:
-        """Only the residual (base.linear_fused): residual + x W^T on CUDA in one kernel, one rounding: the Triton
+        """On the CPU lane (for_cpu's "gemv"): graphrt's GEMV with RMSNorm, silu * up and the residual taken in.
+        On CUDA only the residual (base.linear_fused): residual + x W^T in one kernel, one rounding: the Triton
         GEMV for one row of a large matrix, else one cuBLAS GEMM with beta = 1 written into residual's memory;
         None (the steps apart) for anything else or elsewhere."""
+        if "gemv" in parts:
+            if bias is None and rope is None and bf16_cpu.fusable(x, parts["w"], norm, silu, residual):
+                return bf16_cpu.bf16_gemv(x, parts["w"], norm=norm, silu=silu, residual=residual)
+            return None
         if residual is None or norm is not None or silu or rope is not None:
             return None
         w = parts.get("w")
@@ -55,8 +64,11 @@ class Dense:
         return residual.view(-1, w.shape[0]).addmm_(x.reshape(-1, x.shape[-1]), w.t()).view(residual.shape)
 
     def for_cpu(self, parts: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
-        """The parts the CPU lane computes with: a bf16 matrix gains oneDNN's packed copy for `rows`-row inputs
-        (made once, here); other dtypes, or a torch without oneDNN, keep their parts."""
+        """The parts the CPU lane computes with: a bf16 matrix is marked for graphrt's GEMV ("gemv", an empty
+        tensor: the kernel reads "w") where it runs, else gains oneDNN's packed copy for `rows`-row inputs (made
+        once, here); other dtypes, or neither kernel, keep their parts."""
+        if self.dtype == torch.bfloat16 and bf16_cpu.available():
+            return {**parts, "gemv": torch.empty(0)}
         if self.dtype != torch.bfloat16 or not onednn_available():
             return parts
         return {**parts, "packed": torch.ops.mkldnn._reorder_linear_weight(parts["w"], rows)}

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .int4_cpu_source import SOURCE
+from .bf16_cpu_source import SOURCE as BF16_SOURCE
+from .int4_cpu_source import SOURCE as INT4_SOURCE
+
+SOURCE = INT4_SOURCE + BF16_SOURCE   # one library: the bf16 GEMV (bf16_cpu.py) uses the int4 source's helpers
 
 GROUPS = (128, 256)     # group sizes the kernel takes (it works in 128-column chunks)
 MAX_ROWS = 16          # activation rows per call (the C entry keeps 16 norm scales) (the GEMV regime; more rows dequantize, then F.linear)
@@ -62,6 +65,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.graphrt_int4_gemv.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
                                      + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p])
     lib.graphrt_int4_has_avx512bf16.restype = ctypes.c_int
+    lib.graphrt_bf16_gemv.restype = None
+    lib.graphrt_bf16_gemv.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+                                      + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p])
     return lib, ""
 
 

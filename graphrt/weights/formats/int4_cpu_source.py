@@ -212,30 +212,28 @@ static void input_cols(const uint16_t* x, uint16_t* xe, int K, int i0, int i1, c
 /* x bf16 [B, x_row] (x_row = K, or 2K with silu), w uint8 [N, K/2] (blocked), sz bf16 [K/G, N, 2] -> y bf16 [B, N];
    scratch: xe, xp bf16 [B, K] and X float [B, K/G]. nw (bf16 [K]) or null; residual (bf16 [B, N]) or null: y is
    then bf16(residual + the float32 product). G in 128, 256 dividing K; B <= 16. path 1: AVX512-BF16, 0: portable.
-   One parallel region: the input rows (by 128-column chunk), the group sums, then the output rows (16 a task). */
+   One parallel region, one barrier inside: the input rows by group (columns, order, sum), then the output rows
+   (16 a task). */
 extern "C" void graphrt_int4_gemv(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint16_t* y,
                                   uint16_t* xe, uint16_t* xp, float* X, int B, int N, int K, int G, int threads,
                                   int path, const uint16_t* nw, float eps, int silu, const uint16_t* residual) {
-    int ng = K / G, nc = K / 128, x_row = silu ? 2 * K : K;
+    int ng = K / G, x_row = silu ? 2 * K : K;
     float r[16];
     for (int b = 0; b < B; ++b) r[b] = nw ? norm_scale(x + (size_t)b * x_row, K, eps) : 1.0f;
     int chunk = 16, nchunks = (N + chunk - 1) / chunk;
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
-        for (int t = 0; t < B * nc; ++t) {
-            int b = t / nc, c = t % nc;
+        for (int t = 0; t < B * ng; ++t) {          /* one group of one row: its input columns, order, sum */
+            int b = t / ng, g = t % ng;
             const uint16_t* xb = x + (size_t)b * x_row;
             uint16_t* eb = xe + (size_t)b * K;
-            input_cols(xb, eb, K, 128 * c, 128 * c + 128, nw, r[b], silu);
-            for (int p = 0; p < 4; ++p)
-                for (int i = 0; i < 32; ++i) xp[(size_t)b * K + 128 * c + 32 * p + i] = eb[128 * c + chunk_col(i, p)];
-        }
-        #pragma omp for schedule(static)
-        for (int t = 0; t < B * ng; ++t) {
-            int b = t / ng, g = t % ng;
+            input_cols(xb, eb, K, g * G, g * G + G, nw, r[b], silu);
+            for (int c = g * G / 128; c < (g + 1) * G / 128; ++c)
+                for (int p = 0; p < 4; ++p)
+                    for (int i = 0; i < 32; ++i) xp[(size_t)b * K + 128 * c + 32 * p + i] = eb[128 * c + chunk_col(i, p)];
             float sum = 0.0f;
-            for (int i = 0; i < G; ++i) sum = sum + bf16_to_f32(xe[(size_t)b * K + g * G + i]);
+            for (int i = 0; i < G; ++i) sum = sum + bf16_to_f32(eb[g * G + i]);
             X[(size_t)b * ng + g] = sum;
         }
         #pragma omp for schedule(static)

@@ -1,0 +1,55 @@
+"""The CPU bfloat16 GEMV (source and math: bf16_cpu_source.py; built and loaded with the int4 kernel, int4_cpu.py):
+the CPU lane's product for dense bf16 groups, reading the row-major bytes the GPU streams (no packed copy), with
+software prefetch; RMSNorm, silu(gate) * up and the residual taken in as the int4 kernel takes them."""
+from __future__ import annotations
+
+import torch
+
+from . import int4_cpu
+
+MAX_ROWS = int4_cpu.MAX_ROWS
+
+
+def available() -> bool:
+    """Whether the AVX512-BF16 path runs here (the library builds and the CPU has the instructions)."""
+    return int4_cpu.available()
+
+
+def fusable(x: torch.Tensor, w: torch.Tensor, norm: tuple | None = None, silu: bool = False,
+            residual: torch.Tensor | None = None) -> bool:
+    """Whether `bf16_gemv` takes x [..., K] (or [..., 2K] with silu) times w [N, K] with these neighbours."""
+    if not int4_cpu.available() or w.dim() != 2 or w.dtype != torch.bfloat16 or w.device.type != "cpu":
+        return False
+    n, k = w.shape
+    rows = x.numel() // max(x.shape[-1], 1)
+    if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.shape[-1] != (2 * k if silu else k) or k % 128
+            or not 1 <= rows <= MAX_ROWS or (norm is not None and silu)):
+        return False
+    if norm is not None and not (norm[0].dtype == torch.bfloat16 and norm[0].shape == (k,)
+                                 and norm[0].device.type == "cpu"):
+        return False
+    return residual is None or (residual.dtype == torch.bfloat16 and residual.shape == (*x.shape[:-1], n)
+                                and residual.device.type == "cpu")
+
+
+def bf16_gemv(x: torch.Tensor, w: torch.Tensor, portable: bool = False, *,
+              norm: tuple[torch.Tensor, float] | None = None, silu: bool = False,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x bf16 [..., K] (or [..., 2K] = [gate | up] with silu) times w bf16 [N, K] -> y bf16 [..., N]; the neighbours
+    as int4_cpu.int4_gemv's. portable: the lane-by-lane path (tests; bitwise equal to the vector path)."""
+    lib, why = int4_cpu._library()
+    if lib is None:
+        raise RuntimeError(f"the CPU GEMV kernels are not built: {why}")
+    n, k = w.shape
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    w = w.contiguous()
+    b = x2.shape[0]
+    y = torch.empty(b, n, dtype=torch.bfloat16)
+    xe = torch.empty(b, k, dtype=torch.bfloat16)
+    nw = norm[0].contiguous() if norm is not None else None
+    res = residual.reshape(b, n).contiguous() if residual is not None else None
+    lib.graphrt_bf16_gemv(x2.data_ptr(), w.data_ptr(), y.data_ptr(), xe.data_ptr(), b, n, k, torch.get_num_threads(),
+                          0 if portable else 1, nw.data_ptr() if nw is not None else None,
+                          float(norm[1]) if norm is not None else 0.0, int(silu),
+                          res.data_ptr() if res is not None else None)
+    return y.view(*x.shape[:-1], n)

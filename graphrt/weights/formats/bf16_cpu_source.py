@@ -1,0 +1,107 @@
+"""C++ source of the CPU bfloat16 GEMV (bf16_cpu.py calls it; built into one library with int4_cpu_source.py,
+whose helpers it uses): y = x W^T for a row-major bf16 W [N, K] (the bytes the GPU streams), 1..16 input rows,
+the CPU lane's product. oneDNN's packed kernel read these matrices from DRAM at 60-80 GB/s on the H100 host
+(tools/cpu_gemv_probe.py, weights cycled so the cache cannot serve them), torch's int8 kernel at 110-130.
+
+The math, in float32 operations that both paths compute one for one (bitwise equal):
+  - Per 32-column chunk c of a row, 16 lanes: lane l += w[2l+1] x[2l+1], then += w[2l] x[2l] (float32 adds,
+    round to nearest even; products of two bfloat16 are exact): AVX512-BF16's vdpbf16ps, into accumulator c % 4.
+  - The accumulators are joined as (a0 + a1) + (a2 + a3), the 16 lanes added as a tree (l + 8, l + 4, l + 2,
+    l + 1), and the sum rounded to bfloat16 (with a residual r: bf16(r + y), one rounding).
+  - The input row may be formed first, as in the int4 kernel (`input_cols`: RMSNorm, or silu(gate) * up).
+"""
+
+SOURCE = r"""
+static void bf16_rows_portable(const uint16_t* xe, const uint16_t* w, uint16_t* y, int B, int N, int K,
+                               int o0, int o1, const uint16_t* residual) {
+    for (int o = o0; o < o1; ++o) {
+        const uint16_t* wr = w + (size_t)o * K;
+        for (int b = 0; b < B; ++b) {
+            const uint16_t* xb = xe + (size_t)b * K;
+            float a[4][16] = {{0}};
+            for (int c = 0; c < K / 32; ++c)
+                for (int l = 0; l < 16; ++l)
+                    for (int e = 1; e >= 0; --e) {
+                        int i = 32 * c + 2 * l + e;
+                        a[c % 4][l] = a[c % 4][l] + bf16_to_f32(wr[i]) * bf16_to_f32(xb[i]);
+                    }
+            float t[16];
+            for (int l = 0; l < 16; ++l) t[l] = (a[0][l] + a[1][l]) + (a[2][l] + a[3][l]);
+            y[(size_t)b * N + o] = out_bf16(tree16(t), residual, (size_t)b * N + o);
+        }
+    }
+}
+
+#if defined(__x86_64__)
+#define BF16_PREFETCH 2048   /* bytes ahead (measured here: 2 KB beat 8 and 32 KB on both 8B shapes) */
+template <int NB>
+TGT static void bf16_rows_avx512(const uint16_t* xe, const uint16_t* w, uint16_t* y, int N, int K, int o0, int o1,
+                                 const uint16_t* residual) {
+    for (int o = o0; o < o1; ++o) {
+        const uint16_t* wr = w + (size_t)o * K;
+        __m512 a[NB][4];
+        for (int b = 0; b < NB; ++b) for (int k = 0; k < 4; ++k) a[b][k] = _mm512_setzero_ps();
+        for (int c = 0; c < K / 32; c += 4) {
+            _mm_prefetch((const char*)(wr + 32 * c) + BF16_PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char*)(wr + 32 * c) + BF16_PREFETCH + 64, _MM_HINT_T0);
+            _mm_prefetch((const char*)(wr + 32 * c) + BF16_PREFETCH + 128, _MM_HINT_T0);
+            _mm_prefetch((const char*)(wr + 32 * c) + BF16_PREFETCH + 192, _MM_HINT_T0);
+            #pragma GCC unroll 4
+            for (int k = 0; k < 4; ++k) {
+                __m512bh wv = (__m512bh)_mm512_loadu_si512((const void*)(wr + 32 * (c + k)));
+                #pragma GCC unroll 4
+                for (int b = 0; b < NB; ++b)
+                    a[b][k] = _mm512_dpbf16_ps(a[b][k], wv,
+                                               (__m512bh)_mm512_loadu_si512((const void*)(xe + (size_t)b * K + 32 * (c + k))));
+            }
+        }
+        for (int b = 0; b < NB; ++b) {
+            float t[16];
+            _mm512_storeu_ps(t, _mm512_add_ps(_mm512_add_ps(a[b][0], a[b][1]), _mm512_add_ps(a[b][2], a[b][3])));
+            y[(size_t)b * N + o] = out_bf16(tree16(t), residual, (size_t)b * N + o);
+        }
+    }
+}
+
+TGT static void bf16_rows_avx512_all(const uint16_t* xe, const uint16_t* w, uint16_t* y, int B, int N, int K,
+                                     int o0, int o1, const uint16_t* residual) {
+    for (int b0 = 0; b0 < B; b0 += 4) {
+        const uint16_t* xb = xe + (size_t)b0 * K;
+        uint16_t* yb = y + (size_t)b0 * N;
+        const uint16_t* rb = residual ? residual + (size_t)b0 * N : 0;
+        switch (B - b0 < 4 ? B - b0 : 4) {
+            case 1: bf16_rows_avx512<1>(xb, w, yb, N, K, o0, o1, rb); break;
+            case 2: bf16_rows_avx512<2>(xb, w, yb, N, K, o0, o1, rb); break;
+            case 3: bf16_rows_avx512<3>(xb, w, yb, N, K, o0, o1, rb); break;
+            default: bf16_rows_avx512<4>(xb, w, yb, N, K, o0, o1, rb); break;
+        }
+    }
+}
+#endif
+
+/* x bf16 [B, x_row] (x_row = K, or 2K with silu), w bf16 [N, K] -> y bf16 [B, N]; scratch xe bf16 [B, K];
+   nw / eps / silu / residual as in graphrt_int4_gemv. K % 128 == 0, B <= 16. path 1: AVX512-BF16, 0: portable. */
+extern "C" void graphrt_bf16_gemv(const uint16_t* x, const uint16_t* w, uint16_t* y, uint16_t* xe, int B, int N,
+                                  int K, int threads, int path, const uint16_t* nw, float eps, int silu,
+                                  const uint16_t* residual) {
+    int nc = K / 128, x_row = silu ? 2 * K : K;
+    float r[16];
+    for (int b = 0; b < B; ++b) r[b] = nw ? norm_scale(x + (size_t)b * x_row, K, eps) : 1.0f;
+    int chunk = 16, nchunks = (N + chunk - 1) / chunk;
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int t = 0; t < B * nc; ++t)
+            input_cols(x + (size_t)(t / nc) * x_row, xe + (size_t)(t / nc) * K, K, 128 * (t % nc),
+                       128 * (t % nc) + 128, nw, r[t / nc], silu);
+        #pragma omp for schedule(static)
+        for (int c = 0; c < nchunks; ++c) {
+            int o0 = c * chunk, o1 = o0 + chunk < N ? o0 + chunk : N;
+#if defined(__x86_64__)
+            if (path == 1) { bf16_rows_avx512_all(xe, w, y, B, N, K, o0, o1, residual); continue; }
+#endif
+            bf16_rows_portable(xe, w, y, B, N, K, o0, o1, residual);
+        }
+    }
+}
+"""
