@@ -142,3 +142,34 @@ def test_bf16_gemv_vector_path_is_the_portable_path_and_near_float64():
             assert torch.allclose(fused.float(), apart.float(), rtol=2 ** -7, atol=2 ** -7 * apart.abs().max().item())
     assert not bf16_cpu.fusable(torch.randn(1, 64).bfloat16(), torch.randn(8, 64).bfloat16())     # K % 128
     assert not bf16_cpu.fusable(torch.randn(17, 128).bfloat16(), torch.randn(8, 128).bfloat16())  # 17 rows
+
+
+@needs_kernel
+def test_the_worker_pool_serves_several_callers_and_team_sizes():
+    """Two Python threads calling at once (the CPU lane's driver thread beside the main thread), with changing team
+    sizes and spin times: every result is the one a lone call gives."""
+    import threading
+    _, parts = _matrix(256, 1024, 128)
+    xs = [torch.randn(r, 1024).bfloat16() for r in (1, 2, 5)]
+    want = [int4_cpu.int4_gemv(x, parts["w"], parts["scales_and_zeros"]) for x in xs]
+    bad = []
+
+    def caller(threads: int, spin: int) -> None:
+        torch.set_num_threads(threads)
+        int4_cpu.set_spin(spin)
+        for i in range(60):
+            got = int4_cpu.int4_gemv(xs[i % 3], parts["w"], parts["scales_and_zeros"])
+            if not torch.equal(got, want[i % 3]):
+                bad.append(i)
+
+    before = torch.get_num_threads()
+    try:
+        workers = [threading.Thread(target=caller, args=(t, s)) for t, s in ((1, 0), (3, 2000), (2, 50))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        torch.set_num_threads(before)
+        int4_cpu.set_spin(50)
+    assert not bad

@@ -29,9 +29,11 @@ from typing import Callable
 import torch
 
 from ..weights import copy_kernel
+from ..weights.formats import int4_cpu
 from ..weights.store import pinned_empty, unpin
 
 HostFn = Callable[[torch.Tensor], torch.Tensor]
+LANE_SPIN_US = 4000   # the CPU kernels' workers spin this long after a product (a step's groups are ms apart)
 
 _REGISTRY: dict[int, Callable[[], None]] = {}
 _KEYS = itertools.count(1)
@@ -102,6 +104,8 @@ class CpuLane:
         self.cuda = device.type == "cuda"
         self.hidden, self.dtype, self.retired = hidden, dtype, []
         self.kernel_copies = self.cuda and copy_kernel.available(device.index or 0)
+        if self.cuda:   # graphrt's CPU kernels keep their workers awake between the groups of a step
+            int4_cpu.set_spin(LANE_SPIN_US)
         self.pinned: list[torch.Tensor] = []   # mapped staging buffers (unpinned by release)
         if self.cuda:  # pinned staging, reused by every group: the compute stream orders their uses
             self.stage_in, self.stage_out = self._staging(max_tokens * hidden), self._staging(max_tokens * hidden)

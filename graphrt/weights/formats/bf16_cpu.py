@@ -8,6 +8,8 @@ import torch
 from . import int4_cpu
 
 MAX_ROWS = int4_cpu.MAX_ROWS
+LANE_ROWS = 8   # the lane uses this kernel up to this batch; beyond, oneDNN's packed kernel (each weight serves more
+                # rows there; this kernel runs batches in fours, and the planner kept the lane off at 16 rows with it)
 
 
 def available() -> bool:

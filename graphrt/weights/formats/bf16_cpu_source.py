@@ -79,29 +79,37 @@ TGT static void bf16_rows_avx512_all(const uint16_t* xe, const uint16_t* w, uint
 }
 #endif
 
+struct Bf16Job {
+    const uint16_t* x; const uint16_t* w; uint16_t* y; uint16_t* xe; int B, N, K, nc, x_row, path, silu;
+    const uint16_t* nw; const uint16_t* residual; float r[16];
+};
+
+static void bf16_prep(void* c, int begin, int end) {   /* 128-column pieces of the input rows */
+    Bf16Job& j = *(Bf16Job*)c;
+    for (int t = begin; t < end; ++t)
+        input_cols(j.x + (size_t)(t / j.nc) * j.x_row, j.xe + (size_t)(t / j.nc) * j.K, j.K, 128 * (t % j.nc),
+                   128 * (t % j.nc) + 128, j.nw, j.r[t / j.nc], j.silu);
+}
+
+static void bf16_rows(void* c, int begin, int end) {   /* tasks of 16 output rows */
+    Bf16Job& j = *(Bf16Job*)c;
+    for (int t = begin; t < end; ++t) {
+        int o0 = 16 * t, o1 = o0 + 16 < j.N ? o0 + 16 : j.N;
+#if defined(__x86_64__)
+        if (j.path == 1) { bf16_rows_avx512_all(j.xe, j.w, j.y, j.B, j.N, j.K, o0, o1, j.residual); continue; }
+#endif
+        bf16_rows_portable(j.xe, j.w, j.y, j.B, j.N, j.K, o0, o1, j.residual);
+    }
+}
+
 /* x bf16 [B, x_row] (x_row = K, or 2K with silu), w bf16 [N, K] -> y bf16 [B, N]; scratch xe bf16 [B, K];
    nw / eps / silu / residual as in graphrt_int4_gemv. K % 128 == 0, B <= 16. path 1: AVX512-BF16, 0: portable. */
 extern "C" void graphrt_bf16_gemv(const uint16_t* x, const uint16_t* w, uint16_t* y, uint16_t* xe, int B, int N,
                                   int K, int threads, int path, const uint16_t* nw, float eps, int silu,
                                   const uint16_t* residual) {
-    int nc = K / 128, x_row = silu ? 2 * K : K;
-    float r[16];
-    for (int b = 0; b < B; ++b) r[b] = nw ? norm_scale(x + (size_t)b * x_row, K, eps) : 1.0f;
-    int chunk = 16, nchunks = (N + chunk - 1) / chunk;
-    #pragma omp parallel num_threads(threads)
-    {
-        #pragma omp for schedule(static)
-        for (int t = 0; t < B * nc; ++t)
-            input_cols(x + (size_t)(t / nc) * x_row, xe + (size_t)(t / nc) * K, K, 128 * (t % nc),
-                       128 * (t % nc) + 128, nw, r[t / nc], silu);
-        #pragma omp for schedule(static)
-        for (int c = 0; c < nchunks; ++c) {
-            int o0 = c * chunk, o1 = o0 + chunk < N ? o0 + chunk : N;
-#if defined(__x86_64__)
-            if (path == 1) { bf16_rows_avx512_all(xe, w, y, B, N, K, o0, o1, residual); continue; }
-#endif
-            bf16_rows_portable(xe, w, y, B, N, K, o0, o1, residual);
-        }
-    }
+    Bf16Job j{x, w, y, xe, B, N, K, K / 128, silu ? 2 * K : K, path, silu, nw, residual, {0}};
+    for (int b = 0; b < B; ++b) j.r[b] = nw ? norm_scale(x + (size_t)b * j.x_row, K, eps) : 1.0f;
+    pool_run(bf16_prep, &j, B * j.nc, threads);
+    pool_run(bf16_rows, &j, (N + 15) / 16, threads);
 }
 """

@@ -1,6 +1,6 @@
 """The CPU int4 kernel (source and math: int4_cpu_source.py): built once per machine with the system's C++
 compiler into graphrt's cache, loaded with ctypes, called with the tensors' pointers (ctypes releases the GIL
-for the call, and the kernel's OpenMP team is torch's: the library links the libgomp torch loaded).
+for the call; the kernels run on a worker pool of their own, cpu_pool_source.py, which says why not OpenMP).
 
 Where it runs: bfloat16 activations, the "blocked" layout, on a CPU with AVX512-BF16 (`available()`); there the
 CPU policy packs int4 "blocked" (policy.int4_packing), so a CPU-lane group holds the bytes the GPU streams. On
@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 
 from .bf16_cpu_source import SOURCE as BF16_SOURCE
+from .cpu_pool_source import SOURCE as POOL_SOURCE
 from .int4_cpu_source import SOURCE as INT4_SOURCE
 
-SOURCE = INT4_SOURCE + BF16_SOURCE   # one library: the bf16 GEMV (bf16_cpu.py) uses the int4 source's helpers
+SOURCE = POOL_SOURCE + INT4_SOURCE + BF16_SOURCE   # one library: the bf16 GEMV (bf16_cpu.py) uses the int4 source's helpers
 
 GROUPS = (128, 256)     # group sizes the kernel takes (it works in 128-column chunks)
 MAX_ROWS = 16          # activation rows per call (the C entry keeps 16 norm scales) (the GEMV regime; more rows dequantize, then F.linear)
-FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-std=c++17")
+FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-std=c++17")
 
 
 def _cache_dir() -> Path:
@@ -65,10 +66,21 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.graphrt_int4_gemv.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
                                      + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p])
     lib.graphrt_int4_has_avx512bf16.restype = ctypes.c_int
+    lib.graphrt_cpu_pool_spin.restype = None
+    lib.graphrt_cpu_pool_spin.argtypes = [ctypes.c_long]
     lib.graphrt_bf16_gemv.restype = None
     lib.graphrt_bf16_gemv.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
                                       + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p])
     return lib, ""
+
+
+def set_spin(microseconds: int) -> None:
+    """How long the kernels' workers spin after a job before they sleep (cpu_pool_source.py): the CPU lane sets
+    a few milliseconds, so they stay awake between the groups of a step; the default, 50 us, leaves the CPU to
+    other work soon after a product."""
+    lib, _ = _library()
+    if lib is not None:
+        lib.graphrt_cpu_pool_spin(int(microseconds))
 
 
 def built() -> bool:

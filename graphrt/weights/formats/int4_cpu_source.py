@@ -23,7 +23,6 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
-#include <omp.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -209,41 +208,48 @@ static void input_cols(const uint16_t* x, uint16_t* xe, int K, int i0, int i1, c
     }
 }
 
+struct Int4Job {
+    const uint16_t* x; const uint8_t* w; const uint16_t* sz; uint16_t* y; uint16_t* xe; uint16_t* xp; float* X;
+    int B, N, K, G, ng, x_row, path, silu; const uint16_t* nw; const uint16_t* residual; float r[16];
+};
+
+static void int4_prep(void* c, int begin, int end) {   /* groups of rows: input columns, their order, their sum */
+    Int4Job& j = *(Int4Job*)c;
+    int K = j.K, G = j.G;
+    for (int t = begin; t < end; ++t) {
+        int b = t / j.ng, g = t % j.ng;
+        uint16_t* eb = j.xe + (size_t)b * K;
+        input_cols(j.x + (size_t)b * j.x_row, eb, K, g * G, g * G + G, j.nw, j.r[b], j.silu);
+        for (int c = g * G / 128; c < (g + 1) * G / 128; ++c)
+            for (int p = 0; p < 4; ++p)
+                for (int i = 0; i < 32; ++i) j.xp[(size_t)b * K + 128 * c + 32 * p + i] = eb[128 * c + chunk_col(i, p)];
+        float sum = 0.0f;
+        for (int i = 0; i < G; ++i) sum = sum + bf16_to_f32(eb[g * G + i]);
+        j.X[(size_t)b * j.ng + g] = sum;
+    }
+}
+
+static void int4_rows(void* c, int begin, int end) {   /* tasks of 16 output rows */
+    Int4Job& j = *(Int4Job*)c;
+    for (int t = begin; t < end; ++t) {
+        int o0 = 16 * t, o1 = o0 + 16 < j.N ? o0 + 16 : j.N;
+#if defined(__x86_64__)
+        if (j.path == 1) { rows_avx512_all(j.xp, j.w, j.sz, j.y, j.X, j.B, j.N, j.K, j.G, o0, o1, j.residual); continue; }
+#endif
+        rows_portable(j.xp, j.w, j.sz, j.y, j.X, j.B, j.N, j.K, j.G, o0, o1, j.residual);
+    }
+}
+
 /* x bf16 [B, x_row] (x_row = K, or 2K with silu), w uint8 [N, K/2] (blocked), sz bf16 [K/G, N, 2] -> y bf16 [B, N];
    scratch: xe, xp bf16 [B, K] and X float [B, K/G]. nw (bf16 [K]) or null; residual (bf16 [B, N]) or null: y is
    then bf16(residual + the float32 product). G in 128, 256 dividing K; B <= 16. path 1: AVX512-BF16, 0: portable.
-   One parallel region, one barrier inside: the input rows by group (columns, order, sum), then the output rows
-   (16 a task). */
+   Two pool jobs: the input rows by group, then the output rows. */
 extern "C" void graphrt_int4_gemv(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint16_t* y,
                                   uint16_t* xe, uint16_t* xp, float* X, int B, int N, int K, int G, int threads,
                                   int path, const uint16_t* nw, float eps, int silu, const uint16_t* residual) {
-    int ng = K / G, x_row = silu ? 2 * K : K;
-    float r[16];
-    for (int b = 0; b < B; ++b) r[b] = nw ? norm_scale(x + (size_t)b * x_row, K, eps) : 1.0f;
-    int chunk = 16, nchunks = (N + chunk - 1) / chunk;
-    #pragma omp parallel num_threads(threads)
-    {
-        #pragma omp for schedule(static)
-        for (int t = 0; t < B * ng; ++t) {          /* one group of one row: its input columns, order, sum */
-            int b = t / ng, g = t % ng;
-            const uint16_t* xb = x + (size_t)b * x_row;
-            uint16_t* eb = xe + (size_t)b * K;
-            input_cols(xb, eb, K, g * G, g * G + G, nw, r[b], silu);
-            for (int c = g * G / 128; c < (g + 1) * G / 128; ++c)
-                for (int p = 0; p < 4; ++p)
-                    for (int i = 0; i < 32; ++i) xp[(size_t)b * K + 128 * c + 32 * p + i] = eb[128 * c + chunk_col(i, p)];
-            float sum = 0.0f;
-            for (int i = 0; i < G; ++i) sum = sum + bf16_to_f32(eb[g * G + i]);
-            X[(size_t)b * ng + g] = sum;
-        }
-        #pragma omp for schedule(static)
-        for (int c = 0; c < nchunks; ++c) {
-            int o0 = c * chunk, o1 = o0 + chunk < N ? o0 + chunk : N;
-#if defined(__x86_64__)
-            if (path == 1) { rows_avx512_all(xp, w, sz, y, X, B, N, K, G, o0, o1, residual); continue; }
-#endif
-            rows_portable(xp, w, sz, y, X, B, N, K, G, o0, o1, residual);
-        }
-    }
+    Int4Job j{x, w, sz, y, xe, xp, X, B, N, K, G, K / G, silu ? 2 * K : K, path, silu, nw, residual, {0}};
+    for (int b = 0; b < B; ++b) j.r[b] = nw ? norm_scale(x + (size_t)b * j.x_row, K, eps) : 1.0f;
+    pool_run(int4_prep, &j, B * j.ng, threads);
+    pool_run(int4_rows, &j, (N + 15) / 16, threads);
 }
 """
