@@ -19,6 +19,7 @@ from . import text
 from .config import ConfigError, RuntimeOptions, parse_dtype, resolve_device, resolve_max_seq_len
 from .exec.decode import Rows, decode_eager, decode_graph
 from .exec.comm import join_rank
+from .exec.cpu_lane import LANE_SPIN_US
 from .exec.engine import Engine
 from .exec.speculative import SpecStats
 from .exec.graph import DecodeGraph, GraphCache, pad_prompts
@@ -27,6 +28,7 @@ from .plan.placement import CostModel, Placement, plan_placement, with_prefill_c
 from .plan.schedule import build_plans, build_prologue
 from .sampling import SEED_STRIDE, SamplingParams
 from .speculative import Speculation, Speculative
+from .weights.formats import int4_cpu
 from .weights.layout import model_groups
 from .weights.sources import open_source, weight_policy
 from .weights.store import WeightStore
@@ -97,6 +99,8 @@ class Runtime:
             # the lane's thread count, used by its host functions: --cpu-threads, else on a GPU machine the
             # fastest measured team size (one thread drives the GPU), else torch's
             cuda = self.device.type == "cuda"
+            if cuda:   # calibrate graphrt's CPU kernels as the lane runs them: workers awake between products
+                int4_cpu.set_spin(LANE_SPIN_US)
             if o.cpu_threads or o.cpu_rate or not cuda:
                 threads = o.cpu_threads or (min(torch.get_num_threads(), max(1, (os.cpu_count() or 2) - 1))
                                             if cuda else torch.get_num_threads())

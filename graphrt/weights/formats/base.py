@@ -125,7 +125,8 @@ def embedding(ids: torch.Tensor, w: Weight, dtype: torch.dtype) -> torch.Tensor:
 
 def for_cpu(views: dict[str, "torch.Tensor | Weight"], rows: int) -> dict[str, "torch.Tensor | Weight"]:
     """A group's views as the CPU lane computes them: each matrix's format may add parts made once for the CPU's
-    kernel (`format.for_cpu(parts, rows)`, e.g. oneDNN's packed bf16 copy); formats without it are unchanged."""
+    kernel (`format.for_cpu(parts, rows)`, e.g. a dense bf16 matrix marked for graphrt's CPU GEMV, or oneDNN's packed
+    copy for large batches); formats without it are unchanged."""
     out = {}
     for key, w in views.items():
         prepare = getattr(w.format, "for_cpu", None) if isinstance(w, Weight) else None
