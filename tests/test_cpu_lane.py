@@ -281,3 +281,23 @@ def test_thread_count_comes_from_the_calibration(tmp_path, monkeypatch):
     assert calibrate.best_threads(cfg, policy, 1, [3, 2, 1]) == (2, 9e9)
     assert sorted(seen) == [1, 2, 3] and torch.get_num_threads() == before
     assert calibrate.best_threads(cfg, policy, 1, [3, 2, 1]) == (2, 9e9) and len(seen) == 3   # from the cache
+
+
+@pytest.mark.gpu
+def test_default_model_bf16_lane_keeps_the_all_gpu_greedy_tokens(default_model):
+    """Issue 17's bound on the default model: bf16, half its MLP groups computed by the CPU lane inside the captured
+    step, against the all-GPU run: logits within 2e-2 relative and the same 64 greedy tokens."""
+    kw = dict(device="cuda", dtype="bfloat16", max_seq_len=256, stream_unit="attn_mlp")
+    ref = Runtime.from_pretrained(default_model, **kw)
+    probe = Runtime.from_pretrained(default_model, **kw, gpu_budget="60GiB")
+    rt = Runtime.from_pretrained(default_model, **kw, gpu_budget=half_budget(probe.placement), cpu_lane=True,
+                                 cpu_rate=1e12, h2d_bandwidth=1e6)
+    assert rt.placement.cpu, rt.placement.describe()
+    text = rt.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    ids = torch.tensor([rt.encode(text)])
+    got, want = rt.logits(ids), ref.logits(ids)
+    assert ((got - want).norm() / want.norm()).item() < 2e-2
+    assert torch.equal(rt.generate(ids, 64, use_graph=True), ref.generate(ids, 64, use_graph=True))
+    cpu_lane.check()
+    for r in (rt, probe, ref):
+        r.close()
