@@ -1,6 +1,8 @@
 """graphrt's CPU int4 kernel (weights/formats/int4_cpu.py): the AVX512-BF16 path against the portable path that
 computes the same float32 operations lane by lane (bitwise), both against the float64 product of the format's
 own dequantized matrix, and the format's CPU linear going through it."""
+import time
+
 import pytest
 import torch
 
@@ -173,3 +175,26 @@ def test_the_worker_pool_serves_several_callers_and_team_sizes():
         torch.set_num_threads(before)
         int4_cpu.set_spin(50)
     assert not bad
+
+
+@needs_kernel
+def test_a_forked_child_gets_a_pool_of_its_own():
+    """After fork the child has none of the parent's worker threads; its kernel calls must not wait for them."""
+    import os
+    _, parts = _matrix(64, 512, 128)
+    x = torch.randn(1, 512).bfloat16()
+    want = int4_cpu.int4_gemv(x, parts["w"], parts["scales_and_zeros"])     # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:   # child: compute, compare, exit without pytest's teardown
+        ok = torch.equal(int4_cpu.int4_gemv(x, parts["w"], parts["scales_and_zeros"]), want)
+        os._exit(0 if ok else 1)
+    deadline = time.time() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.time() > deadline:
+            os.kill(pid, 9)
+            pytest.fail("the forked child's kernel call hung")
+        time.sleep(0.05)
+    assert os.WEXITSTATUS(status) == 0

@@ -18,6 +18,7 @@ SOURCE = r"""
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <vector>
 #if defined(__x86_64__)
@@ -63,9 +64,18 @@ struct Pool {
     }
 };
 
+Pool* current = nullptr;   /* lives as long as the process (its workers are detached) */
+
 Pool& pool() {
-    static Pool* p = new Pool();   /* lives as long as the process (its workers are detached) */
-    return *p;
+    if (current == nullptr) {
+        static bool registered = false;
+        if (!registered) {   /* a forked child has none of the parent's workers: it starts a pool of its own */
+            pthread_atfork(nullptr, nullptr, [] { current = nullptr; });
+            registered = true;
+        }
+        current = new Pool();
+    }
+    return *current;
 }
 }  // namespace
 
