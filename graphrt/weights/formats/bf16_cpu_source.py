@@ -1,7 +1,8 @@
 """C++ source of the CPU bfloat16 GEMV (bf16_cpu.py calls it; built into one library with int4_cpu_source.py,
 whose helpers it uses): y = x W^T for a row-major bf16 W [N, K] (the bytes the GPU streams), 1..16 input rows,
-the CPU lane's product. oneDNN's packed kernel read these matrices from DRAM at 60-80 GB/s on the H100 host
-(tools/cpu_gemv_probe.py, weights cycled so the cache cannot serve them), torch's int8 kernel at 110-130.
+the CPU lane's product. oneDNN's packed kernel read these matrices from DRAM at 55-80 GB/s on the H100 host
+(tools/cpu_gemv_probe.py, weights cycled so the cache cannot serve them), torch's int8 kernel at 105-130; this
+kernel: an MLP group at 150 GB/s (tools/lane_probe.py).
 
 The math, in float32 operations that both paths compute one for one (bitwise equal):
   - Per 32-column chunk c of a row, 16 lanes: lane l += w[2l+1] x[2l+1], then += w[2l] x[2l] (float32 adds,

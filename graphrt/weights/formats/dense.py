@@ -5,7 +5,7 @@ On the CPU lane (weights computed by the CPU from host memory), a bf16 matrix is
 `linear_fused`) on the group buffer's own bytes, the ones prompt steps stream to the GPU. Where that kernel does not
 run, the matrix gets oneDNN's packed copy at load (`torch.ops.mkldnn._reorder_linear_weight`, an opaque tensor
 held beside the buffer) and `linear` runs oneDNN's kernel on it. From DRAM on the H100 host (tools/cpu_gemv_probe.py,
-weights cycled so the cache cannot serve them, 15 threads, one row) oneDNN read these matrices at 60-80 GB/s.
+weights cycled so the cache cannot serve them, 15 threads, one row) oneDNN read these matrices at 55-80 GB/s.
 On CUDA, one input row times a large bf16 / fp16 matrix runs graphrt's Triton GEMV (dense_gemv.py); the rest cuBLAS.
 """
 from __future__ import annotations
