@@ -96,7 +96,8 @@ static void rows_portable(const uint16_t* xp, const uint8_t* w, const uint16_t* 
 
 #if defined(__x86_64__)
 /* bytes ahead of the read that each chunk prefetches: the rows of a task are contiguous, and the hardware's own
-   prefetch alone left one thread at about 6 GB/s from DRAM (11 G weights/s; 18 with this, ATen's kernel 14.5) */
+   prefetch alone left one thread at about 6 GB/s from DRAM (11 G weights/s; 18 with this, ATen's kernel 14.5; on the
+   2-core development machine) */
 #define PREFETCH 8192
 #define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
 /* the bfloat16 16 + q of the nibbles at bits 4p..4p+3 of each word: ((v >> (4p - 3)) & 0x78) | 0x4180 */
