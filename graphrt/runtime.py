@@ -8,7 +8,6 @@ else: every piece keeps its own state.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -20,7 +19,7 @@ from . import text
 from .config import ConfigError, RuntimeOptions, parse_dtype, resolve_device, resolve_max_seq_len
 from .exec.decode import Rows, decode_eager, decode_graph
 from .exec.comm import join_rank
-from .exec.cpu_lane import LANE_SPIN_US, lane_rate
+from .exec.cpu_lane import LANE_SPIN_US
 from .exec.engine import Engine
 from .exec.speculative import SpecStats
 from .exec.graph import DecodeGraph, GraphCache, pad_prompts
@@ -113,15 +112,7 @@ class Runtime:
                 torch.set_num_threads(threads)
             # the copy engine's rate while the CPU computes (measured, unless the rates were given)
             beside = h2d_beside_cpu(cfg, cpu_policy, o.max_batch_size) if cuda and not o.cpu_rate else 0.0
-            overhead = cost.cpu_overhead
-            if cuda and not o.cpu_rate:   # the groups as the lane runs them in a captured step, nodes included
-                try:
-                    rate, overhead = lane_rate(cfg, cpu_policy, o.max_batch_size, threads, self.device), 0.0
-                except Exception as e:  # noqa: BLE001 - planning goes on with the direct rate
-                    warnings.warn(f"the CPU lane's in-graph calibration failed ({type(e).__name__}: {e}); "
-                                  "planning with the directly measured CPU rate")
-            cost = replace(cost, cpu_rate=rate, cpu_overhead=overhead,
-                           h2d_beside_cpu=min(beside, cost.h2d_bandwidth) if beside else 0.0)
+            cost = replace(cost, cpu_rate=rate, h2d_beside_cpu=min(beside, cost.h2d_bandwidth) if beside else 0.0)
         p = plan_placement(cfg, budget, o.ring_depth, o.max_batch_size, o.max_seq_len, self.policy,
                            stream_unit=o.stream_unit, strategy=o.placement, prefill_chunk=o.prefill_chunk,
                            cost=cost, device_memory=device_memory, fused_attention=self.device.type == "cuda")

@@ -301,18 +301,3 @@ def test_default_model_bf16_lane_keeps_the_all_gpu_greedy_tokens(default_model):
     cpu_lane.check()
     for r in (rt, probe, ref):
         r.close()
-
-
-@pytest.mark.gpu
-def test_lane_rate_is_measured_in_a_captured_step_and_cached(tmp_path, monkeypatch):
-    """The planner's CPU rate on a GPU: MLP groups run through the lane's nodes in a graph, copies beside; once."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cfg = ModelConfig.from_dict(make_config(**dict(PRESETS["tiny-llama"], hidden=128, intermediate=256),
-                                            dtype="bfloat16"))
-    policy = quantization_policy(None, torch.bfloat16, torch.device("cpu"))
-    calls, real = [], cpu_lane.group_seconds_in_graph
-    monkeypatch.setattr(cpu_lane, "group_seconds_in_graph", lambda *a, **k: calls.append(a) or real(*a, **k))
-    first = cpu_lane.lane_rate(cfg, policy, 1, 2, torch.device("cuda"))
-    assert first > 0 and len(calls) == 1
-    assert cpu_lane.lane_rate(cfg, policy, 1, 2, torch.device("cuda")) == first and len(calls) == 1   # cached
-    cpu_lane.check()

@@ -23,16 +23,11 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import statistics
 import threading
-import time
 from typing import Callable
 
 import torch
 
-from ..config import ModelConfig
-from ..models import llama
-from ..plan import calibrate
 from ..weights import copy_kernel
 from ..weights.formats import int4_cpu
 from ..weights.store import pinned_empty, unpin
@@ -174,54 +169,3 @@ class CpuLane:
         for buf in self.pinned:
             unpin(buf)
         self.pinned.clear()
-
-
-def group_seconds_in_graph(device: torch.device, fns: list[HostFn], hidden: int, dtype: torch.dtype, batch: int,
-                           threads: int, reps: int = 12) -> float:
-    """Median seconds of one CPU-lane group inside a captured step: its three nodes (fns[i] as the host function,
-    taken in turn) replayed one at a time while a side stream keeps the copy engine reading pinned host memory, as
-    the ring does (the two host paths share DRAM). tools/lane_probe.py measures the same, and more."""
-    lane = CpuLane(device, batch, hidden, dtype, threads=threads)
-    src = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty_like(src, device=device)
-    side, stream = torch.cuda.Stream(device), torch.cuda.Stream(device)
-    h = torch.randn(batch, 1, hidden, device=device).to(dtype)
-    graphs: list[torch.cuda.CUDAGraph] = []
-    try:
-        for fn in fns:
-            with torch.cuda.stream(stream):
-                lane.run(h, fn)                   # warm-up, eager
-            torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                lane.run(h, fn)
-            graphs.append(graph)
-        with torch.cuda.stream(side):
-            for _ in range(16):                   # about 75 ms of copies, longer than the replays below
-                dst.copy_(src, non_blocking=True)
-        times = []
-        for i in range(len(graphs) + reps):
-            start = time.perf_counter()
-            with torch.cuda.stream(stream):
-                graphs[i % len(graphs)].replay()
-            stream.synchronize()
-            if i >= len(graphs):                  # each graph's first replay is a warm-up
-                times.append(time.perf_counter() - start)
-        check()
-        return statistics.median(times)
-    finally:
-        side.synchronize()
-        graphs.clear()
-        torch.cuda.synchronize(device)
-        lane.release()
-
-
-def lane_rate(cfg: ModelConfig, policy, batch: int, threads: int, device: torch.device) -> float:
-    """Bytes/s of MLP groups as the lane runs them in a captured step, copies beside, its nodes included (so the
-    planner's CostModel.cpu_overhead is 0 with it). Measured once per machine, threads and group (calibrate's
-    cache, tag "graph"); call with `threads` set as torch's count."""
-    def measure() -> float:
-        nbytes, groups = calibrate.mlp_groups(cfg, policy, batch)
-        fns = [lambda x, w=w: llama.mlp_forward(x, w, cfg) for w in groups]
-        return nbytes / group_seconds_in_graph(device, fns, cfg.hidden_size, policy.compute_dtype, batch, threads)
-    return calibrate.cached_rate(cfg, policy, batch, "graph", measure)

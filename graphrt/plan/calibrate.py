@@ -18,7 +18,6 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -135,20 +134,6 @@ def cpu_rate(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d:
     if key in cache:
         return float(cache[key])
     rate = measure(cfg, policy, batch, concurrent_h2d=concurrent_h2d, group=group)
-    if use_cache:
-        _store(key, rate)
-    return rate
-
-
-def cached_rate(cfg: ModelConfig, policy: FormatPolicy, batch: int, tag: str, measure: Callable[[], float],
-                use_cache: bool = True) -> float:
-    """A rate (bytes/s) that `measure()` takes, cached under this machine's key for the group plus `tag` (for
-    example "graph": the CPU lane's rate inside a captured step, exec/cpu_lane.lane_rate)."""
-    key = _key(cfg, policy, batch, True) + "|" + tag
-    cache = _read_cache() if use_cache else {}
-    if key in cache:
-        return float(cache[key])
-    rate = measure()
     if use_cache:
         _store(key, rate)
     return rate
