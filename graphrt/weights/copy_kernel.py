@@ -67,7 +67,4 @@ def copy_bytes(dst: torch.Tensor, src: torch.Tensor, device_index: int) -> None:
 def copy_h2d(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst (uint8, CUDA) <- src (uint8, pinned host memory registered as mapped), on the current stream.
     Both must be 16-byte aligned (ring slots and page-aligned host buffers are)."""
-    n = src.numel()
-    if dst.numel() < n or dst.data_ptr() % 16 or src.data_ptr() % 16:
-        raise ValueError(f"copy_h2d needs a 16-byte aligned destination of >= {n} bytes and an aligned source")
-    _kernel(dst.device.index or 0)(grid=(BLOCKS, 1, 1), block=(THREADS, 1, 1), args=[src, dst, n])
+    copy_bytes(dst, src, dst.device.index or 0)

@@ -27,11 +27,7 @@ def fusable(x: torch.Tensor, w: torch.Tensor, norm: tuple | None = None, silu: b
     if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.shape[-1] != (2 * k if silu else k) or k % 128
             or not 1 <= rows <= MAX_ROWS or (norm is not None and silu)):
         return False
-    if norm is not None and not (norm[0].dtype == torch.bfloat16 and norm[0].shape == (k,)
-                                 and norm[0].device.type == "cpu"):
-        return False
-    return residual is None or (residual.dtype == torch.bfloat16 and residual.shape == (*x.shape[:-1], n)
-                                and residual.device.type == "cpu")
+    return int4_cpu.neighbours_fit(x.shape[:-1], k, n, norm, residual)
 
 
 def bf16_gemv(x: torch.Tensor, w: torch.Tensor, portable: bool = False, *,

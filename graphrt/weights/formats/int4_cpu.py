@@ -31,7 +31,8 @@ from .int4_cpu_source import SOURCE as INT4_SOURCE
 SOURCE = POOL_SOURCE + INT4_SOURCE + BF16_SOURCE   # one library: the bf16 GEMV (bf16_cpu.py) uses the int4 source's helpers
 
 GROUPS = (128, 256)     # group sizes the kernel takes (it works in 128-column chunks)
-MAX_ROWS = 16          # activation rows per call (the C entry keeps 16 norm scales) (the GEMV regime; more rows dequantize, then F.linear)
+MAX_ROWS = 16          # activation rows per call: the GEMV regime (the C entries keep 16 norm scales); more rows
+                       # dequantize, then F.linear
 FLAGS = ("-O3", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-std=c++17")
 
 
@@ -64,7 +65,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
             if run.returncode != 0:
                 return None, f"{cxx} failed: {run.stderr.strip()[-400:]}"
             os.replace(lib, path)
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:   # e.g. a cached library from another machine's toolchain: delete it to rebuild
+        return None, f"cannot load {path} ({e}); delete it and graphrt builds it again"
     lib.graphrt_int4_gemv.restype = None
     lib.graphrt_int4_gemv.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
                                      + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p])
@@ -123,11 +127,16 @@ def fusable(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, norm: tuple | No
     x_in = x[..., :k] if silu else x
     if silu and x.shape[-1] != 2 * k:
         return False
-    if not supports(x_in, w, sz):
+    return supports(x_in, w, sz) and neighbours_fit(lead, k, sz.shape[1], norm, residual)
+
+
+def neighbours_fit(lead: tuple[int, ...], k: int, n: int, norm: tuple | None, residual: torch.Tensor | None) -> bool:
+    """Whether a norm weight (bf16 [k]) and a residual (bf16 [*lead, n]) on the CPU are what the kernels take
+    (both kernels: this one and bf16_cpu's)."""
+    if norm is not None and not (norm[0].dtype == torch.bfloat16 and norm[0].shape == (k,)
+                                 and norm[0].device.type == "cpu"):
         return False
-    if norm is not None and not (norm[0].dtype == torch.bfloat16 and norm[0].shape == (k,) and norm[0].device.type == "cpu"):
-        return False
-    return residual is None or (residual.dtype == torch.bfloat16 and residual.shape == (*lead, sz.shape[1])
+    return residual is None or (residual.dtype == torch.bfloat16 and residual.shape == (*lead, n)
                                 and residual.device.type == "cpu")
 
 
