@@ -24,12 +24,14 @@ from .exec.engine import Engine
 from .exec.speculative import SpecStats
 from .exec.graph import DecodeGraph, GraphCache, pad_prompts
 from .plan.calibrate import best_threads, cpu_rate, h2d_beside_cpu, thread_candidates
-from .plan.placement import CostModel, Placement, plan_placement, with_prefill_chunk
+from .plan.memory import with_prefill_chunk
+from .plan.placement import CostModel, Placement, plan_placement, prompt_groups
 from .plan.schedule import build_plans, build_prologue
 from .sampling import SEED_STRIDE, SamplingParams
 from .speculative import Speculation, Speculative
 from .weights.formats import int4_cpu
 from .weights.layout import model_groups
+from .weights.pieces import cut_group
 from .weights.sources import open_source, weight_policy
 from .weights.store import WeightStore
 
@@ -66,15 +68,19 @@ class Runtime:
                                                     opts.max_seq_len, self.comm.min_int(p.prefill_chunk, self.device),
                                                     self.device.type == "cuda")
         self.options = opts = replace(opts, prefill_chunk=p.prefill_chunk)   # "auto" (None) resolved by the plan
+        # prompt steps: the CPU lane's groups they stream, in pieces where a slot is smaller (weights/pieces.py)
+        prompt_order, pieces = prompt_groups(p.groups, p.prompt_streamed, p.slot_bytes)
         with nvtx.annotate("graphrt.load", color="purple"):
             store = WeightStore(self.source, p.groups, p.resident, p.ring_depth, p.slot_bytes, self.device,
-                                opts.progress, p.cpu, shard, p.prompt_streamed, opts.copy_mode, opts.max_batch_size)
+                                opts.progress, p.cpu, shard, p.prompt_streamed, opts.copy_mode, opts.max_batch_size,
+                                pieces)
         names, streamed = [g.name for g in p.groups], set(p.streamed)
-        prompt = streamed | p.prompt_streamed
+        prompt, prompt_names = streamed | p.prompt_streamed | set(pieces), [g.name for g in prompt_order]
         self.engine = Engine(self.local_config, opts, store, build_plans(names, streamed, opts.ring_depth),
                              build_prologue(names, streamed, opts.ring_depth), self.dtype, self.comm,
                              shard.vocab[0] if shard is not None else 0,
-                             (build_plans(names, prompt, opts.ring_depth), build_prologue(names, prompt, opts.ring_depth))
+                             (build_plans(prompt_names, prompt, opts.ring_depth),
+                              build_prologue(prompt_names, prompt, opts.ring_depth))
                              if p.prompt_streamed else None)
         self.graph_cache: GraphCache | None = None
         self.speculation = Speculation()   # drafts loaded for this runtime and their device rounds
@@ -118,9 +124,9 @@ class Runtime:
                            cost=cost, device_memory=device_memory, fused_attention=self.device.type == "cuda")
         if p.cpu:
             on_cpu = {g.name: g for g in model_groups(cfg, cpu_policy, p.stream_unit) if g.name in p.cpu}
-            # prompts stream the CPU-lane groups whose bytes the GPU computes as they are and a slot holds
-            portable = frozenset(g.name for g in p.groups if g.name in on_cpu and on_cpu[g.name] == g
-                                 and p.streamed and g.nbytes <= p.slot_bytes)
+            # prompts stream the CPU-lane groups whose bytes the GPU computes as they are, whole or in pieces
+            portable = frozenset(g.name for g in p.groups if g.name in on_cpu and on_cpu[g.name] == g and p.streamed
+                                 and (g.nbytes <= p.slot_bytes or cut_group(g, p.slot_bytes) is not None))
             p = replace(p, groups=tuple(on_cpu.get(g.name, g) for g in p.groups), prompt_streamed=portable)
         return p
 

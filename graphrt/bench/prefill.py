@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..runtime import Runtime
-from ..plan.placement import essentials
+from ..plan.memory import essentials
 from .run import cuda_median, make_bench_model, measure_limits
 
 LAYERS, BUDGET, MAX_SEQ, MAX_BATCH = 16, "10GiB", 4096, 8

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..plan.placement import essentials
+from ..plan.memory import essentials
 from ..runtime import Runtime
 from ..weights.formats.policy import int4_packing, quantization_policy
 from ..weights.layout import model_groups

@@ -127,6 +127,11 @@ class Engine:
                 act["h"] = self.cpu_lane.run(act["h"], lambda x: llama.mlp_forward(x, w, cfg))
             elif layout.kind == "mlp":
                 act["h"] = llama.mlp_forward(act["h"], w, cfg, reduce)
+            elif layout.kind == "piece":   # rows of an MLP's matrix (a prompt step streaming a lane group in pieces)
+                piece = self.store.pieces[group]
+                act["mlp"] = llama.mlp_piece_forward(act["h"], w, piece.key, act.get("mlp"), cfg)
+                if piece.ends_group:
+                    act["h"] = llama.mlp_pieces_output(act["h"], act.pop("mlp"), reduce)
             else:
                 h = act["h"]
                 if pick is not None:  # [B, T, hidden] -> [B, 1, hidden]

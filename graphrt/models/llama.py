@@ -164,6 +164,35 @@ def mlp_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, reduce: Reduce = 
     return linear(silu_mul(gate, up), w["down"], residual=h)
 
 
+class MlpPieces(NamedTuple):
+    """An MLP computed from row pieces of its matrices (a prompt step that streams it in pieces, weights/pieces.py)."""
+    x: torch.Tensor                          # [B, T, hidden] the normed input
+    products: dict[str, list[torch.Tensor]]  # per matrix, each piece's product [B, T, rows] so far, in row order
+    hidden: torch.Tensor | None              # [B, T, F] silu(gate) * up, once gate and up are whole
+
+
+def mlp_piece_forward(h: torch.Tensor, w: Weights, key: str, state: MlpPieces | None,
+                      cfg: ModelConfig) -> MlpPieces:
+    """One piece: w[key] holds rows of the MLP's matrix `key` (the first piece also the norm). Pieces come in the
+    group's order, so gate and up (or gate_up) are whole before the first piece of down."""
+    if state is None:
+        state = MlpPieces(rms_norm(h, w["post_norm"], cfg.rms_norm_eps), {}, None)
+    if key != "down":
+        return state._replace(products={**state.products, key: [*state.products.get(key, []), linear(state.x, w[key])]})
+    hidden = state.hidden
+    if hidden is None:   # the gate / up products are dropped here
+        whole = {k: torch.cat(v, dim=-1) for k, v in state.products.items()}
+        gate, up = whole["gate_up"].chunk(2, dim=-1) if "gate_up" in whole else (whole["gate"], whole["up"])
+        hidden = silu_mul(gate, up)
+    return MlpPieces(state.x, {"down": [*state.products.get("down", []), linear(hidden, w["down"])]}, hidden)
+
+
+def mlp_pieces_output(h: torch.Tensor, state: MlpPieces, reduce: Reduce = None) -> torch.Tensor:
+    """h + down(silu(gate) * up) once every piece of down is in."""
+    out = torch.cat(state.products["down"], dim=-1)
+    return h + (reduce(out) if reduce is not None else out)
+
+
 def layer_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, ctx: StepContext, reduce: Reduce = None) -> torch.Tensor:
     h = attn_forward(h, w, cfg, k_cache, v_cache, ctx, reduce)

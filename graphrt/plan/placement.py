@@ -7,11 +7,11 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from ..weights.layout import FormatPolicy, GroupLayout, model_groups
+from ..weights.pieces import Piece, cut_group
+from .memory import PREFILL_BASE, essentials, widen_prefill_chunk
 from .schedule import build_plans, build_prologue
 from .simulator import SimResult, simulate
 
-MARGIN = 256 * 2**20  # allocator fragmentation and library workspaces
-PREFILL_BASE = 256    # prompt tokens per prefill step the placement always leaves room for
 
 
 def _gib(nbytes: int) -> str:
@@ -106,53 +106,13 @@ class Placement:
                      f"fewer rows (activations "
                      f"{self.memory.get('activations', 0) / gib:.2f} GiB)" +
                      (f"; prompts stream {len(self.prompt_streamed)} of the CPU lane's groups through the ring "
-                      "(a prompt's many tokens cost the CPU more than the copy)" if self.prompt_streamed else ""))
+                      "(a prompt's many tokens cost the CPU more than the copy), in pieces where a slot is smaller"
+                      if self.prompt_streamed else ""))
         return "\n".join(lines)
 
 
 def _ranges(names: list[str]) -> str:
     return ", ".join(names) if len(names) <= 8 else f"{', '.join(names[:4])}, ..., {', '.join(names[-3:])}"
-
-
-def essentials(cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int, max_seq_len: int,
-               prefill_chunk: int, fused_attention: bool = False) -> dict[str, int]:
-    """Memory that is needed whatever the placement: KV cache, activations, logits, RoPE table, margin.
-    fused_attention: attention never holds a [rows, heads, chunk, context] score tensor (CUDA's fused SDPA
-    kernels); else two float32 copies of it are counted (the CPU's math path)."""
-    e = dtype.itemsize
-    kv = 2 * cfg.num_layers * max_batch_size * cfg.num_kv_heads * max_seq_len * cfg.head_dim * e
-    tokens = max_batch_size * min(prefill_chunk, max_seq_len)
-    width = 4 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 3 * cfg.intermediate_size
-    scores = max_batch_size * cfg.num_heads * min(prefill_chunk, max_seq_len) * max_seq_len * 4
-    mask = max_batch_size * min(prefill_chunk, max_seq_len) * max_seq_len * e       # the additive mask
-    # two live tensors of every width per token, in the compute dtype. Measured on the H100 (bf16, 8B shape,
-    # docs/results/2026-11-26-session4.md): a 2048-token step peaks at 0.29 GiB beyond what was allocated before
-    # it, where this gives 0.54 GiB
-    activations = 2 * tokens * width * e + (mask if fused_attention else 2 * scores)
-    logits = 6 * max_batch_size * cfg.vocab_size * 4  # last-position logits and sampling buffers
-    rope = 2 * max_seq_len * cfg.head_dim * e + 8 * (max_seq_len + max_batch_size)   # llama.RopeTable
-    return {"kv_cache": kv, "activations": activations, "logits": logits, "rope_table": rope, "margin": MARGIN}
-
-
-def widen_prefill_chunk(p: Placement, cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int,
-                        max_seq_len: int, fused_attention: bool = False) -> Placement:
-    """The longest prefill chunk (PREFILL_BASE doubled, up to max_seq_len) whose activations fit in the memory
-    the placement left: a prompt of that length streams each weight once. The resident set does not change."""
-    act = lambda c: essentials(cfg, dtype, max_batch_size, max_seq_len, c, fused_attention)["activations"]  # noqa: E731
-    left = p.budget - sum(p.memory.values())
-    chunk = c = min(p.prefill_chunk, max_seq_len)
-    while c < max_seq_len:
-        c = min(2 * c, max_seq_len)
-        if act(c) - act(p.prefill_chunk) > left:
-            break
-        chunk = c
-    return with_prefill_chunk(p, cfg, dtype, max_batch_size, max_seq_len, chunk, fused_attention)
-
-
-def with_prefill_chunk(p: Placement, cfg: ModelConfig, dtype: torch.dtype, max_batch_size: int, max_seq_len: int,
-                       chunk: int, fused_attention: bool = False) -> Placement:
-    act = essentials(cfg, dtype, max_batch_size, max_seq_len, chunk, fused_attention)["activations"]
-    return replace(p, prefill_chunk=chunk, memory={**p.memory, "activations": act})
 
 
 def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_batch_size: int = 1,
@@ -214,6 +174,11 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
             "or lower max_seq_len / the batch size")
     evaluated = [_evaluate(groups, resident, ring_depth, gpu_budget, fixed, cost, kind)
                  for resident, kind in _candidates(groups, must, gpu_budget - base, ring_depth, strategy)]
+    if cost.cpu_rate > 0 and strategy == "auto":   # the lane's own plans: slots sized for what streams
+        beside = replace(cost, h2d_bandwidth=cost.h2d_beside_cpu) if cost.h2d_beside_cpu else cost
+        evaluated += [_evaluate_homes(groups, resident, cpu, ring_depth, gpu_budget, fixed, beside if cpu else cost,
+                                      "lane")
+                      for resident, cpu in _lane_candidates(groups, must, gpu_budget - base, ring_depth)]
     if not evaluated:
         raise BudgetError(f"no placement fits gpu_budget {gpu_budget / 2**30:.2f} GiB with ring_depth "
                           f"{ring_depth}; raise gpu_budget or lower ring_depth")
@@ -229,9 +194,21 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
 
 def prompt_step_time(p: Placement, cost: CostModel) -> float:
     """Predicted time of a prompt step of cost.batch_size tokens on placement p: every group that is not resident
-    streams (prompt steps carry the CPU lane's groups over PCIe too)."""
-    streamed = {g.name for g in p.groups if g.name not in p.resident}
-    return _simulate(p.groups, streamed, p.ring_depth, cost, frozenset()).step_time
+    streams (prompt steps carry the CPU lane's groups over PCIe too, in pieces where a slot is smaller)."""
+    groups, _ = prompt_groups(p.groups, {g.name for g in p.groups if g.name not in p.resident}, p.slot_bytes)
+    streamed = {g.name for g in groups if g.name not in p.resident}
+    return _simulate(groups, streamed, p.ring_depth, cost, frozenset()).step_time
+
+
+def prompt_groups(groups, streamed: set[str], slot_bytes: int) -> tuple[list[GroupLayout], dict[str, Piece]]:
+    """A prompt step's groups in order, each of the `streamed` groups that no slot holds replaced by its pieces
+    (weights/pieces.py); and those pieces by name."""
+    order, pieces = [], {}
+    for g in groups:
+        cut = cut_group(g, slot_bytes) if g.name in streamed and g.nbytes > slot_bytes else None
+        order += [c.layout for c in cut] if cut else [g]
+        pieces.update({c.layout.name: c for c in cut or ()})
+    return order, pieces
 
 
 def _simulate(groups, streamed: set[str], ring_depth: int, cost: CostModel, cpu: frozenset[str]) -> SimResult:
@@ -275,6 +252,39 @@ def _candidates(groups, must, room: int, ring_depth: int, strategy: str):
                     picked.append(g)
                     used += g.nbytes
             yield frozenset(x.name for x in chosen + picked), kind
+
+
+def _spread(seq: list, count: int) -> list:
+    return [seq[int((i + 0.5) * len(seq) / count)] for i in range(count)]
+
+
+def _lane_candidates(groups, must, room: int, ring_depth: int):
+    """(resident, cpu) sets where every non-resident MLP group is computed on the CPU lane, so decode streams only
+    attention groups (and streamed ends) and the slots are sized for those; the memory smaller slots free holds more
+    resident groups: m of the MLP groups (spread over the depth) and as many attention groups as the rest holds,
+    for every m. Prompt steps stream the lane's groups in pieces (weights/pieces.py): only where they can be cut."""
+    attns, mlps = [g for g in groups if g.kind == "attn"], [g for g in groups if g.kind == "mlp"]
+    ends = [g for g in groups if g.kind in ("embed", "head") and g not in must]
+    if not attns or not mlps:
+        return
+    for mask in range(1 << len(ends)):
+        chosen = list(must) + [g for j, g in enumerate(ends) if mask >> j & 1]
+        streamed_ends = [g for g in ends if g not in chosen]
+        slot = max(g.nbytes for g in attns + streamed_ends)
+        left = room - ring_depth * slot - sum(g.nbytes for g in chosen)
+        for m in range(len(mlps) + 1):
+            kept = _spread(mlps, m)
+            rest = left - sum(g.nbytes for g in kept)
+            if rest < 0:
+                break
+            a = len(attns) - (0 if streamed_ends else 1)     # something must stream
+            while a > 0 and sum(g.nbytes for g in _spread(attns, a)) > rest:
+                a -= 1
+            resident = frozenset(g.name for g in chosen + kept + _spread(attns, a))
+            cpu = [g for g in mlps if g.name not in resident]
+            ring = max(g.nbytes for g in attns + streamed_ends if g.name not in resident)   # the slot that results
+            if all(g.nbytes <= ring or cut_group(g, ring) is not None for g in cpu):
+                yield resident, frozenset(g.name for g in cpu)
 
 
 def _evaluate(groups, resident, ring_depth, budget, fixed, cost: CostModel, kind: str) -> Placement:

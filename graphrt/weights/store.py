@@ -12,6 +12,7 @@ from ..config import ConfigError
 from .copy_kernel import available as copy_kernel_available, copy_h2d
 from .formats import for_cpu
 from .layout import GroupLayout
+from .pieces import Piece
 
 
 class PinnedMemoryError(MemoryError):
@@ -67,17 +68,19 @@ class WeightStore:
     def __init__(self, ckpt: Checkpoint, groups: tuple[GroupLayout, ...], resident: frozenset[str],
                  ring_depth: int, slot_bytes: int, device: torch.device, progress: bool | None,
                  cpu: frozenset[str] = frozenset(), shard=None, prompt_streamed: frozenset[str] = frozenset(),
-                 copy_mode: str = "memcpy", cpu_rows: int = 1):
+                 copy_mode: str = "memcpy", cpu_rows: int = 1, pieces: dict[str, Piece] | None = None):
         """prompt_streamed: CPU-lane groups that prompt steps also copy into ring slots (their one host buffer
-        is pinned on CUDA and serves both). cpu_rows: the rows a CPU-lane step computes (the batch), for the CPU
-        kernels' packed copies (`for_cpu`)."""
+        is pinned on CUDA and serves both), `pieces` of them (by piece name) where a slot is smaller. cpu_rows: the
+        rows a CPU-lane step computes (the batch), for the CPU kernels' packed copies (`for_cpu`)."""
         self.device = device
         self.copy_kernel = copy_mode == "kernel" and device.type == "cuda"   # else a copy-engine memcpy
         mapped = self.copy_kernel
         if mapped and not copy_kernel_available(device.index or 0):
             raise ConfigError("copy_mode='kernel' needs NVRTC and torch.cuda._compile_kernel (torch >= 2.8) on this "
                               "GPU; use copy_mode='memcpy'")
-        self.layouts: dict[str, GroupLayout] = {g.name: g for g in groups}
+        self.pieces: dict[str, Piece] = dict(pieces or {})
+        self.layouts: dict[str, GroupLayout] = {g.name: g for g in groups} | {
+            n: c.layout for n, c in self.pieces.items()}
         self.resident: dict[str, torch.Tensor] = {}
         self.host: dict[str, torch.Tensor] = {}       # streamed groups (pinned on CUDA)
         self.cpu = frozenset(cpu)                       # groups the CPU lane computes, from `cpu_buffers`
@@ -113,18 +116,22 @@ class WeightStore:
         self._resident_views = {n: self.layouts[n].views(b) for n, b in self.resident.items()}
         self._resident_views.update({n: for_cpu(self.layouts[n].views(b), cpu_rows) for n, b in self.cpu_buffers.items()})
         self._slot_views = {(n, s): self.layouts[n].views(self.ring.slots[s])
-                            for n in self.host for s in range(len(self.ring))} if self.ring else {}
+                            for n in [*self.host, *self.pieces] for s in range(len(self.ring))
+                            if self.layouts[n].nbytes <= slot_bytes} if self.ring else {}  # (groups in pieces: no)
 
     def views(self, group: str, slot: int | None = None) -> dict[str, torch.Tensor]:
         return self._resident_views[group] if slot is None else self._slot_views[(group, slot)]
 
     def copy_to_slot(self, group: str, slot: int) -> None:
-        """One copy moves the whole group (on the current stream): a memcpy, or the copy kernel (copy_mode)."""
-        src = self.host[group]
-        if self.copy_kernel:
-            copy_h2d(self.ring.slots[slot], src)
-        else:
-            self.ring.slots[slot][: src.numel()].copy_(src, non_blocking=True)
+        """One copy moves the whole group (on the current stream): a memcpy, or the copy kernel (copy_mode). A piece
+        takes a few copies from its group's host buffer."""
+        piece = self.pieces.get(group)
+        src = self.host[piece.group if piece else group]
+        for at, to, n in piece.copies if piece else [(0, 0, src.numel())]:
+            if self.copy_kernel:
+                copy_h2d(self.ring.slots[slot][to:to + n], src[at:at + n])
+            else:
+                self.ring.slots[slot][to:to + n].copy_(src[at:at + n], non_blocking=True)
 
     def release(self) -> None:
         """Unregister the pinned host buffers (before their memory goes back to the allocator)."""
