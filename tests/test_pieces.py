@@ -87,7 +87,9 @@ def test_groups_that_cannot_be_cut_say_so():
     policy = FormatPolicy(torch.float32)
     odd = ModelConfig.from_dict(make_config(**dict(PRESETS["tiny-llama"], layers=1, hidden=64, intermediate=96)))
     mlp = next(g for g in model_groups(odd, policy, "attn_mlp") if g.kind == "mlp")
-    assert cut_group(mlp, mlp.nbytes) is None                # 96 rows: not a multiple of ROW_ALIGN
+    assert cut_group(mlp, mlp.nbytes // 2) is None           # 96 rows: not a multiple of ROW_ALIGN
+    whole = cut_group(mlp, mlp.nbytes)                       # unless each matrix fits a piece whole
+    assert [(p.key, p.rows) for p in whole] == [("gate_up", (0, 192)), ("down", (0, 64))]
     mlp = next(g for g in model_groups(CFG, policy, "attn_mlp") if g.kind == "mlp")
     assert cut_group(mlp, 1000) is None                      # a slot smaller than ROW_ALIGN rows
 

@@ -81,18 +81,22 @@ def _row_bytes(spec: TensorSpec) -> float:
 
 def cut_group(layout: GroupLayout, slot_bytes: int) -> list[Piece] | None:
     """The group as pieces that each fit `slot_bytes`, matrices in the group's order, each cut into ranges of
-    about equal rows; None where a matrix cannot be cut (rows not a multiple of ROW_ALIGN, or a slot too small for
-    ROW_ALIGN rows and the vectors)."""
+    about equal rows (one piece where it fits whole); None where a matrix cannot be cut (rows not a multiple of
+    ROW_ALIGN, or a slot too small for ROW_ALIGN rows and the vectors)."""
     vectors, vector_copies, vector_bytes = _vectors(layout)
     pieces: list[Piece] = []
     for spec in (t for t in layout.tensors if t.is_matrix):
         rows = spec.shape[0]
         room = slot_bytes - (vector_bytes if not pieces else 0) - len(spec.parts) * ALIGN
-        most = int(room // _row_bytes(spec)) // ROW_ALIGN * ROW_ALIGN
-        if rows % ROW_ALIGN or most < ROW_ALIGN:
+        fit = int(room // _row_bytes(spec))
+        most = fit // ROW_ALIGN * ROW_ALIGN
+        if rows <= fit:      # the whole matrix in one piece: any row count
+            step = rows
+        elif rows % ROW_ALIGN or most < ROW_ALIGN:
             return None
-        count = -(-rows // most)
-        step = -(-rows // count // ROW_ALIGN) * ROW_ALIGN
+        else:
+            count = -(-rows // most)
+            step = -(-rows // count // ROW_ALIGN) * ROW_ALIGN
         for r0 in range(0, rows, step):
             first = not pieces
             extra, copies, at = (vectors, list(vector_copies), vector_bytes) if first else ([], [], 0)
