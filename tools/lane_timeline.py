@@ -1,0 +1,82 @@
+"""Where a CPU-lane decode step's time goes, measured inside the captured step, beside the plan's prediction.
+
+    python3 tools/lane_timeline.py [--out DIR] [--batches 1,4] [--rings 3,5] [--quantization int8]
+
+The versus benchmark's model and split budget (graphrt/bench/versus.py), the planner free to use the CPU lane. For
+each batch and ring depth: the measured step (graph replays, as versus measures it), the plan's predicted step, and a
+profiled step (graphrt/bench/timeline.py): each CPU-lane group's time on the compute stream (activation out, host
+node, result back) against the cost model's nbytes / cpu_rate + cpu_overhead, each streamed copy's rate against
+the rate the plan priced it at, and the copy engine's busy share. Writes lane_timeline.json.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from graphrt.bench.quant import step_time
+from graphrt.bench.run import make_bench_model
+from graphrt.bench.timeline import measure_timeline
+from graphrt.bench.versus import LAYERS, split_budget
+from graphrt.config import ModelConfig
+from graphrt.runtime import Runtime
+
+
+def one(path: Path, cfg: ModelConfig, batch: int, ring: int, quantization: str | None) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    rt = Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", quantization=quantization,
+                                 max_batch_size=batch, max_seq_len=512, ring_depth=ring, stream_unit="auto",
+                                 cpu_lane=True, gpu_budget=split_budget(cfg, quantization, batch, 512))
+    p = rt.placement
+    sizes = {g.name: g.nbytes for g in p.groups}
+    step = step_time(rt, steps=16, repeats=3, batch=batch, prompt=128) if batch > 1 else step_time(rt)
+    tl = measure_timeline(rt, batch, 2)
+    lane = [o["end"] - o["start"] for o in tl["ops"] if o["kind"] == "compute" and o["group"] in p.cpu]
+    copies = [(sizes[o["group"]], o["end"] - o["start"]) for o in tl["ops"] if o["kind"] == "copy"]
+    pred = p.prediction
+    predicted_lane = (p.cpu_busy * pred.step_time / len(p.cpu)) if p.cpu and p.cpu_busy else None
+    predicted_copy = (p.streamed_bytes / (pred.copy_busy * pred.step_time)) if p.streamed and pred.copy_busy else None
+    row = dict(batch=batch, ring=ring, quantization=quantization or "bf16", strategy=p.strategy,
+               cpu_groups=len(p.cpu), streamed_groups=len(p.streamed), slot_MiB=p.slot_bytes / 2**20,
+               measured_step_ms=1e3 * step, predicted_step_ms=1e3 * pred.step_time,
+               profiled_step_ms=tl["span_ms"] / 2, copy_busy_pct=tl["copy_busy_pct"],
+               predicted_copy_busy_pct=100 * pred.copy_busy,
+               lane_group_ms=statistics.median(lane) if lane else None,
+               predicted_lane_group_ms=1e3 * predicted_lane if predicted_lane else None,
+               copy_GBps=statistics.median(n / (ms * 1e6) for n, ms in copies) if copies else None,
+               predicted_copy_GBps=predicted_copy / 1e9 if predicted_copy else None,
+               stall_ms_by_group={k: round(v, 3) for k, v in sorted(tl["stall_ms_by_group"].items(),
+                                                                    key=lambda kv: -kv[1])[:6]},
+               lane_threads=rt.engine.cpu_lane.host_threads if rt.engine.cpu_lane is not None else None)
+    rt.close()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--rings", default="3")
+    ap.add_argument("--quantization", default=None)
+    a = ap.parse_args()
+    path = make_bench_model(Path("/tmp/graphrt-bench/llama8b-16"), LAYERS)
+    cfg = ModelConfig.from_file(path / "config.json")
+    rows = []
+    for batch in (int(b) for b in a.batches.split(",")):
+        for ring in (int(r) for r in a.rings.split(",")):
+            try:
+                rows.append(one(path, cfg, batch, ring, a.quantization))
+            except Exception as e:  # noqa: BLE001 - keep the other rows
+                rows.append(dict(batch=batch, ring=ring, error=f"{type(e).__name__}: {e}"[:400]))
+            print(json.dumps(rows[-1]), flush=True)
+            a.out.mkdir(parents=True, exist_ok=True)
+            (a.out / "lane_timeline.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
