@@ -127,7 +127,9 @@ def test_bf16_gemv_vector_path_is_the_portable_path_and_near_float64():
     from graphrt.weights.formats import bf16_cpu
     from graphrt.models.fused import rms_norm_reference, silu_mul_reference
     gen = torch.Generator().manual_seed(3)
-    for n, k, rows in [(16, 128, 1), (40, 512, 3), (64, 4096, 16), (7, 384, 2)]:
+    # tiles of 4 output rows up to 4 input rows, else 2; odd counts leave tails of single rows
+    for n, k, rows in [(16, 128, 1), (40, 512, 3), (64, 4096, 16), (7, 384, 2), (9, 256, 5), (33, 128, 8), (6, 256, 7),
+                       (13, 128, 12)]:
         w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
         x = torch.randn(rows, k, generator=gen).bfloat16()
         y = bf16_cpu.bf16_gemv(x, w)

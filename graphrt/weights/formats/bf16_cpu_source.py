@@ -5,10 +5,15 @@ the CPU lane's product. oneDNN's packed kernel read these matrices from DRAM at 
 kernel: an MLP group at 150 GB/s (tools/lane_probe.py).
 
 The math, in float32 operations that both paths compute one for one (bitwise equal):
-  - Per 32-column chunk c of a row, 16 lanes: lane l += w[2l+1] x[2l+1], then += w[2l] x[2l] (float32 adds,
-    round to nearest even; products of two bfloat16 are exact): AVX512-BF16's vdpbf16ps, into accumulator c % 4.
-  - The accumulators are joined as (a0 + a1) + (a2 + a3), the 16 lanes added as a tree (l + 8, l + 4, l + 2,
-    l + 1), and the sum rounded to bfloat16 (with a residual r: bf16(r + y), one rounding).
+  - Per 32-column chunk c of a row, in order, 16 lanes: lane l += w[2l+1] x[2l+1], then += w[2l] x[2l] (float32
+    adds, round to nearest even; products of two bfloat16 are exact): AVX512-BF16's vdpbf16ps, one accumulator per
+    (output row, input row).
+  - The 16 lanes are added as a tree (l + 8, l + 4, l + 2, l + 1), and the sum rounded to bfloat16 (with a
+    residual r: bf16(r + y), one rounding).
+  - The vector path holds a tile of R output rows x up to 8 input rows in registers (R = 4 up to 4 input rows,
+    else 2): each weight vector loaded serves every input row and each input vector every output row of the tile,
+    so 8 rows cost little more than 4 (they ran at half the rate when each group of 4 input rows re-read the
+    weights).
   - The input row may be formed first, as in the int4 kernel (`input_cols`: RMSNorm, or silu(gate) * up).
 """
 
@@ -19,62 +24,78 @@ static void bf16_rows_portable(const uint16_t* xe, const uint16_t* w, uint16_t* 
         const uint16_t* wr = w + (size_t)o * K;
         for (int b = 0; b < B; ++b) {
             const uint16_t* xb = xe + (size_t)b * K;
-            float a[4][16] = {{0}};
+            float a[16] = {0};
             for (int c = 0; c < K / 32; ++c)
                 for (int l = 0; l < 16; ++l)
                     for (int e = 1; e >= 0; --e) {
                         int i = 32 * c + 2 * l + e;
-                        a[c % 4][l] = a[c % 4][l] + bf16_to_f32(wr[i]) * bf16_to_f32(xb[i]);
+                        a[l] = a[l] + bf16_to_f32(wr[i]) * bf16_to_f32(xb[i]);
                     }
-            float t[16];
-            for (int l = 0; l < 16; ++l) t[l] = (a[0][l] + a[1][l]) + (a[2][l] + a[3][l]);
-            y[(size_t)b * N + o] = out_bf16(tree16(t), residual, (size_t)b * N + o);
+            y[(size_t)b * N + o] = out_bf16(tree16(a), residual, (size_t)b * N + o);
         }
     }
 }
 
 #if defined(__x86_64__)
 #define BF16_PREFETCH 2048   /* bytes ahead (measured here: 2 KB beat 8 and 32 KB on both 8B shapes) */
-template <int NB>
-TGT static void bf16_rows_avx512(const uint16_t* xe, const uint16_t* w, uint16_t* y, int N, int K, int o0, int o1,
-                                 const uint16_t* residual) {
-    for (int o = o0; o < o1; ++o) {
-        const uint16_t* wr = w + (size_t)o * K;
-        __m512 a[NB][4];
-        for (int b = 0; b < NB; ++b) for (int k = 0; k < 4; ++k) a[b][k] = _mm512_setzero_ps();
-        for (int c = 0; c < K / 32; c += 4) {
-            _mm_prefetch((const char*)(wr + 32 * c) + BF16_PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char*)(wr + 32 * c) + BF16_PREFETCH + 64, _MM_HINT_T0);
-            _mm_prefetch((const char*)(wr + 32 * c) + BF16_PREFETCH + 128, _MM_HINT_T0);
-            _mm_prefetch((const char*)(wr + 32 * c) + BF16_PREFETCH + 192, _MM_HINT_T0);
-            #pragma GCC unroll 4
-            for (int k = 0; k < 4; ++k) {
-                __m512bh wv = (__m512bh)_mm512_loadu_si512((const void*)(wr + 32 * (c + k)));
-                #pragma GCC unroll 4
-                for (int b = 0; b < NB; ++b)
-                    a[b][k] = _mm512_dpbf16_ps(a[b][k], wv,
-                                               (__m512bh)_mm512_loadu_si512((const void*)(xe + (size_t)b * K + 32 * (c + k))));
-            }
-        }
+/* output rows o .. o + R - 1, input rows 0 .. NB - 1 of xe (R * NB accumulators) */
+template <int R, int NB>
+TGT static void bf16_tile(const uint16_t* xe, const uint16_t* w, uint16_t* y, int N, int K, int o,
+                          const uint16_t* residual) {
+    __m512 a[R][NB];
+    const uint16_t* wr[R];
+    for (int r = 0; r < R; ++r) {
+        wr[r] = w + (size_t)(o + r) * K;
+        for (int b = 0; b < NB; ++b) a[r][b] = _mm512_setzero_ps();
+    }
+    for (int c = 0; c < K / 32; ++c) {
+        if ((c & 3) == 0)
+            for (int r = 0; r < R; ++r)
+                for (int line = 0; line < 4; ++line)
+                    _mm_prefetch((const char*)(wr[r] + 32 * c) + BF16_PREFETCH + 64 * line, _MM_HINT_T0);
+        __m512bh wv[R];
+        #pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512((const void*)(wr[r] + 32 * c));
+        #pragma GCC unroll 8
         for (int b = 0; b < NB; ++b) {
-            float t[16];
-            _mm512_storeu_ps(t, _mm512_add_ps(_mm512_add_ps(a[b][0], a[b][1]), _mm512_add_ps(a[b][2], a[b][3])));
-            y[(size_t)b * N + o] = out_bf16(tree16(t), residual, (size_t)b * N + o);
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)(xe + (size_t)b * K + 32 * c));
+            #pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) a[r][b] = _mm512_dpbf16_ps(a[r][b], wv[r], xv);
         }
     }
+    for (int r = 0; r < R; ++r)
+        for (int b = 0; b < NB; ++b) {
+            float t[16];
+            _mm512_storeu_ps(t, a[r][b]);
+            const size_t at = (size_t)b * N + o + r;
+            y[at] = out_bf16(tree16(t), residual, at);
+        }
+}
+
+template <int NB>
+TGT static void bf16_rows_nb(const uint16_t* xe, const uint16_t* w, uint16_t* y, int N, int K, int o0, int o1,
+                             const uint16_t* residual) {
+    constexpr int R = NB <= 4 ? 4 : 2;
+    int o = o0;
+    for (; o + R <= o1; o += R) bf16_tile<R, NB>(xe, w, y, N, K, o, residual);
+    for (; o < o1; ++o) bf16_tile<1, NB>(xe, w, y, N, K, o, residual);
 }
 
 TGT static void bf16_rows_avx512_all(const uint16_t* xe, const uint16_t* w, uint16_t* y, int B, int N, int K,
                                      int o0, int o1, const uint16_t* residual) {
-    for (int b0 = 0; b0 < B; b0 += 4) {
+    for (int b0 = 0; b0 < B; b0 += 8) {
         const uint16_t* xb = xe + (size_t)b0 * K;
         uint16_t* yb = y + (size_t)b0 * N;
         const uint16_t* rb = residual ? residual + (size_t)b0 * N : 0;
-        switch (B - b0 < 4 ? B - b0 : 4) {
-            case 1: bf16_rows_avx512<1>(xb, w, yb, N, K, o0, o1, rb); break;
-            case 2: bf16_rows_avx512<2>(xb, w, yb, N, K, o0, o1, rb); break;
-            case 3: bf16_rows_avx512<3>(xb, w, yb, N, K, o0, o1, rb); break;
-            default: bf16_rows_avx512<4>(xb, w, yb, N, K, o0, o1, rb); break;
+        switch (B - b0 < 8 ? B - b0 : 8) {
+            case 1: bf16_rows_nb<1>(xb, w, yb, N, K, o0, o1, rb); break;
+            case 2: bf16_rows_nb<2>(xb, w, yb, N, K, o0, o1, rb); break;
+            case 3: bf16_rows_nb<3>(xb, w, yb, N, K, o0, o1, rb); break;
+            case 4: bf16_rows_nb<4>(xb, w, yb, N, K, o0, o1, rb); break;
+            case 5: bf16_rows_nb<5>(xb, w, yb, N, K, o0, o1, rb); break;
+            case 6: bf16_rows_nb<6>(xb, w, yb, N, K, o0, o1, rb); break;
+            case 7: bf16_rows_nb<7>(xb, w, yb, N, K, o0, o1, rb); break;
+            default: bf16_rows_nb<8>(xb, w, yb, N, K, o0, o1, rb); break;
         }
     }
 }
