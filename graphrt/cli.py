@@ -95,7 +95,7 @@ def _load(a: argparse.Namespace, prompt_ids_of=None):
         raise UsageError(f"{source.path} has no tokenizer.json; graphrt {a.command} needs one")
     options = dict(max_seq_len=a.max_seq_len, ring_depth=a.ring_depth, quantization=a.quantization,
                    cpu_lane=a.cpu_lane, cpu_threads=a.cpu_threads, tensor_parallel=getattr(a, "tp", 1),
-                   copy_mode=a.copy_mode)
+                   copy_mode=a.copy_mode, prefill_chunk=a.prefill_chunk)
     if a.gpu_budget:
         options["gpu_budget"] = a.gpu_budget
     from .config import RuntimeOptions
@@ -219,6 +219,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    "the copy engine, or a kernel reading host memory (graph launch cost flat in the depth)")
     p.add_argument("--cpu-lane", action="store_true", help="let the planner compute MLP groups on the CPU from host "
                    "memory beside the streamed ones (the CPU's rate is measured once and cached)")
+    p.add_argument("--prefill-chunk", type=_positive(), help="prompt tokens per prefill step the plan reserves memory "
+                   "for (default: as many as the memory the plan leaves holds)")
     p.add_argument("--cpu-threads", type=_positive(), help="CPU threads for the CPU lane (default on a GPU machine: "
                    "the fastest team size the calibration measured; else torch's)")
     p.add_argument("--max-seq-len", type=_positive(), help="longest sequence (default: 2048 or "

@@ -121,6 +121,7 @@ CLI_ERRORS = {
     "generate-seed-negative": (_gen("--seed", "-3"), ["--seed", "-3"]),
     "generate-ring-depth-1": (_gen("--ring-depth", "1"), ["--ring-depth", "1"]),
     "generate-cpu-threads-0": (_gen("--cpu-threads", "0"), ["--cpu-threads", "0"]),
+    "generate-prefill-chunk-0": (_gen("--prefill-chunk", "0"), ["--prefill-chunk", "0"]),
     "generate-draft-k-0": (_gen("--draft-k", "0"), ["--draft-k", "0"]),
     "generate-max-seq-len-0": (_gen("--max-seq-len", "0"), ["--max-seq-len", "0"]),
     "generate-gpu-budget-lots": (_gen("--gpu-budget", "lots"), ["--gpu-budget", "lots"]),
