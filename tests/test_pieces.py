@@ -162,3 +162,25 @@ def test_cuda_prompts_stream_lane_groups_in_pieces(wide_model, copy_mode):
     cpu_lane.check()
     for r in (rt, ref):
         r.close()
+
+
+def test_planner_sizes_lane_plan_slots_for_attention_and_keeps_more_resident():
+    """8B shape at the benchmark's split budget: with a CPU lane the fastest plan computes every non-resident MLP
+    group on the CPU and streams attention groups through attention-sized slots; the memory this frees holds more
+    resident bytes than the best plan with MLP-sized slots, and every lane group can be cut for prompts."""
+    from graphrt.plan.placement import CostModel, plan_placement
+    cfg = ModelConfig.from_dict(make_config(**dict(PRESETS["llama-3.1-8b"], layers=16), dtype="bfloat16"))
+    budget = int(6.78 * 2**30)
+    cost = CostModel(h2d_bandwidth=55e9, cpu_rate=90e9, h2d_beside_cpu=50e9)
+    lane = plan_placement(cfg, budget, 3, 1, 512, torch.bfloat16, stream_unit="attn_mlp", cost=cost)
+    wide = plan_placement(cfg, budget, 3, 1, 512, torch.bfloat16, stream_unit="attn_mlp", cost=cost, strategy="spread")
+    groups = {g.name: g for g in lane.groups}
+    assert lane.strategy == "lane+cpu" and wide.strategy == "spread+cpu", (lane.describe(), wide.describe())
+    assert lane.slot_bytes == groups["attn.0"].nbytes < wide.slot_bytes == groups["mlp.0"].nbytes
+    assert all(groups[n].kind == "attn" for n in lane.streamed)
+    assert {n for n in groups if n.startswith("mlp.")} == {n for n in groups if n.startswith("mlp.") and (
+        n in lane.resident or n in lane.cpu)}
+    assert lane.resident_bytes > wide.resident_bytes + 2 * 2**30 // 3
+    assert lane.prediction.step_time < wide.prediction.step_time
+    assert all(cut_group(groups[n], lane.slot_bytes) for n in lane.cpu)
+    assert sum(lane.memory.values()) <= budget
