@@ -200,3 +200,35 @@ def test_a_forked_child_gets_a_pool_of_its_own():
             pytest.fail("the forked child's kernel call hung")
         time.sleep(0.05)
     assert os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.skipif(not (int4_cpu.available() and __import__("graphrt.weights.formats.bf16_cpu",
+                                                               fromlist=["x"]).amx_available()), reason="no AMX here")
+def test_bf16_amx_tiles_match_float64_are_deterministic_and_batch_invariant():
+    """The AMX path (2+ rows where AMX runs): near the float64 product, the same bits whatever the thread count, each
+    row's result independent of the other rows, and the neighbours as the steps apart. Rows in tiles of 16, a last
+    partial tile on the AVX512 path (n = 40, 33)."""
+    from graphrt.weights.formats import bf16_cpu
+    from graphrt.models.fused import rms_norm_reference, silu_mul_reference
+    gen = torch.Generator().manual_seed(5)
+    threads = torch.get_num_threads()
+    for n, k, rows in [(48, 256, 2), (40, 128, 5), (33, 512, 8), (64, 4096, 16)]:
+        w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        y = bf16_cpu.bf16_gemv(x, w, amx=True)
+        ref = x.double() @ w.double().t()
+        assert torch.allclose(y.double(), ref, rtol=2 ** -8, atol=1e-4 * ref.abs().max().item())
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(y.view(torch.int16), bf16_cpu.bf16_gemv(x, w, amx=True).view(torch.int16))
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(y[1:2].view(torch.int16), bf16_cpu.bf16_gemv(x[1:2], w, amx=True).view(torch.int16))
+        nw, res = (torch.rand(k, generator=gen) + 0.5).bfloat16(), torch.randn(rows, n, generator=gen).bfloat16()
+        gu = torch.randn(rows, 2 * k, generator=gen).bfloat16()
+        normed = bf16_cpu.bf16_gemv(x, w, norm=(nw, 1e-5), amx=True)
+        assert torch.equal(normed.view(torch.int16),
+                           bf16_cpu.bf16_gemv(rms_norm_reference(x, nw, 1e-5), w, amx=True).view(torch.int16))
+        fused = bf16_cpu.bf16_gemv(gu, w, silu=True, residual=res, amx=True)
+        apart = res + bf16_cpu.bf16_gemv(silu_mul_reference(gu[:, :k], gu[:, k:]), w, amx=True)
+        assert torch.allclose(fused.float(), apart.float(), rtol=2 ** -7, atol=2 ** -7 * apart.abs().max().item())

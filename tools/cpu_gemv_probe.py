@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from graphrt.weights.formats import int4_cpu
+from graphrt.weights.formats import bf16_cpu, int4_cpu
 from graphrt.weights.formats.int4_gemv import pack_blocked
 
 SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -86,6 +86,12 @@ def paths(w: torch.Tensor, m: int, cycle_bytes: int) -> dict:
         out["int4-graphrt"] = (cycled(ours4, int4_bytes, cycle_bytes), int4_bytes)
     else:
         print("graphrt's int4 CPU kernel unavailable:", int4_cpu.why_unavailable())
+    if bf16_cpu.available():   # graphrt's bf16 GEMV: AVX512-BF16 tiles, and AMX tiles where they run
+        out["bf16-graphrt"] = (cycled(lambda: (lambda v=w.clone(): bf16_cpu.bf16_gemv(x, v, amx=False)),
+                                      w.numel() * 2, cycle_bytes), w.numel() * 2)
+        if bf16_cpu.amx_available():
+            out["bf16-amx"] = (cycled(lambda: (lambda v=w.clone(): bf16_cpu.bf16_gemv(x, v, amx=True)),
+                                      w.numel() * 2, cycle_bytes), w.numel() * 2)
     return out
 
 

@@ -27,7 +27,7 @@ from ..weights.formats import for_cpu
 from ..weights.layout import FormatPolicy, GroupLayout, model_groups
 
 
-CPU_KERNELS = "bf16-gemv-avx512bf16-tiles,int4-blocked-avx512bf16-fused,cycled-320MB"   # the lane's kernels, in the cache key: a change measures again
+CPU_KERNELS = "bf16-gemv-avx512bf16-tiles-amx,int4-blocked-avx512bf16-fused,cycled-320MB"   # the lane's kernels, in the cache key: a change measures again
 
 
 def cache_file() -> Path:

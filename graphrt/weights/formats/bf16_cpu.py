@@ -3,11 +3,15 @@ the CPU lane's product for dense bf16 groups, reading the row-major bytes the GP
 software prefetch; RMSNorm, silu(gate) * up and the residual taken in as the int4 kernel takes them."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import int4_cpu
 
 MAX_ROWS = int4_cpu.MAX_ROWS
+AMX_ROWS = 5   # from this many input rows the product runs on AMX tiles where they run (on the 2-core development
+               # machine AVX512 was as fast or faster up to 4 rows, AMX 1.6-2.4x faster from 8)
 LANE_ROWS = 8   # the lane uses this kernel up to this batch; beyond, oneDNN's packed kernel (each weight serves more
                 # rows there; this kernel runs batches in fours, and the planner kept the lane off at 16 rows with it)
 
@@ -30,11 +34,25 @@ def fusable(x: torch.Tensor, w: torch.Tensor, norm: tuple | None = None, silu: b
     return int4_cpu.neighbours_fit(x.shape[:-1], k, n, norm, residual)
 
 
+@functools.lru_cache(maxsize=None)
+def amx_available() -> bool:
+    """Whether AMX tiles run here (the CPU has AMX-BF16 and the kernel may use the tile state)."""
+    lib, _ = int4_cpu._library()
+    return lib is not None and int4_cpu.available() and lib.graphrt_bf16_has_amx() == 1
+
+
+def lane_rows() -> int:
+    """The most rows (the batch) the CPU lane computes with this kernel: on AMX tiles every row of a tile serves
+    from one weight load (MAX_ROWS), on AVX512-BF16 LANE_ROWS; beyond it, oneDNN's packed kernel."""
+    return MAX_ROWS if amx_available() else LANE_ROWS
+
+
 def bf16_gemv(x: torch.Tensor, w: torch.Tensor, portable: bool = False, *,
               norm: tuple[torch.Tensor, float] | None = None, silu: bool = False,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
+              residual: torch.Tensor | None = None, amx: bool | None = None) -> torch.Tensor:
     """x bf16 [..., K] (or [..., 2K] = [gate | up] with silu) times w bf16 [N, K] -> y bf16 [..., N]; the neighbours
-    as int4_cpu.int4_gemv's. portable: the lane-by-lane path (tests; bitwise equal to the vector path)."""
+    as int4_cpu.int4_gemv's. portable: the lane-by-lane path (tests; bitwise equal to the vector path). amx: AMX
+    tiles (None: where they run and there are at least AMX_ROWS rows); their float32 sums go in another order."""
     lib, why = int4_cpu._library()
     if lib is None:
         raise RuntimeError(f"the CPU GEMV kernels are not built: {why}")
@@ -46,8 +64,12 @@ def bf16_gemv(x: torch.Tensor, w: torch.Tensor, portable: bool = False, *,
     xe = torch.empty(b, k, dtype=torch.bfloat16)
     nw = norm[0].contiguous() if norm is not None else None
     res = residual.reshape(b, n).contiguous() if residual is not None else None
+    tiles = not portable and (amx if amx is not None else amx_available() and b >= AMX_ROWS)
+    if tiles and not amx_available():
+        raise RuntimeError("AMX tiles do not run on this CPU")
+    xt = torch.empty(b * k, dtype=torch.bfloat16) if tiles else None
     lib.graphrt_bf16_gemv(x2.data_ptr(), w.data_ptr(), y.data_ptr(), xe.data_ptr(), b, n, k, torch.get_num_threads(),
-                          0 if portable else 1, nw.data_ptr() if nw is not None else None,
+                          0 if portable else 2 if tiles else 1, nw.data_ptr() if nw is not None else None,
                           float(norm[1]) if norm is not None else 0.0, int(silu),
-                          res.data_ptr() if res is not None else None)
+                          res.data_ptr() if res is not None else None, xt.data_ptr() if tiles else None)
     return y.view(*x.shape[:-1], n)

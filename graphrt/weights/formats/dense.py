@@ -65,10 +65,10 @@ class Dense:
 
     def for_cpu(self, parts: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
         """The parts the CPU lane computes with: a bf16 matrix is marked for graphrt's GEMV ("gemv", an empty
-        tensor: the kernel reads "w") where it runs and `rows` (the batch) is at most bf16_cpu.LANE_ROWS, else gains
+        tensor: the kernel reads "w") where it runs and `rows` (the batch) is at most bf16_cpu.lane_rows(), else gains
         oneDNN's packed copy for `rows`-row inputs (made once, here); other dtypes, or neither kernel, keep their
         parts."""
-        if self.dtype == torch.bfloat16 and bf16_cpu.available() and (rows <= bf16_cpu.LANE_ROWS
+        if self.dtype == torch.bfloat16 and bf16_cpu.available() and (rows <= bf16_cpu.lane_rows()
                                                                       or not onednn_available()):
             return {**parts, "gemv": torch.empty(0)}
         if self.dtype != torch.bfloat16 or not onednn_available():

@@ -77,7 +77,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.graphrt_cpu_pool_spin.argtypes = [ctypes.c_long]
     lib.graphrt_bf16_gemv.restype = None
     lib.graphrt_bf16_gemv.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
-                                      + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p])
+                                      + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p])
+    lib.graphrt_bf16_has_amx.restype = ctypes.c_int
     return lib, ""
 
 
