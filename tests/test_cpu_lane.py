@@ -122,7 +122,7 @@ def test_lane_bf16_linear_matches_the_float64_product(rows):
     x = torch.randn(rows, 2, 1024, generator=g).bfloat16()
     weight = Weight(Dense(torch.bfloat16), {"w": w}, (384, 1024))
     packed = for_cpu({"m": weight}, rows)["m"]
-    ours = bf16_cpu.available() and (rows <= bf16_cpu.LANE_ROWS or not onednn_available())
+    ours = bf16_cpu.available() and (rows <= bf16_cpu.lane_rows() or not onednn_available())
     assert set(packed.parts) == ({"w", "gemv"} if ours else {"w", "packed"})
     assert packed.parts["w"] is w   # the buffer's bytes stay
     y, plain = linear(x, packed), linear(x, weight)
