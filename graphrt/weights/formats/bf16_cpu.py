@@ -1,6 +1,7 @@
 """The CPU bfloat16 GEMV (source and math: bf16_cpu_source.py; built and loaded with the int4 kernel, int4_cpu.py):
 the CPU lane's product for dense bf16 groups, reading the row-major bytes the GPU streams (no packed copy), with
-software prefetch; RMSNorm, silu(gate) * up and the residual taken in as the int4 kernel takes them."""
+software prefetch; RMSNorm, silu(gate) * up and the residual taken in as the int4 kernel takes them. AVX512-BF16
+below AMX_ROWS input rows (or without AMX), AMX tiles from there up to MAX_ROWS."""
 from __future__ import annotations
 
 import functools
@@ -10,10 +11,12 @@ import torch
 from . import int4_cpu
 
 MAX_ROWS = int4_cpu.MAX_ROWS
-AMX_ROWS = 5   # from this many input rows the product runs on AMX tiles where they run (on the 2-core development
-               # machine AVX512 was as fast or faster up to 4 rows, AMX 1.6-2.4x faster from 8)
-LANE_ROWS = 8   # the lane uses this kernel up to this batch; beyond, oneDNN's packed kernel (each weight serves more
-                # rows there; this kernel runs batches in fours, and the planner kept the lane off at 16 rows with it)
+AMX_ROWS = 4   # from this many input rows the product runs on AMX tiles where they run. H100 host, 15 threads, weights
+               # cycled (docs/results/2026-11-26-h100-cpu-gemv-probe-4ceba63.json), GB/s AMX / AVX512 / oneDNN: 1 row
+               # gate_up 110 / 124 / 78, down 162 / 189 / 83; 4 rows 105 / 72 / 75 and 108 / 113 / 76; 8 rows
+               # 86 / 43 / 73 and 93 / 47 / 72; 16 rows 101 / 34 / 73 and 116 / 35 / 80
+LANE_ROWS = 8   # without AMX the lane uses this kernel up to this batch; beyond, oneDNN's packed kernel (AVX512
+                # tiles hold at most 8 input rows, and were slower than oneDNN's at 8: 43-47 against 72-73 GB/s)
 
 
 def available() -> bool:
