@@ -255,6 +255,7 @@ def _candidates(groups, must, room: int, ring_depth: int, strategy: str):
 
 
 def _spread(seq: list, count: int) -> list:
+    """`count` items of seq evenly over its length."""
     return [seq[int((i + 0.5) * len(seq) / count)] for i in range(count)]
 
 
@@ -294,7 +295,7 @@ def _evaluate(groups, resident, ring_depth, budget, fixed, cost: CostModel, kind
     choices = [frozenset()]
     if cost.cpu_rate > 0:
         mlps = [g.name for g in groups if g.kind == "mlp" and g.name not in resident]
-        choices += [frozenset(mlps[int((i + 0.5) * len(mlps) / c)] for i in range(c)) for c in range(1, len(mlps) + 1)]
+        choices += [frozenset(_spread(mlps, c)) for c in range(1, len(mlps) + 1)]
     best = None
     beside = replace(cost, h2d_bandwidth=cost.h2d_beside_cpu) if cost.h2d_beside_cpu else cost
     for cpu in choices:

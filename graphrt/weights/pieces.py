@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .formats import PartSpec
+from .formats.base import row_axis
 from .layout import ALIGN, GroupLayout, TensorSpec
 
 ROW_ALIGN = 128
@@ -32,10 +33,6 @@ class Piece:
     ends_group: bool = False     # the group's last piece
 
 
-def _row_axis(fmt, part: str) -> int:
-    return getattr(fmt, "row_axis", lambda name: 0)(part)
-
-
 def _cut(spec: TensorSpec, r0: int, r1: int, at: int) -> tuple[TensorSpec, list[Copy], int]:
     """Rows [r0, r1) of a matrix spec as a spec laid out from slot byte `at`: (spec, copies, next free byte)."""
     rows = spec.shape[0]
@@ -43,7 +40,7 @@ def _cut(spec: TensorSpec, r0: int, r1: int, at: int) -> tuple[TensorSpec, list[
     parts, copies = [], []
     for full, offset in spec.parts:
         part: PartSpec = sliced[full.name]
-        axis = _row_axis(spec.format, full.name)
+        axis = row_axis(spec.format, full.name)
         unit = rows // full.shape[axis]          # matrix rows per index of the row axis (8 for tiles of 8 rows)
         if rows % full.shape[axis] or r0 % unit or (r1 - r0) % unit or part.shape[axis] != (r1 - r0) // unit:
             raise ValueError(f"{spec.key}: part {full.name} {full.shape} cannot be cut at rows {r0}..{r1}")

@@ -73,13 +73,18 @@ def stackable(fmt: WeightFormat) -> bool:
     return bool(getattr(fmt, "rows_stack", True))
 
 
+def row_axis(fmt: WeightFormat, part: str) -> int:
+    """The axis of a stored part along which the matrix's rows (out) run: `fmt.row_axis(part)`, 0 unless the format
+    says otherwise (int4's scales are [in / G, out, 2])."""
+    return getattr(fmt, "row_axis", lambda name: 0)(part)
+
+
 def stack_rows(fmt: WeightFormat, stored: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stored parts of several [out_i, in] matrices -> the parts of their [sum out_i, in] stack. Each part is
-    concatenated along its row axis (`fmt.row_axis(name)`, 0 unless the format says otherwise)."""
+    concatenated along its row axis (`row_axis`)."""
     if len(stored) == 1:
         return stored[0]
-    axis = getattr(fmt, "row_axis", lambda name: 0)
-    return {name: torch.cat([s[name] for s in stored], dim=axis(name)) for name in stored[0]}
+    return {name: torch.cat([s[name] for s in stored], dim=row_axis(fmt, name)) for name in stored[0]}
 
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None,

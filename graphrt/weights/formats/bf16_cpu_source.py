@@ -2,7 +2,7 @@
 whose helpers it uses): y = x W^T for a row-major bf16 W [N, K] (the bytes the GPU streams), 1..16 input rows,
 the CPU lane's product. oneDNN's packed kernel read these matrices from DRAM at 55-80 GB/s on the H100 host
 (tools/cpu_gemv_probe.py, weights cycled so the cache cannot serve them), torch's int8 kernel at 105-130; this
-kernel: an MLP group at 150 GB/s (tools/lane_probe.py).
+kernel: an MLP group at 150 GB/s (tools/lane_probe.py at 71b0da4, one row).
 
 The math, in float32 operations that both paths compute one for one (bitwise equal):
   - Per 32-column chunk c of a row, in order, 16 lanes: lane l += w[2l+1] x[2l+1], then += w[2l] x[2l] (float32
@@ -11,14 +11,13 @@ The math, in float32 operations that both paths compute one for one (bitwise equ
   - The 16 lanes are added as a tree (l + 8, l + 4, l + 2, l + 1), and the sum rounded to bfloat16 (with a
     residual r: bf16(r + y), one rounding).
   - The vector path holds a tile of R output rows x up to 8 input rows in registers (R = 4 up to 4 input rows,
-    else 2): each weight vector loaded serves every input row and each input vector every output row of the tile,
-    so 8 rows cost little more than 4 (they ran at half the rate when each group of 4 input rows re-read the
-    weights).
-AMX (path 2, from bf16_cpu.AMX_ROWS input rows where the CPU has AMX-BF16): 16 output rows per tile, the input rows transposed in
-pairs once per call, two accumulator tiles (even and odd 32-column chunks) added at the end. The tile unit sums in
+    else 2): each weight vector loaded serves every input row and each input vector every output row of the tile.
+    On the H100 host this path is compute-bound from 4 rows (43-47 GB/s at 8): hence AMX below.
+  - The input row may be formed first, as in the int4 kernel (`input_cols`: RMSNorm, or silu(gate) * up).
+AMX (path 2, from bf16_cpu.AMX_ROWS input rows where the CPU has AMX-BF16): 16 output rows per tile, the input
+rows transposed in pairs once per call, two accumulator tiles (even and odd 32-column chunks) added at the end. The tile unit sums in
 an order of its own, so this path is not bitwise the portable one; it is tested against float64, for the same
 bits at any thread count, and for each row's result not depending on the other rows.
-  - The input row may be formed first, as in the int4 kernel (`input_cols`: RMSNorm, or silu(gate) * up).
 """
 
 SOURCE = r"""
