@@ -5,8 +5,9 @@
 The versus benchmark's model and split budget (graphrt/bench/versus.py), the planner free to use the CPU lane. For
 each batch and ring depth: the measured step (graph replays, as versus measures it), the plan's predicted step, and a
 profiled step (graphrt/bench/timeline.py): each CPU-lane group's time on the compute stream (activation out, host
-node, result back) against the cost model's nbytes / cpu_rate + cpu_overhead, each streamed copy's rate against
-the rate the plan priced it at, and the copy engine's busy share. Writes lane_timeline.json.
+node, result back) against the cost model's nbytes / cpu_rate + cpu_overhead, each host function's own time (its
+start to its end on the driver's thread, during the measured replays), each streamed copy's rate against the rate
+the plan priced it at, and the copy engine's busy share. Writes lane_timeline.json.
 """
 from __future__ import annotations
 
@@ -34,7 +35,13 @@ def one(path: Path, cfg: ModelConfig, batch: int, ring: int, quantization: str |
                                  cpu_lane=True, gpu_budget=split_budget(cfg, quantization, batch, 512))
     p = rt.placement
     sizes = {g.name: g.nbytes for g in p.groups}
+    lane_obj = rt.engine.cpu_lane
+    if lane_obj is not None:
+        lane_obj.trace = []   # each host function's start and end (the driver's thread, host clock)
     step = step_time(rt, steps=16, repeats=3, batch=batch, prompt=128) if batch > 1 else step_time(rt)
+    host_fn = [e - s for s, e in lane_obj.trace] if lane_obj is not None and lane_obj.trace else []
+    if lane_obj is not None:
+        lane_obj.trace = None
     tl = measure_timeline(rt, batch, 2)
     lane = [o["end"] - o["start"] for o in tl["ops"] if o["kind"] == "compute" and o["group"] in p.cpu]
     copies = [(sizes[o["group"]], o["end"] - o["start"]) for o in tl["ops"] if o["kind"] == "copy"]
@@ -47,6 +54,9 @@ def one(path: Path, cfg: ModelConfig, batch: int, ring: int, quantization: str |
                profiled_step_ms=tl["span_ms"] / 2, copy_busy_pct=tl["copy_busy_pct"],
                predicted_copy_busy_pct=100 * pred.copy_busy,
                lane_group_ms=statistics.median(lane) if lane else None,
+               host_fn_ms=1e3 * statistics.median(host_fn) if host_fn else None,
+               host_fn_GBps=(sum(sizes[n] for n in p.cpu) / len(p.cpu) / statistics.median(host_fn) / 1e9
+                             if host_fn and p.cpu else None),
                predicted_lane_group_ms=1e3 * predicted_lane if predicted_lane else None,
                copy_GBps=statistics.median(n / (ms * 1e6) for n, ms in copies) if copies else None,
                predicted_copy_GBps=predicted_copy / 1e9 if predicted_copy else None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -111,6 +112,7 @@ class CpuLane:
             self.stage_in, self.stage_out = self._staging(max_tokens * hidden), self._staging(max_tokens * hidden)
         self.keys: list[int] = []   # host functions registered by captures (kept while graphs live)
         self.host_threads: int | None = None   # torch threads the last host function ran with
+        self.trace: list[tuple[float, float]] | None = None   # a list: (start, end) of each host function (s)
 
     def _staging(self, numel: int) -> torch.Tensor:
         if not self.kernel_copies:
@@ -149,10 +151,13 @@ class CpuLane:
         threads, lane = self.threads, self
 
         def host() -> None:
+            start = time.perf_counter()
             if torch.get_num_threads() != threads:   # on the driver's thread: once
                 torch.set_num_threads(threads)
             lane.host_threads = torch.get_num_threads()
             y.copy_(fn(x))
+            if lane.trace is not None:
+                lane.trace.append((start, time.perf_counter()))
 
         key = register(host)
         self.keys.append(key)

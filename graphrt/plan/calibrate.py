@@ -25,9 +25,10 @@ from ..config import ModelConfig
 from ..models import llama
 from ..weights.formats import for_cpu
 from ..weights.layout import FormatPolicy, GroupLayout, model_groups
+from ..weights.store import host_empty
 
 
-CPU_KERNELS = "bf16-gemv-avx512bf16-tiles-amx,int4-blocked-avx512bf16-fused,cycled-320MB"   # the lane's kernels, in the cache key: a change measures again
+CPU_KERNELS = "bf16-gemv-avx512bf16-tiles-amx-chunks,int4-blocked-avx512bf16-fused,cycled-320MB"   # the lane's kernels, in the cache key: a change measures again
 
 
 def cache_file() -> Path:
@@ -46,7 +47,7 @@ def _cpu_name() -> str:
 
 def _random_buffer(g: GroupLayout) -> torch.Tensor:
     """A group buffer whose float parts hold small normal values and whose integer parts random bytes."""
-    buf = torch.empty(g.nbytes, dtype=torch.uint8)
+    buf = host_empty(g.nbytes)   # the memory the lane's weights live in
     gen = torch.Generator().manual_seed(0)
     for t in g.tensors:
         for part, offset in t.parts:

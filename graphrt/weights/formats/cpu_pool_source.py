@@ -6,11 +6,14 @@ its own beside the main thread's; with both teams (30 threads on the H100 host's
 and every fork and barrier sleeps and wakes through the kernel: an int4 MLP group cost 531 us more inside the
 captured step than called directly (tools/lane_probe.py). Here one pool serves whichever thread calls, its workers
 spin for `spin_us` after each job before they sleep (the lane sets a few milliseconds, so its workers stay awake
-between the groups of a step; elsewhere the default is short), and a job is a static split of `n` tasks.
+between the groups of a step; elsewhere the default is short).
 
-pool_run(fn, ctx, n, threads): thread t of `threads` (the caller is thread 0) runs tasks [t n / threads,
-(t + 1) n / threads) as fn(ctx, begin, end); returns when all have, and when every worker has seen the job (so
-none can mistake it for the next). Callers are serialized by a mutex.
+pool_run(fn, ctx, n, threads): `threads` threads (the caller and threads - 1 workers) take chunks of consecutive
+tasks from a shared counter, each chunk as fn(ctx, begin, end), until the `n` tasks are taken; returns when all are
+done, and when every worker has seen the job (so none can mistake it for the next). Callers are serialized by a
+mutex. Chunks, not a fixed split: inside a decode step other threads share the CPUs (the thread that waits for the
+GPU, the driver's), and with a fixed split the job waited for whichever worker they delayed. Each task writes its
+own outputs, so which thread runs it does not change a bit of the result.
 """
 
 SOURCE = r"""
@@ -35,14 +38,21 @@ struct Pool {
     std::vector<std::thread> workers;           /* worker i is thread i + 1 of a job */
     std::atomic<unsigned> generation{0};
     std::atomic<int> pending{0};
+    std::atomic<int> next{0};                   /* the first task not yet taken */
     range_fn fn = nullptr;
     void* ctx = nullptr;
-    int n = 0, threads = 1;
+    int n = 0, threads = 1, chunk = 1;
     std::atomic<long> spin_ns{50000};
     std::mutex wake_lock, run_lock;
     std::condition_variable wake;
 
-    void share(int t) { fn(ctx, (int)((long)t * n / threads), (int)((long)(t + 1) * n / threads)); }
+    void share() {
+        for (;;) {
+            int begin = next.fetch_add(chunk, std::memory_order_relaxed);
+            if (begin >= n) return;
+            fn(ctx, begin, begin + chunk < n ? begin + chunk : n);
+        }
+    }
 
     void work(int t, unsigned seen) {
         for (;;) {
@@ -58,7 +68,7 @@ struct Pool {
                 }
             }
             seen = generation.load(std::memory_order_acquire);
-            if (t < threads) share(t);
+            if (t < threads) share();
             pending.fetch_sub(1, std::memory_order_acq_rel);   /* every worker acknowledges every job */
         }
     }
@@ -91,13 +101,15 @@ static void pool_run(range_fn fn, void* ctx, int n, int threads) {
         p.workers.back().detach();
     }
     p.fn = fn; p.ctx = ctx; p.n = n; p.threads = threads;
+    p.chunk = n / (threads * 8) > 1 ? n / (threads * 8) : 1;   /* about 8 chunks a thread */
+    p.next.store(0, std::memory_order_relaxed);
     p.pending.store((int)p.workers.size(), std::memory_order_relaxed);
     {
         std::lock_guard<std::mutex> l(p.wake_lock);
         p.generation.fetch_add(1, std::memory_order_acq_rel);
     }
     p.wake.notify_all();
-    p.share(0);
+    p.share();
     while (p.pending.load(std::memory_order_acquire) > 0) cpu_relax();
 }
 
