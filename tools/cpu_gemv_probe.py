@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from graphrt.plan.calibrate import cycle_bytes
 from graphrt.weights.formats import bf16_cpu, int4_cpu
 from graphrt.weights.formats.int4_gemv import pack_blocked
 
@@ -45,7 +46,7 @@ def timed(fn, seconds: float) -> float:
 def cycled(make, nbytes: int, cycle_bytes: int):
     """fn() that calls the functions of enough distinct weight copies (make() -> fn, one copy each) to hold
     `cycle_bytes` in turn: the last-level cache cannot serve them, as in a decode step."""
-    fns = [make() for _ in range(max(1, min(8, -(-cycle_bytes // nbytes))))]
+    fns = [make() for _ in range(max(1, min(16, -(-cycle_bytes // nbytes))))]
     turn = [0]
 
     def fn():
@@ -101,8 +102,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=0.4)
     ap.add_argument("--paths", default="linear,onednn,int8,int4-aten,int4-graphrt")
     ap.add_argument("--rows", default="1,4,8,16")
-    ap.add_argument("--cycle-mb", type=int, default=320, help="distinct weight copies taken in turn hold this much "
-                    "(0: one copy, which a large last-level cache may serve)")
+    ap.add_argument("--cycle-mb", type=int, default=cycle_bytes() >> 20, help="distinct weight copies taken in turn "
+                    "hold this much (default: the calibration's, 4x the last-level cache; 0: one copy, which a large "
+                    "last-level cache may serve)")
     ap.add_argument("--threads", default="", help="team sizes, e.g. 15,12 (default: all but one CPU, 3/4, 1/2)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)

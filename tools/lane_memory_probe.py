@@ -3,8 +3,8 @@ lane's groups ran 1.2-1.45x slower than the calibration priced them.)
 
     python3 tools/lane_memory_probe.py [--out DIR] [--rows 1,8] [--seconds S]
 
-One bf16 MLP group of the 8B shape, computed by the lane's math (calibrate.measure: groups taken in turn, pinned H2D
-copies running beside on CUDA) from buffers of each kind:
+Bf16 MLP groups of the 8B shape (as many as calibrate.cycle_bytes holds), computed by the lane's math
+(calibrate.measure: groups taken in turn, pinned H2D copies running beside on CUDA) from buffers of each kind:
   torch         torch.empty (glibc malloc: a private mapping; huge pages only where the kernel's THP is "always")
   shared-pinned Python's default anonymous mmap (a shared mapping: shmem, 4 KiB pages), cudaHostRegister'ed: what
                 graphrt's pinned buffers were
@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from graphrt.config import ModelConfig
-from graphrt.plan.calibrate import _random_buffer, measure
+from graphrt.plan.calibrate import _random_buffer, cycle_bytes, measure
 from graphrt.weights.formats import for_cpu
 from graphrt.weights.formats.policy import quantization_policy
 from graphrt.weights.layout import model_groups
-from graphrt.weights.store import host_empty, pinned_empty
+from graphrt.weights.store import host_empty, pinned_empty, unpin
 from graphrt.weights.synthetic import PRESETS, make_config
 
 
@@ -61,11 +61,14 @@ def main() -> None:
     for m in (int(r) for r in a.rows.split(",")):
         for _ in range(2):   # each kind twice, alternated
             for kind in a.kinds.split(","):
-                bufs = [buffer(kind, g.nbytes) for _ in range(2)]
+                bufs = [buffer(kind, g.nbytes) for _ in range(-(-cycle_bytes() // g.nbytes))]
                 for b in bufs:
                     b.copy_(source)
                 rate = measure(cfg, policy, m, seconds=a.seconds, concurrent_h2d=torch.cuda.is_available(),
                                group=(g.nbytes, [for_cpu(g.views(b), m) for b in bufs]))
+                if kind.endswith("pinned") and torch.cuda.is_available():
+                    for b in bufs:
+                        unpin(b)
                 rows.append(dict(kind=kind, rows=m, threads=torch.get_num_threads(), GBps=rate / 1e9))
                 print(json.dumps(rows[-1]), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)

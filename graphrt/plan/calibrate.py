@@ -2,7 +2,7 @@
 
 `cpu_rate(cfg, policy, batch)` builds MLP groups of the model in the CPU's formats (random contents: codes
 and scales of the right dtypes; speed does not depend on the values; enough groups that the CPU's cache cannot
-hold them, `mlp_groups`), runs the lane's math on them in turn
+hold them, `mlp_groups`, in the huge-page host memory the lane's weights live in), runs the lane's math on them in turn
 (`llama.mlp_forward` at `batch` rows) for about `seconds`, and returns the group's bytes / the median time. With
 `concurrent_h2d` (a CUDA device), pinned host-to-device copies run on a side stream meanwhile: the two host
 paths share DRAM bandwidth, and the lane runs beside the ring. Results are cached in
@@ -28,7 +28,7 @@ from ..weights.layout import FormatPolicy, GroupLayout, model_groups
 from ..weights.store import host_empty
 
 
-CPU_KERNELS = "bf16-gemv-avx512bf16-tiles-amx-chunks,int4-blocked-avx512bf16-fused,cycled-320MB"   # the lane's kernels, in the cache key: a change measures again
+CPU_KERNELS = "bf16-gemv-avx512bf16-tiles-amx-chunks,int4-blocked-avx512bf16-fused,cycled-4xLLC"   # the lane's kernels, in the cache key: a change measures again
 
 
 def cache_file() -> Path:
@@ -65,17 +65,36 @@ def mlp_group(cfg: ModelConfig, policy: FormatPolicy, rows: int = 1) -> tuple[in
     return g.nbytes, for_cpu(g.views(_random_buffer(g)), rows)
 
 
-CYCLE_BYTES = 320 << 20   # the groups a measurement cycles through hold at least this much (up to MAX_CYCLE)
-MAX_CYCLE = 4
+MAX_CYCLE = 16
+
+
+def last_level_cache() -> int:
+    """Bytes of this CPU's largest cache (sysfs; 64 MiB where it does not say)."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
+        except (OSError, ValueError):
+            pass
+    return max(sizes, default=64 << 20)
+
+
+def cycle_bytes() -> int:
+    """What the groups a measurement takes in turn hold together: 4x the last-level cache (at least 1 GiB, at most
+    2 GiB). A decode step reads each of its CPU groups once; the H100 host's 300 MiB cache kept part of one 352 MB
+    group cycled on its own, and the calibration priced the lane 1.8x faster than it ran in the step."""
+    return min(2 << 30, max(1 << 30, 4 * last_level_cache()))
 
 
 def mlp_groups(cfg: ModelConfig, policy: FormatPolicy, rows: int = 1) -> tuple[int, list[dict]]:
-    """(bytes of one group, groups): enough distinct MLP groups that the CPU's last-level cache cannot hold them
-    all (a decode step computes each group once, from DRAM; one int4 group of the 8B shape, 94 MB, would sit in a
-    large cache and be measured too fast)."""
-    nbytes, first = mlp_group(cfg, policy, rows)
-    count = min(MAX_CYCLE, max(1, -(-CYCLE_BYTES // max(nbytes, 1))))
-    return nbytes, [first] + [mlp_group(cfg, policy, rows)[1] for _ in range(count - 1)]
+    """(bytes of one group, groups): enough distinct MLP groups (`cycle_bytes`, up to MAX_CYCLE) that the CPU's
+    last-level cache cannot hold them (copies of one random group: the speed does not depend on the values)."""
+    g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
+    first = _random_buffer(g)
+    count = min(MAX_CYCLE, max(2, -(-cycle_bytes() // max(g.nbytes, 1))))
+    buffers = [first] + [host_empty(g.nbytes).copy_(first) for _ in range(count - 1)]
+    return g.nbytes, [for_cpu(g.views(b), rows) for b in buffers]
 
 
 def measure(cfg: ModelConfig, policy: FormatPolicy, batch: int, seconds: float = 0.3,
