@@ -7,7 +7,6 @@ else: every piece keeps its own state.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -23,7 +22,7 @@ from .exec.cpu_lane import LANE_SPIN_US
 from .exec.engine import Engine
 from .exec.speculative import SpecStats
 from .exec.graph import DecodeGraph, GraphCache, pad_prompts
-from .plan.calibrate import best_threads, cpu_rate, h2d_beside_cpu, thread_candidates
+from .plan.calibrate import cpu_rate, lane_rates
 from .plan.memory import with_prefill_chunk
 from .plan.placement import CostModel, Placement, plan_placement, prompt_groups
 from .plan.schedule import build_plans, build_prologue
@@ -100,28 +99,24 @@ class Runtime:
         elif budget is None:
             budget = 1 << 62  # CPU: everything resident unless a budget asks for streaming
         cost = CostModel(o.h2d_bandwidth, o.hbm_bandwidth)
+        cuda = self.device.type == "cuda"
         if o.cpu_lane:   # the CPU lane's groups are stored in the CPU's formats (e.g. int4 in its kernel's packing)
             cpu_policy = weight_policy(self.source, o.quantization, self.dtype, torch.device("cpu"))
-            # the lane's thread count, used by its host functions: --cpu-threads, else on a GPU machine the
-            # fastest measured team size (one thread drives the GPU), else torch's
-            cuda = self.device.type == "cuda"
             if cuda:   # calibrate graphrt's CPU kernels as the lane runs them: workers awake between products
                 int4_cpu.set_spin(LANE_SPIN_US)
-            if o.cpu_threads or o.cpu_rate or not cuda:
-                threads = o.cpu_threads or (min(torch.get_num_threads(), max(1, (os.cpu_count() or 2) - 1))
-                                            if cuda else torch.get_num_threads())
-                torch.set_num_threads(threads)
-                rate = o.cpu_rate or cpu_rate(cfg, cpu_policy, o.max_batch_size, concurrent_h2d=cuda)
-            else:
-                threads, rate = best_threads(cfg, cpu_policy, o.max_batch_size, thread_candidates(os.cpu_count() or 2),
-                                             concurrent_h2d=True)
-                torch.set_num_threads(threads)
-            # the copy engine's rate while the CPU computes (measured, unless the rates were given)
-            beside = h2d_beside_cpu(cfg, cpu_policy, o.max_batch_size) if cuda and not o.cpu_rate else 0.0
-            cost = replace(cost, cpu_rate=rate, h2d_beside_cpu=min(beside, cost.h2d_bandwidth) if beside else 0.0)
-        p = plan_placement(cfg, budget, o.ring_depth, o.max_batch_size, o.max_seq_len, self.policy,
-                           stream_unit=o.stream_unit, strategy=o.placement, prefill_chunk=o.prefill_chunk,
-                           cost=cost, device_memory=device_memory, fused_attention=self.device.type == "cuda")
+            rates = lane_rates(cfg, cpu_policy, o.max_batch_size, cuda, o.cpu_threads, o.cpu_rate)
+            torch.set_num_threads(rates.threads)
+            cost = replace(cost, cpu_rate=rates.cpu, h2d_beside_cpu=min(rates.h2d_beside, cost.h2d_bandwidth))
+
+        def plan(cost: CostModel) -> Placement:
+            return plan_placement(cfg, budget, o.ring_depth, o.max_batch_size, o.max_seq_len, self.policy,
+                                  stream_unit=o.stream_unit, strategy=o.placement, prefill_chunk=o.prefill_chunk,
+                                  cost=cost, device_memory=device_memory, fused_attention=cuda)
+        p = plan(cost)
+        if p.cpu and cuda and not o.cpu_rate:   # the lane's rate at the plan's own working set (a large last-level
+            working = cpu_rate(cfg, cpu_policy, o.max_batch_size, True, groups=len(p.cpu))   # cache serves part)
+            if abs(working / cost.cpu_rate - 1) > 0.05:
+                p = plan(replace(cost, cpu_rate=working))
         if p.cpu:
             on_cpu = {g.name: g for g in model_groups(cfg, cpu_policy, p.stream_unit) if g.name in p.cpu}
             # prompts stream the CPU-lane groups whose bytes the GPU computes as they are, whole or in pieces

@@ -216,6 +216,28 @@ def test_calibration_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
     assert list(cached.values()) == [rate]
     monkeypatch.setattr(calibrate, "measure", lambda *a, **k: pytest.fail("measured again"))
     assert calibrate.cpu_rate(cfg, policy, batch=1) == rate
+    calibrate.clear_cache()
+    assert not calibrate.cache_file().exists()
+
+
+def test_calibration_cycles_past_the_cache_or_over_a_plans_working_set(tmp_path, monkeypatch):
+    """By default the groups cycled hold 4x the last-level cache (>= 1 GiB) so the cache cannot serve them; with
+    `groups`, that many (a plan's CPU-lane groups), cached under their own key; given rates measure nothing."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert calibrate.last_level_cache() > 0 and calibrate.cycle_bytes() >= 1 << 30
+    cfg = ModelConfig.from_dict(make_config(**dict(PRESETS["tiny-llama"], hidden=256, intermediate=512)))
+    policy = quantization_policy(None, torch.float32, torch.device("cpu"))
+    nbytes, groups = calibrate.mlp_groups(cfg, policy, 1)
+    assert len(groups) == calibrate.MAX_CYCLE   # tiny groups: the most the measurement cycles
+    assert len({w["gate_up"].parts["w"].data_ptr() for w in groups}) == len(groups)   # distinct memory
+    assert all(torch.equal(w["down"].parts["w"], groups[0]["down"].parts["w"]) for w in groups)
+    seen = []
+    monkeypatch.setattr(calibrate, "measure", lambda *a, group=None, **k: seen.append(len(group[1]) if group else None) or 1e9)
+    assert calibrate.cpu_rate(cfg, policy, batch=1, groups=3) == 1e9 and seen == [3]
+    calibrate.cpu_rate(cfg, policy, batch=1)
+    assert seen == [3, None] and len(json.loads(calibrate.cache_file().read_text())) == 2
+    given = calibrate.lane_rates(cfg, policy, 1, cuda=False, rate=5e9)
+    assert given.cpu == 5e9 and given.h2d_beside == 0.0 and seen == [3, None]
 
 
 @pytest.mark.gpu

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..plan.calibrate import clear_cache
 from ..plan.placement import BudgetError, plan_placement
 from ..runtime import Runtime
 from ..weights.formats.policy import quantization_policy
@@ -50,6 +51,8 @@ def _runtime(path: Path, quantization: str | None, budget: int | None, batch: in
     the CPU, which needs attention/MLP groups)."""
     gc.collect()
     torch.cuda.empty_cache()
+    if cpu_lane:   # the lane calibrates at this load, as a first load does (the host's rates drift between rows)
+        clear_cache()
     kw = {"gpu_budget": budget} if budget else {}
     return Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", quantization=quantization,
                                    max_batch_size=batch, max_seq_len=max_seq_len, ring_depth=RING,
@@ -72,7 +75,8 @@ def prefill_time(rt: Runtime, tokens: int) -> float:
 def host_limit(rt: Runtime, batch: int) -> dict:
     """The step's host-memory limit: the bytes that do not live on the GPU over the H2D bandwidth (measured
     now) or, with a CPU lane, over the two rates measured together: the CPU's calibrated rate with copies running
-    beside it plus the copies' rate with the CPU computing beside them (the two-lane limit)."""
+    beside it (cycling the plan's CPU-lane groups) plus the copies' rate with the CPU computing beside them (the
+    two-lane limit)."""
     from ..plan.calibrate import cpu_rate, h2d_beside_cpu
     from ..weights.sources import weight_policy
     p = rt.placement
@@ -80,7 +84,8 @@ def host_limit(rt: Runtime, batch: int) -> dict:
     rate = 0.0
     if p.cpu:
         policy = weight_policy(rt.source, rt.options.quantization, rt.dtype, torch.device("cpu"))
-        rate = cpu_rate(rt.local_config, policy, rt.options.max_batch_size, concurrent_h2d=True)
+        rate = cpu_rate(rt.local_config, policy, rt.options.max_batch_size, concurrent_h2d=True,
+                        groups=len(p.cpu))   # measured by the load: the rate at the plan's working set
         h2d = min(h2d, h2d_beside_cpu(rt.local_config, policy, rt.options.max_batch_size))
     host = p.streamed_bytes + p.cpu_bytes
     return dict(h2d_GBps=h2d / 1e9, cpu_rate_GBps=rate / 1e9, host_GB=host / 1e9,

@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -87,12 +88,14 @@ def cycle_bytes() -> int:
     return min(2 << 30, max(1 << 30, 4 * last_level_cache()))
 
 
-def mlp_groups(cfg: ModelConfig, policy: FormatPolicy, rows: int = 1) -> tuple[int, list[dict]]:
-    """(bytes of one group, groups): enough distinct MLP groups (`cycle_bytes`, up to MAX_CYCLE) that the CPU's
-    last-level cache cannot hold them (copies of one random group: the speed does not depend on the values)."""
+def mlp_groups(cfg: ModelConfig, policy: FormatPolicy, rows: int = 1,
+               count: int | None = None) -> tuple[int, list[dict]]:
+    """(bytes of one group, groups): `count` distinct MLP groups, by default enough (`cycle_bytes`, up to MAX_CYCLE)
+    that the CPU's last-level cache cannot hold them (copies of one random group: the speed does not depend on the
+    values)."""
     g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
     first = _random_buffer(g)
-    count = min(MAX_CYCLE, max(2, -(-cycle_bytes() // max(g.nbytes, 1))))
+    count = count or min(MAX_CYCLE, max(2, -(-cycle_bytes() // max(g.nbytes, 1))))
     buffers = [first] + [host_empty(g.nbytes).copy_(first) for _ in range(count - 1)]
     return g.nbytes, [for_cpu(g.views(b), rows) for b in buffers]
 
@@ -127,12 +130,13 @@ def measure(cfg: ModelConfig, policy: FormatPolicy, batch: int, seconds: float =
     return nbytes / statistics.median(times)
 
 
-def _key(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: bool) -> str:
+def _key(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: bool, groups: int | None = None) -> str:
     """What a cached rate depends on: CPU, this thread's team size, torch, the group's formats and shape."""
     g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
     formats = ",".join(sorted({f"{type(t.format).__name__}:{getattr(t.format, 'name', '')}:{getattr(t.format, 'packing', '')}" for t in g.tensors}))
     return "|".join(map(str, (_cpu_name(), torch.get_num_threads(), torch.__version__, formats, CPU_KERNELS,
-                              policy.compute_dtype, cfg.hidden_size, cfg.intermediate_size, batch, concurrent_h2d)))
+                              policy.compute_dtype, cfg.hidden_size, cfg.intermediate_size, batch, concurrent_h2d)))\
+        + (f"|groups={groups}" if groups else "")
 
 
 def _read_cache() -> dict:
@@ -147,16 +151,25 @@ def _cached(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: 
 
 
 def cpu_rate(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: bool = False,
-             use_cache: bool = True, group: tuple[int, list[dict]] | None = None) -> float:
-    """The cached rate for this machine and group, measuring it the first time."""
-    key = _key(cfg, policy, batch, concurrent_h2d)
+             use_cache: bool = True, group: tuple[int, list[dict]] | None = None, groups: int | None = None) -> float:
+    """The cached rate for this machine and group, measuring it the first time. groups: cycle through this many
+    MLP groups (a plan's CPU-lane groups: a step reads each once, and a large last-level cache keeps part of a
+    working set little larger than itself), instead of enough to defeat the cache."""
+    key = _key(cfg, policy, batch, concurrent_h2d, groups)
     cache = _read_cache() if use_cache else {}
     if key in cache:
         return float(cache[key])
-    rate = measure(cfg, policy, batch, concurrent_h2d=concurrent_h2d, group=group)
+    rate = measure(cfg, policy, batch, concurrent_h2d=concurrent_h2d,
+                   group=group or (mlp_groups(cfg, policy, batch, max(2, groups)) if groups else None))
     if use_cache:
         _store(key, rate)
     return rate
+
+
+def clear_cache() -> None:
+    """Forget every cached rate (the next load measures again: benchmarks on a shared host, whose memory bandwidth
+    drifts between minutes, calibrate each configuration at its own load)."""
+    cache_file().unlink(missing_ok=True)
 
 
 def _store(key: str, rate: float) -> None:
@@ -228,3 +241,32 @@ def best_threads(cfg: ModelConfig, policy: FormatPolicy, batch: int, candidates:
     finally:
         torch.set_num_threads(before)
     return best
+
+
+@dataclass(frozen=True)
+class LaneRates:
+    threads: int        # the lane's torch threads
+    cpu: float          # bytes/s of MLP groups the lane computes (copies beside it on CUDA)
+    h2d_beside: float   # bytes/s of the copy engine while the lane computes (CUDA; else 0)
+
+
+def lane_rates(cfg: ModelConfig, policy: FormatPolicy, batch: int, cuda: bool, threads: int | None = None,
+               rate: float | None = None) -> LaneRates:
+    """The CPU lane's thread count and rates for the planner. threads: given (--cpu-threads), else on a GPU machine
+    the fastest measured team size (one thread drives the GPU), else torch's. rate: given (--cpu-rate: nothing is
+    measured), else measured (cached) with that team, copies beside it on CUDA; then the copy engine's rate beside
+    the lane. The caller's thread count is left as it was."""
+    if not (threads or rate or not cuda):
+        threads, cpu = best_threads(cfg, policy, batch, thread_candidates(os.cpu_count() or 2), concurrent_h2d=True)
+    else:
+        threads = threads or (min(torch.get_num_threads(), max(1, (os.cpu_count() or 2) - 1)) if cuda
+                              else torch.get_num_threads())
+        cpu = rate
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cpu = cpu or cpu_rate(cfg, policy, batch, concurrent_h2d=cuda)
+        beside = h2d_beside_cpu(cfg, policy, batch) if cuda and not rate else 0.0
+    finally:
+        torch.set_num_threads(before)
+    return LaneRates(threads, cpu, beside)
