@@ -1,6 +1,7 @@
 """Where a CPU-lane decode step's time goes, measured inside the captured step, beside the plan's prediction.
 
     python3 tools/lane_timeline.py [--out DIR] [--batches 1,4] [--rings 3,5] [--quantization int8]
+                                   [--variants default,blocking-sync,threads=12,spin=1000]
 
 The versus benchmark's model and split budget (graphrt/bench/versus.py), the planner free to use the CPU lane. For
 each batch and ring depth: the measured step (graph replays, as versus measures it), the plan's predicted step, and a
@@ -24,15 +25,26 @@ from graphrt.bench.run import make_bench_model
 from graphrt.bench.timeline import measure_timeline
 from graphrt.bench.versus import LAYERS, split_budget
 from graphrt.config import ModelConfig
+from graphrt.exec.cpu_lane import LANE_SPIN_US
 from graphrt.runtime import Runtime
+from graphrt.weights.formats import int4_cpu
+from lane_sync import set_blocking_sync   # tools/lane_sync.py, beside this script
 
 
-def one(path: Path, cfg: ModelConfig, batch: int, ring: int, quantization: str | None) -> dict:
+def one(path: Path, cfg: ModelConfig, batch: int, ring: int, quantization: str | None,
+        variant: str = "default") -> dict:
+    """variant: "default", "blocking-sync" (threads that wait for the GPU sleep), "threads=N" (the lane's team),
+    "spin=US" (how long the CPU kernels' workers spin after a product)."""
     gc.collect()
     torch.cuda.empty_cache()
+    kind, _, value = variant.partition("=")
     rt = Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", quantization=quantization,
                                  max_batch_size=batch, max_seq_len=512, ring_depth=ring, stream_unit="auto",
-                                 cpu_lane=True, gpu_budget=split_budget(cfg, quantization, batch, 512))
+                                 cpu_lane=True, gpu_budget=split_budget(cfg, quantization, batch, 512),
+                                 **({"cpu_threads": int(value)} if kind == "threads" else {}))
+    if kind == "spin":
+        int4_cpu.set_spin(int(value))
+    set_blocking_sync(rt.device, kind == "blocking-sync")
     p = rt.placement
     sizes = {g.name: g.nbytes for g in p.groups}
     lane_obj = rt.engine.cpu_lane
@@ -48,7 +60,9 @@ def one(path: Path, cfg: ModelConfig, batch: int, ring: int, quantization: str |
     pred = p.prediction
     predicted_lane = (p.cpu_busy * pred.step_time / len(p.cpu)) if p.cpu and p.cpu_busy else None
     predicted_copy = (p.streamed_bytes / (pred.copy_busy * pred.step_time)) if p.streamed and pred.copy_busy else None
-    row = dict(batch=batch, ring=ring, quantization=quantization or "bf16", strategy=p.strategy,
+    set_blocking_sync(rt.device, False)
+    int4_cpu.set_spin(LANE_SPIN_US)
+    row = dict(batch=batch, ring=ring, variant=variant, quantization=quantization or "bf16", strategy=p.strategy,
                cpu_groups=len(p.cpu), streamed_groups=len(p.streamed), slot_MiB=p.slot_bytes / 2**20,
                measured_step_ms=1e3 * step, predicted_step_ms=1e3 * pred.step_time,
                profiled_step_ms=tl["span_ms"] / 2, copy_busy_pct=tl["copy_busy_pct"],
@@ -73,16 +87,17 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--rings", default="3")
     ap.add_argument("--quantization", default=None)
+    ap.add_argument("--variants", default="default", help="comma list: default, blocking-sync, threads=N, spin=US")
     a = ap.parse_args()
     path = make_bench_model(Path("/tmp/graphrt-bench/llama8b-16"), LAYERS)
     cfg = ModelConfig.from_file(path / "config.json")
     rows = []
     for batch in (int(b) for b in a.batches.split(",")):
-        for ring in (int(r) for r in a.rings.split(",")):
+        for ring, variant in ((int(r), v) for r in a.rings.split(",") for v in a.variants.split(",")):
             try:
-                rows.append(one(path, cfg, batch, ring, a.quantization))
+                rows.append(one(path, cfg, batch, ring, a.quantization, variant))
             except Exception as e:  # noqa: BLE001 - keep the other rows
-                rows.append(dict(batch=batch, ring=ring, error=f"{type(e).__name__}: {e}"[:400]))
+                rows.append(dict(batch=batch, ring=ring, variant=variant, error=f"{type(e).__name__}: {e}"[:400]))
             print(json.dumps(rows[-1]), flush=True)
             a.out.mkdir(parents=True, exist_ok=True)
             (a.out / "lane_timeline.json").write_text(json.dumps(rows, indent=1))
