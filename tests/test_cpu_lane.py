@@ -220,6 +220,13 @@ def test_calibration_measures_once_then_reads_the_cache(tmp_path, monkeypatch):
     assert not calibrate.cache_file().exists()
 
 
+def test_lane_host_memory_that_cannot_be_had_says_so():
+    from graphrt.weights.store import host_empty
+    with pytest.raises(MemoryError, match="GiB of host memory for CPU-lane weights.*larger gpu_budget"):
+        host_empty(1 << 60)
+    assert host_empty(5000).numel() == 5000
+
+
 def test_calibration_cycles_past_the_cache_or_over_a_plans_working_set(tmp_path, monkeypatch):
     """By default the groups cycled hold 4x the last-level cache (>= 1 GiB) so the cache cannot serve them; with
     `groups`, that many (a plan's CPU-lane groups), cached under their own key; given rates measure nothing."""
@@ -236,6 +243,8 @@ def test_calibration_cycles_past_the_cache_or_over_a_plans_working_set(tmp_path,
     assert calibrate.cpu_rate(cfg, policy, batch=1, groups=3) == 1e9 and seen == [3]
     calibrate.cpu_rate(cfg, policy, batch=1)
     assert seen == [3, None] and len(json.loads(calibrate.cache_file().read_text())) == 2
+    calibrate.cpu_rate(cfg, policy, batch=1, groups=1000)   # more than the default cycle: the default measurement
+    assert seen == [3, None]
     given = calibrate.lane_rates(cfg, policy, 1, cuda=False, rate=5e9)
     assert given.cpu == 5e9 and given.h2d_beside == 0.0 and seen == [3, None]
 

@@ -60,12 +60,6 @@ def _random_buffer(g: GroupLayout) -> torch.Tensor:
     return buf
 
 
-def mlp_group(cfg: ModelConfig, policy: FormatPolicy, rows: int = 1) -> tuple[int, dict]:
-    """(bytes, weight views) of one MLP group in `policy`'s formats, random contents."""
-    g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
-    return g.nbytes, for_cpu(g.views(_random_buffer(g)), rows)
-
-
 MAX_CYCLE = 16
 
 
@@ -88,14 +82,23 @@ def cycle_bytes() -> int:
     return min(2 << 30, max(1 << 30, 4 * last_level_cache()))
 
 
+def _mlp_layout(cfg: ModelConfig, policy: FormatPolicy) -> GroupLayout:
+    return next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
+
+
+def cycle_count(g: GroupLayout) -> int:
+    """How many copies of group `g` a measurement cycles through by default (`cycle_bytes`, 2 to MAX_CYCLE)."""
+    return min(MAX_CYCLE, max(2, -(-cycle_bytes() // max(g.nbytes, 1))))
+
+
 def mlp_groups(cfg: ModelConfig, policy: FormatPolicy, rows: int = 1,
                count: int | None = None) -> tuple[int, list[dict]]:
     """(bytes of one group, groups): `count` distinct MLP groups, by default enough (`cycle_bytes`, up to MAX_CYCLE)
     that the CPU's last-level cache cannot hold them (copies of one random group: the speed does not depend on the
     values)."""
-    g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
+    g = _mlp_layout(cfg, policy)
     first = _random_buffer(g)
-    count = count or min(MAX_CYCLE, max(2, -(-cycle_bytes() // max(g.nbytes, 1))))
+    count = count or cycle_count(g)
     buffers = [first] + [host_empty(g.nbytes).copy_(first) for _ in range(count - 1)]
     return g.nbytes, [for_cpu(g.views(b), rows) for b in buffers]
 
@@ -132,7 +135,7 @@ def measure(cfg: ModelConfig, policy: FormatPolicy, batch: int, seconds: float =
 
 def _key(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: bool, groups: int | None = None) -> str:
     """What a cached rate depends on: CPU, this thread's team size, torch, the group's formats and shape."""
-    g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
+    g = _mlp_layout(cfg, policy)
     formats = ",".join(sorted({f"{type(t.format).__name__}:{getattr(t.format, 'name', '')}:{getattr(t.format, 'packing', '')}" for t in g.tensors}))
     return "|".join(map(str, (_cpu_name(), torch.get_num_threads(), torch.__version__, formats, CPU_KERNELS,
                               policy.compute_dtype, cfg.hidden_size, cfg.intermediate_size, batch, concurrent_h2d)))\
@@ -154,13 +157,18 @@ def cpu_rate(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d:
              use_cache: bool = True, group: tuple[int, list[dict]] | None = None, groups: int | None = None) -> float:
     """The cached rate for this machine and group, measuring it the first time. groups: cycle through this many
     MLP groups (a plan's CPU-lane groups: a step reads each once, and a large last-level cache keeps part of a
-    working set little larger than itself), instead of enough to defeat the cache."""
+    working set little larger than itself), instead of enough to defeat the cache; at least 2, and no more than
+    the default cycle (a larger working set is measured by it: memory stays bounded for any plan)."""
+    if groups is not None:
+        groups = max(2, groups)
+        if groups >= cycle_count(_mlp_layout(cfg, policy)):
+            groups = None
     key = _key(cfg, policy, batch, concurrent_h2d, groups)
     cache = _read_cache() if use_cache else {}
     if key in cache:
         return float(cache[key])
     rate = measure(cfg, policy, batch, concurrent_h2d=concurrent_h2d,
-                   group=group or (mlp_groups(cfg, policy, batch, max(2, groups)) if groups else None))
+                   group=group or (mlp_groups(cfg, policy, batch, groups) if groups else None))
     if use_cache:
         _store(key, rate)
     return rate

@@ -38,7 +38,11 @@ def host_mapping(size: int) -> mmap.mmap:
 
 def host_empty(nbytes: int) -> torch.Tensor:
     """A uint8 host buffer of exactly `nbytes` in a `host_mapping` of its own (not pinned): the CPU lane's weights."""
-    return torch.frombuffer(host_mapping(-(-max(nbytes, 1) // PAGE) * PAGE), dtype=torch.uint8)[:nbytes]
+    try:
+        return torch.frombuffer(host_mapping(-(-max(nbytes, 1) // PAGE) * PAGE), dtype=torch.uint8)[:nbytes]
+    except (OSError, ValueError) as e:
+        raise MemoryError(f"cannot allocate {nbytes / 2**30:.2f} GiB of host memory for CPU-lane weights ({e}); "
+                          "free host RAM, or give a larger gpu_budget so fewer groups stay in host memory") from None
 
 
 def pinned_empty(nbytes: int, mapped: bool = False) -> torch.Tensor:
