@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_MAX_SEQ_LEN, DTYPES, ModelConfig, parse_bytes, parse_dtype
-from .plan.placement import CostModel, plan_placement
+from .plan.cost import CostModel
+from .plan.placement import plan_placement
 from .weights.formats.policy import QUANTIZATIONS
 
 

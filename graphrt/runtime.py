@@ -24,7 +24,8 @@ from .exec.speculative import SpecStats
 from .exec.graph import DecodeGraph, GraphCache, pad_prompts
 from .plan.calibrate import cpu_rate, lane_rates
 from .plan.memory import with_prefill_chunk
-from .plan.placement import CostModel, Placement, plan_placement, prompt_groups
+from .plan.cost import CostModel
+from .plan.placement import Placement, plan_placement, prompt_groups
 from .plan.schedule import build_plans, build_prologue
 from .sampling import SEED_STRIDE, SamplingParams
 from .speculative import Speculation, Speculative
@@ -106,7 +107,8 @@ class Runtime:
                 int4_cpu.set_spin(LANE_SPIN_US)
             rates = lane_rates(cfg, cpu_policy, o.max_batch_size, cuda, o.cpu_threads, o.cpu_rate)
             torch.set_num_threads(rates.threads)
-            cost = replace(cost, cpu_rate=rates.cpu, h2d_beside_cpu=min(rates.h2d_beside, cost.h2d_bandwidth))
+            cost = replace(cost, cpu_rate=rates.cpu, cpu_rate_alone=rates.cpu_alone,
+                           h2d_beside_cpu=min(rates.h2d_beside, cost.h2d_bandwidth))
 
         def plan(cost: CostModel) -> Placement:
             return plan_placement(cfg, budget, o.ring_depth, o.max_batch_size, o.max_seq_len, self.policy,
@@ -115,8 +117,8 @@ class Runtime:
         p = plan(cost)
         if p.cpu and cuda and not o.cpu_rate:   # the lane's rate at the plan's own working set (a large last-level
             working = cpu_rate(cfg, cpu_policy, o.max_batch_size, True, groups=len(p.cpu))   # cache serves part)
-            if abs(working / cost.cpu_rate - 1) > 0.05:
-                p = plan(replace(cost, cpu_rate=working))
+            if abs(working / cost.cpu_rate - 1) > 0.05:   # the rate alone scales alike
+                p = plan(replace(cost, cpu_rate=working, cpu_rate_alone=cost.cpu_rate_alone * working / cost.cpu_rate))
         if p.cpu:
             on_cpu = {g.name: g for g in model_groups(cfg, cpu_policy, p.stream_unit) if g.name in p.cpu}
             # prompts stream the CPU-lane groups whose bytes the GPU computes as they are, whole or in pieces

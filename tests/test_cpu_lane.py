@@ -13,7 +13,8 @@ import torch
 from graphrt.config import ConfigError, ModelConfig
 from graphrt.exec import cpu_lane
 from graphrt.plan import calibrate
-from graphrt.plan.placement import CostModel, plan_placement
+from graphrt.plan.cost import CostModel
+from graphrt.plan.placement import plan_placement
 from graphrt.runtime import Runtime
 from graphrt.weights.formats import Dense, Weight, for_cpu, linear
 from graphrt.weights.formats.dense import onednn_available
@@ -77,6 +78,33 @@ def test_copies_beside_the_cpu_price_the_lane_plans():
         CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel()).prediction.step_time
 
 
+def test_the_cpu_alone_is_priced_where_no_copy_runs_beside_it():
+    """With a faster rate alone (copy engine idle), a lane plan's step is shorter, but never shorter than the same
+    plan with the CPU at that rate throughout; 0 means the rate beside copies everywhere."""
+    budget = int(6.9 * 2**30)
+    plan = lambda **kw: plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16,  # noqa: E731
+                                       cost=CostModel(h2d_beside_cpu=47e9, **kw))
+    beside = plan(cpu_rate=100e9)
+    assert beside.prediction.step_time == plan(cpu_rate=100e9, cpu_rate_alone=100e9).prediction.step_time
+    mixed = plan(cpu_rate=100e9, cpu_rate_alone=125e9)
+    assert mixed.cpu and mixed.prediction.step_time < beside.prediction.step_time
+    both_fast = plan(cpu_rate=125e9, h2d_bandwidth=55e9)
+    assert mixed.prediction.step_time > both_fast.prediction.step_time * 0.999
+    # the lane's busy share is the simulated time of its groups: between the all-alone and all-beside times
+    lane_time = mixed.cpu_busy * mixed.prediction.step_time / len(mixed.cpu)
+    g = next(x for x in mixed.groups if x.name in mixed.cpu)
+    cost = CostModel(cpu_rate=100e9, cpu_rate_alone=125e9)
+    assert cost.cpu_times(g)[0] < lane_time < cost.cpu_times(g)[1]
+
+
+def test_lane_rates_on_the_cpu_measure_no_rate_alone():
+    """Without CUDA there are no copies beside the lane: one rate, and the given rate is used as it is."""
+    cfg = ModelConfig.from_dict(make_config(**dict(PRESETS["tiny-llama"], hidden=128, intermediate=256)))
+    policy = quantization_policy(None, torch.float32, torch.device("cpu"))
+    r = calibrate.lane_rates(cfg, policy, 1, cuda=False, threads=1, rate=3e9)
+    assert (r.threads, r.cpu, r.h2d_beside, r.cpu_alone) == (1, 3e9, 0.0, 0.0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_h2d_beside_cpu_is_measured_and_cached(tmp_path, monkeypatch):
@@ -85,6 +113,8 @@ def test_h2d_beside_cpu_is_measured_and_cached(tmp_path, monkeypatch):
     policy = quantization_policy(None, torch.bfloat16, torch.device("cpu"))
     rate = calibrate.h2d_beside_cpu(cfg, policy, 1)
     assert 1e9 < rate < 200e9 and calibrate.h2d_beside_cpu(cfg, policy, 1) == rate
+    lane = calibrate.lane_rates(cfg, policy, 1, cuda=True, threads=2)   # measured: beside copies, then alone
+    assert lane.threads == 2 and lane.cpu > 0 and lane.cpu_alone >= lane.cpu and lane.h2d_beside == rate
 
 
 @pytest.mark.parametrize("quantization,dtype", [(None, None), ("int8", None), ("int4", None), ("int4", "bfloat16")])

@@ -168,7 +168,8 @@ def test_planner_sizes_lane_plan_slots_for_attention_and_keeps_more_resident():
     """8B shape at the benchmark's split budget: with a CPU lane the fastest plan computes every non-resident MLP
     group on the CPU and streams attention groups through attention-sized slots; the memory this frees holds more
     resident bytes than the best plan with MLP-sized slots, and every lane group can be cut for prompts."""
-    from graphrt.plan.placement import CostModel, plan_placement
+    from graphrt.plan.cost import CostModel
+    from graphrt.plan.placement import plan_placement
     cfg = ModelConfig.from_dict(make_config(**dict(PRESETS["llama-3.1-8b"], layers=16), dtype="bfloat16"))
     budget = int(6.78 * 2**30)
     cost = CostModel(h2d_bandwidth=55e9, cpu_rate=90e9, h2d_beside_cpu=50e9)

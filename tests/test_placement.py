@@ -88,7 +88,7 @@ def test_split_groups_use_smaller_slots():
 
 def test_chooses_by_predicted_time_not_first_layers():
     """Resident layers in a compute-heavy setting: the chosen set has the lowest predicted time."""
-    from graphrt.plan.placement import CostModel
+    from graphrt.plan.cost import CostModel
     cfg = ModelConfig.from_file("tools/configs/llama-3.1-8b.json")
     cost = CostModel(h2d_bandwidth=55e9, hbm_bandwidth=3e12, flops=2e12, batch_size=16)
     best = plan_placement(cfg, 14 * GiB, 3, 16, 512, torch.bfloat16, cost=cost)

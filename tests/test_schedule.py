@@ -101,3 +101,21 @@ def test_timing_depth_one_would_serialise():
     r = simulate(build_plans(groups, streamed, 2), build_prologue(groups, streamed, 2), steps=6,
                  copy_time=lambda g: 1.0, compute_time=lambda g: 1.0)
     assert r.step_time < 4 * 2.0 * 0.8
+
+
+def test_copies_and_cpu_groups_share_host_memory_while_both_run():
+    """A CPU-lane group (alone 1.0, shared 2.0) beside the next step's copy (alone 0.5, shared 1.0): both run at
+    half speed until the copy ends at 1.0 (half the group done), the group's other half alone takes 0.5 more."""
+    groups, streamed = ["cpu", "layer"], {"layer"}
+    plans, prologue = build_plans(groups, streamed, 2), build_prologue(groups, streamed, 2)
+    gpu = lambda g: 0.1  # noqa: E731
+
+    def run(copy, cpu):
+        return simulate(plans, prologue, steps=8, copy_time=lambda g: copy,
+                        compute_time=lambda g: cpu if g == "cpu" else gpu(g))
+    r = run((0.5, 1.0), (1.0, 2.0))
+    assert r.step_time == pytest.approx(1.6) and r.host_compute == pytest.approx(1.5)
+    assert r.copy_busy * r.step_time == pytest.approx(1.0)
+    assert run((1.0, 2.0), (1.0, 2.0)).step_time == pytest.approx(2.1)       # whole overlap: both at shared speed
+    assert run(1.0, (1.0, 2.0)).step_time == pytest.approx(1.1)             # a plain duration shares nothing
+    assert run((1.0, 2.0), 1.0).host_compute == 0.0

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from graphrt import Runtime
 from graphrt.bench.run import make_bench_model, measure_limits
-from graphrt.plan.placement import CostModel
+from graphrt.plan.cost import CostModel
 from graphrt.plan.simulator import simulate
 from graphrt.weights.synthetic import make_config, random_tensors, write_checkpoint
 

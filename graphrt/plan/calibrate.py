@@ -256,14 +256,17 @@ class LaneRates:
     threads: int        # the lane's torch threads
     cpu: float          # bytes/s of MLP groups the lane computes (copies beside it on CUDA)
     h2d_beside: float   # bytes/s of the copy engine while the lane computes (CUDA; else 0)
+    cpu_alone: float = 0.0   # bytes/s of the lane with the copy engine idle (CUDA; else 0: the same as cpu)
 
 
 def lane_rates(cfg: ModelConfig, policy: FormatPolicy, batch: int, cuda: bool, threads: int | None = None,
                rate: float | None = None) -> LaneRates:
     """The CPU lane's thread count and rates for the planner. threads: given (--cpu-threads), else on a GPU machine
     the fastest measured team size (one thread drives the GPU), else torch's. rate: given (--cpu-rate: nothing is
-    measured), else measured (cached) with that team, copies beside it on CUDA; then the copy engine's rate beside
-    the lane. The caller's thread count is left as it was."""
+    measured, and the rate holds beside copies and alone), else measured (cached) with that team, copies beside it
+    on CUDA; then, on CUDA, the lane's rate with the copy engine idle and the copy engine's rate beside the lane
+    (the two share DRAM: the simulator runs each at its shared rate only while both work). The caller's thread
+    count is left as it was."""
     if not (threads or rate or not cuda):
         threads, cpu = best_threads(cfg, policy, batch, thread_candidates(os.cpu_count() or 2), concurrent_h2d=True)
     else:
@@ -274,7 +277,9 @@ def lane_rates(cfg: ModelConfig, policy: FormatPolicy, batch: int, cuda: bool, t
     torch.set_num_threads(threads)
     try:
         cpu = cpu or cpu_rate(cfg, policy, batch, concurrent_h2d=cuda)
-        beside = h2d_beside_cpu(cfg, policy, batch) if cuda and not rate else 0.0
+        measured = cuda and not rate
+        alone = cpu_rate(cfg, policy, batch, concurrent_h2d=False) if measured else 0.0
+        beside = h2d_beside_cpu(cfg, policy, batch) if measured else 0.0
     finally:
         torch.set_num_threads(before)
-    return LaneRates(threads, cpu, beside)
+    return LaneRates(threads, cpu, beside, max(alone, cpu) if alone else 0.0)

@@ -8,6 +8,7 @@ import torch
 from ..config import ConfigError, ModelConfig
 from ..weights.layout import FormatPolicy, GroupLayout, model_groups
 from ..weights.pieces import Piece, cut_group
+from .cost import CostModel
 from .memory import PREFILL_BASE, essentials, widen_prefill_chunk
 from .schedule import build_plans, build_prologue
 from .simulator import SimResult, simulate
@@ -20,33 +21,6 @@ def _gib(nbytes: int) -> str:
 
 class BudgetError(ConfigError):
     """The GPU budget cannot hold what graphrt needs; the message gives the minimum."""
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Planning estimates: copy and compute time of a group for one decode step."""
-    h2d_bandwidth: float = 55e9      # bytes/s, pinned host -> device
-    hbm_bandwidth: float = 3.0e12    # bytes/s, device memory
-    flops: float = 400e12            # dense matmul FLOP/s reachable at decode shapes
-    group_overhead: float = 10e-6    # kernel launches per group inside a graph
-    batch_size: int = 1
-    cpu_rate: float = 0.0            # bytes/s of weights the CPU lane computes at this batch; 0: no CPU lane
-    cpu_overhead: float = 300e-6     # per CPU group: activation D2H, host node, result H2D
-    h2d_beside_cpu: float = 0.0      # bytes/s of the copy engine while the CPU lane computes (DRAM is shared);
-                                     # plans with CPU groups stream at it; 0: h2d_bandwidth
-
-    def copy_time(self, g: GroupLayout) -> float:
-        return g.nbytes / self.h2d_bandwidth
-
-    def cpu_time(self, g: GroupLayout) -> float:
-        """The compute stream waits this long for a group computed on the CPU (it reads its weights once)."""
-        return g.nbytes / self.cpu_rate + self.cpu_overhead
-
-    def compute_time(self, g: GroupLayout) -> float:
-        params = g.num_params if g.kind != "embed" else 0  # the embedding reads B rows
-        nbytes = g.nbytes if g.kind != "embed" else 0
-        return max(nbytes / self.hbm_bandwidth,
-                   2 * self.batch_size * params / self.flops) + self.group_overhead
 
 
 @dataclass(frozen=True)
@@ -175,9 +149,7 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
     evaluated = [_evaluate(groups, resident, ring_depth, gpu_budget, fixed, cost, kind)
                  for resident, kind in _candidates(groups, must, gpu_budget - base, ring_depth, strategy)]
     if cost.cpu_rate > 0 and strategy == "auto":   # the lane's own plans: slots sized for what streams
-        beside = replace(cost, h2d_bandwidth=cost.h2d_beside_cpu) if cost.h2d_beside_cpu else cost
-        evaluated += [_evaluate_homes(groups, resident, cpu, ring_depth, gpu_budget, fixed, beside if cpu else cost,
-                                      "lane")
+        evaluated += [_evaluate_homes(groups, resident, cpu, ring_depth, gpu_budget, fixed, cost, "lane")
                       for resident, cpu in _lane_candidates(groups, must, gpu_budget - base, ring_depth)]
     if not evaluated:
         raise BudgetError(f"no placement fits gpu_budget {gpu_budget / 2**30:.2f} GiB with ring_depth "
@@ -212,12 +184,14 @@ def prompt_groups(groups, streamed: set[str], slot_bytes: int) -> tuple[list[Gro
 
 
 def _simulate(groups, streamed: set[str], ring_depth: int, cost: CostModel, cpu: frozenset[str]) -> SimResult:
-    """The simulator's step for these homes: `streamed` groups through the ring, `cpu` groups on the CPU lane."""
+    """The simulator's step for these homes: `streamed` groups through the ring, `cpu` groups on the CPU lane (with
+    a lane, copies and CPU groups share host memory: each runs at its rate beside the other while both do)."""
     names = [g.name for g in groups]
     by_name = {g.name: g for g in groups}
-    compute = lambda n: cost.cpu_time(by_name[n]) if n in cpu else cost.compute_time(by_name[n])  # noqa: E731
+    compute = lambda n: cost.cpu_times(by_name[n]) if n in cpu else cost.compute_time(by_name[n])  # noqa: E731
+    copy = (lambda n: cost.copy_times(by_name[n])) if cpu else (lambda n: cost.copy_time(by_name[n]))  # noqa: E731
     return simulate(build_plans(names, streamed, ring_depth), build_prologue(names, streamed, ring_depth),
-                    copy_time=lambda n: cost.copy_time(by_name[n]), compute_time=compute, step_overhead=5e-6)
+                    copy_time=copy, compute_time=compute, step_overhead=5e-6)
 
 
 def _candidates(groups, must, room: int, ring_depth: int, strategy: str):
@@ -297,9 +271,8 @@ def _evaluate(groups, resident, ring_depth, budget, fixed, cost: CostModel, kind
         mlps = [g.name for g in groups if g.kind == "mlp" and g.name not in resident]
         choices += [frozenset(_spread(mlps, c)) for c in range(1, len(mlps) + 1)]
     best = None
-    beside = replace(cost, h2d_bandwidth=cost.h2d_beside_cpu) if cost.h2d_beside_cpu else cost
     for cpu in choices:
-        p = _evaluate_homes(groups, resident, cpu, ring_depth, budget, fixed, beside if cpu else cost, kind)
+        p = _evaluate_homes(groups, resident, cpu, ring_depth, budget, fixed, cost, kind)
         if best is None or p.prediction.step_time < best.prediction.step_time:
             best = p
     return best
@@ -313,6 +286,6 @@ def _evaluate_homes(groups, resident, cpu, ring_depth, budget, fixed, cost: Cost
     sim = _simulate(groups, streamed, ring_depth, cost, frozenset(cpu))
     memory = {"resident_weights": sum(by_name[n].nbytes for n in resident), "ring": ring_depth * slot, **fixed}
     unit = "attn_mlp" if any(g.kind == "mlp" for g in groups) else "layer"
-    cpu_busy = sum(cost.cpu_time(by_name[n]) for n in cpu) / sim.step_time if cpu and sim.step_time else None
+    cpu_busy = sim.host_compute / sim.step_time if cpu and sim.step_time else None
     return Placement(tuple(groups), resident, ring_depth, slot, budget, memory, sim, kind + ("+cpu" if cpu else ""),
                      unit, frozenset(cpu), cpu_busy)

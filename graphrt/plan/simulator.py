@@ -6,7 +6,8 @@ latest record of that event issued before the wait. From that happens-before rel
   - every compute that reads a slot must come after the copy that put its data there (same slot);
   - every copy into a slot must come after all reads of the slot's previous content;
   - every wait must refer to an event recorded before it.
-Timing list-schedules the same ops: a copy takes bytes / bandwidth, a compute its given time.
+Timing runs the same ops event by event: a copy takes bytes / bandwidth, a compute its given time; a copy and a
+CPU-lane group that run at the same time each take their `shared` duration (both read host DRAM).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class SimResult:
     copy_busy: float = 0.0            # fraction of the steady-state step the copy engine is busy
     copy_idle: float = 0.0            # seconds per step the copy engine idles
     compute_stall: float = 0.0        # seconds per step the compute stream waits for copies
+    host_compute: float = 0.0         # seconds per step the compute stream waits for the CPU lane's groups
     stall_by_group: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -37,14 +39,18 @@ def _unroll(plans: list[StepPlan], prologue: StepPlan, steps: int):
     return out
 
 
+Duration = float | tuple[float, float]   # seconds; or (alone, shared) for an op that reads host memory
+
+
 def simulate(plans: list[StepPlan], prologue: StepPlan, steps: int = 0,
-             copy_time: Callable[[str], float] | None = None,
-             compute_time: Callable[[str], float] | None = None, step_overhead: float = 0.0) -> SimResult:
+             copy_time: Callable[[str], Duration] | None = None,
+             compute_time: Callable[[str], Duration] | None = None, step_overhead: float = 0.0) -> SimResult:
     steps = steps or max(3, 2 * len(plans) + 1)
     ops = _unroll(plans, prologue, steps)
     S = prologue.num_streamed
     hazards: list[str] = []
     anc: list[int] = []                       # bitset of ops that happen before op i
+    pred_lists: list[list[int]] = []          # the ops op i directly follows (its stream's last op, its waits)
     last_on: dict[str, int] = {}
     last_record: dict[str, int] = {}
     writer: dict[tuple[int, int], int] = {}   # (step, k) content -> copy op index
@@ -62,6 +68,7 @@ def simulate(plans: list[StepPlan], prologue: StepPlan, steps: int = 0,
                 hazards.append(f"{name(i)} waits on {ev!r}, which was never recorded before it")
             else:
                 preds.append(last_record[ev])
+        pred_lists.append(preds)
         a = 0
         for p in preds:
             a |= anc[p] | (1 << p)
@@ -93,36 +100,91 @@ def simulate(plans: list[StepPlan], prologue: StepPlan, steps: int = 0,
             readers.setdefault(content, []).append(i)
     result = SimResult(hazards)
     if copy_time is not None and compute_time is not None:
-        _time(ops, anc, result, copy_time, compute_time, step_overhead)
+        _time(ops, pred_lists, result, copy_time, compute_time, step_overhead)
     return result
 
 
-def _time(ops, anc, result: SimResult, copy_time, compute_time, step_overhead: float) -> None:
-    end: list[float] = []
-    stream_end: dict[str, float] = {}
-    last_record: dict[str, int] = {}
+def _time(ops, preds: list[list[int]], result: SimResult, copy_time, compute_time, step_overhead: float) -> None:
+    """Event-driven timing: each stream runs its ops in issue order, an op starts when its stream and the ops it
+    waits for are done. An op whose duration is a pair (alone, shared) reads host memory (a host-to-device copy, a
+    CPU-lane group): it progresses at 1/shared while another such op runs beside it, else at 1/alone (the copy
+    engine and the CPU share DRAM bandwidth). A plain float is a duration that nothing slows."""
+    n = len(ops)
+    durations: list[tuple[float, float | None]] = []
+    for t, op in ops:
+        if op.kind == "copy":
+            d = copy_time(op.group)
+        elif op.kind == "compute":
+            d = compute_time(op.group)
+        else:   # the launch gap between two steps, at the start of each
+            d = step_overhead if op.kind == "mark" and op.stream == "compute" and "begin" in op.records else 0.0
+        durations.append(d if isinstance(d, tuple) else (d, None))
+    queues: dict[str, list[int]] = {}
+    for i, (_, op) in enumerate(ops):
+        queues.setdefault(op.stream, []).append(i)
+    head = {s: 0 for s in queues}
+    start, end = [0.0] * n, [None] * n
+    running: dict[str, list] = {}           # stream -> [op, fraction of its work left]
+    now = 0.0
+    while True:
+        started = True
+        while started:                      # start every op whose predecessors are done (zero-length ops end now)
+            started = False
+            for s, q in queues.items():
+                if s in running or head[s] == len(q):
+                    continue
+                i = q[head[s]]
+                if any(end[p] is None for p in preds[i]):
+                    continue
+                head[s] += 1
+                start[i] = now
+                if durations[i][0] > 0:
+                    running[s] = [i, 1.0]
+                else:
+                    end[i] = now
+                started = True
+        if not running:
+            break
+        readers = sum(durations[i][1] is not None for i, _ in running.values())
+
+        def rate(i: int) -> float:
+            alone, shared = durations[i]
+            return 1.0 / (shared if shared is not None and readers > 1 else alone)
+        dt = min(left / rate(i) for i, left in running.values())
+        now += dt
+        for s in list(running):
+            i, left = running[s]
+            left -= dt * rate(i)
+            if left <= 1e-12:
+                end[i] = now
+                del running[s]
+            else:
+                running[s][1] = left
+    if any(e is None for e in end):
+        raise ValueError("the plan deadlocks: an op waits for an event that only a later op of its stream records")
+    _summarize(ops, preds, start, end, durations, result)
+
+
+def _summarize(ops, preds, start, end, durations, result: SimResult) -> None:
     step_end: dict[int, float] = {}
     copy_busy: dict[int, float] = {}
+    host_compute: dict[int, float] = {}
     stall: dict[int, float] = {}
     stall_by_group: dict[str, float] = {}
+    prev_on: dict[str, int] = {}
     for i, (t, op) in enumerate(ops):
-        ready = stream_end.get(op.stream, 0.0)
-        if op.kind == "mark" and op.stream == "compute" and "begin" in op.records:
-            ready += step_overhead  # launch gap between two steps
-        dep = max([end[last_record[e]] for e in op.waits if e in last_record], default=0.0)
-        start = max(ready, dep)
-        dur = copy_time(op.group) if op.kind == "copy" else compute_time(op.group) if op.kind == "compute" else 0.0
+        took = end[i] - start[i]
         if op.kind == "copy":
-            copy_busy[t] = copy_busy.get(t, 0.0) + dur
-        if op.kind == "compute" and dep > ready:
-            stall[t] = stall.get(t, 0.0) + dep - ready
+            copy_busy[t] = copy_busy.get(t, 0.0) + took
+        if op.kind == "compute" and durations[i][1] is not None:
+            host_compute[t] = host_compute.get(t, 0.0) + took
+        ready = end[prev_on[op.stream]] if op.stream in prev_on else 0.0
+        if op.kind == "compute" and start[i] > ready:
+            stall[t] = stall.get(t, 0.0) + start[i] - ready
             if t >= 1:
-                stall_by_group[op.group] = stall_by_group.get(op.group, 0.0) + dep - ready
-        end.append(start + dur)
-        stream_end[op.stream] = start + dur
-        for ev in op.records:
-            last_record[ev] = i
-        step_end[t] = max(step_end.get(t, 0.0), start + dur)
+                stall_by_group[op.group] = stall_by_group.get(op.group, 0.0) + start[i] - ready
+        prev_on[op.stream] = i
+        step_end[t] = max(step_end.get(t, 0.0), end[i])
     steps = sorted(t for t in step_end if t >= 0)
     measured = steps[1:] or steps
     span = step_end[measured[-1]] - step_end[measured[0] - 1]
@@ -132,4 +194,5 @@ def _time(ops, anc, result: SimResult, copy_time, compute_time, step_overhead: f
     result.copy_busy = busy / result.step_time if result.step_time else 0.0
     result.copy_idle = max(0.0, result.step_time - busy)
     result.compute_stall = sum(stall.get(t, 0.0) for t in measured) / n
+    result.host_compute = sum(host_compute.get(t, 0.0) for t in measured) / n
     result.stall_by_group = {g: s / n for g, s in stall_by_group.items()}

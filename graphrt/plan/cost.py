@@ -1,0 +1,45 @@
+"""The planner's cost model: how long a weight group takes to copy, to compute on the GPU, or on the CPU lane."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..weights.layout import GroupLayout
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Planning estimates: copy and compute time of a group for one decode step."""
+    h2d_bandwidth: float = 55e9      # bytes/s, pinned host -> device
+    hbm_bandwidth: float = 3.0e12    # bytes/s, device memory
+    flops: float = 400e12            # dense matmul FLOP/s reachable at decode shapes
+    group_overhead: float = 10e-6    # kernel launches per group inside a graph
+    batch_size: int = 1
+    cpu_rate: float = 0.0            # bytes/s of weights the CPU lane computes at this batch while the copy engine
+                                     # streams beside it; 0: no CPU lane
+    cpu_rate_alone: float = 0.0      # bytes/s of the same with the copy engine idle; 0: cpu_rate
+    cpu_overhead: float = 200e-6     # per CPU group: activation D2H, host node, result H2D (measured 0.07-0.46 ms
+                                     # beyond the host function on the H100 host, about 0.2 on average)
+    h2d_beside_cpu: float = 0.0      # bytes/s of the copy engine while the CPU lane computes (DRAM is shared); 0:
+                                     # h2d_bandwidth
+
+    def copy_time(self, g: GroupLayout) -> float:
+        return g.nbytes / self.h2d_bandwidth
+
+    def copy_times(self, g: GroupLayout) -> tuple[float, float]:
+        """(alone, beside the CPU lane): a copy reads host memory, and slows while the CPU reads it too."""
+        return g.nbytes / self.h2d_bandwidth, g.nbytes / (self.h2d_beside_cpu or self.h2d_bandwidth)
+
+    def cpu_time(self, g: GroupLayout) -> float:
+        """The compute stream waits this long for a group computed on the CPU while copies run beside it (it reads
+        its weights once)."""
+        return g.nbytes / self.cpu_rate + self.cpu_overhead
+
+    def cpu_times(self, g: GroupLayout) -> tuple[float, float]:
+        """(alone, beside copies) for a group computed on the CPU."""
+        return g.nbytes / (self.cpu_rate_alone or self.cpu_rate) + self.cpu_overhead, self.cpu_time(g)
+
+    def compute_time(self, g: GroupLayout) -> float:
+        params = g.num_params if g.kind != "embed" else 0  # the embedding reads B rows
+        nbytes = g.nbytes if g.kind != "embed" else 0
+        return max(nbytes / self.hbm_bandwidth,
+                   2 * self.batch_size * params / self.flops) + self.group_overhead
