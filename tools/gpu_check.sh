@@ -6,7 +6,7 @@
 #   llama.cpp, carry .peer: the first starts llama.cpp's detached build; the second waits for it, so the CPU lane
 #   has the CPU to itself, and runs graphrt's rows; the third runs llama.cpp and writes the table; each in its
 #   own call on the warm machine),
-#   int4 (one-row int4 GEMV kernels side by side), copy (copy kernels vs memcpy nodes), host (host cost of steps and the decode loop's timeline), prefill, cpu-probe (CPU GEMV paths), model-speed (the default model against .old/<commit> packages), round (a speculative round's kernels and timeline, ROUND_ARGS e.g. "--dtype bfloat16 --ring 16"), fused-probe (fused int4 products against apart), prompt-host (cProfile of an eager prompt), lane-sync (the CPU lane, spinning vs sleeping waiters), lane-probe (one lane group's cost in a graph, LANE_PROBE_ARGS), lane-timeline (a lane step measured in the graph against its plan, LANE_TIMELINE_ARGS), lane-memory (the lane's CPU rate from each kind of host memory), lane-calibration (the lane timed back to back, with idle gaps, without copies), lane-timeline-old (lane-timeline on .old/<commit> packages, LANE_TIMELINE_OLD_ARGS), lane-tests (CPU lane and CPU int4 kernel tests, CPU ones too) (prompts on a streamed plan), tp (2 GPUs: tensor-parallel tests and tools/bench_tp.py), bench (`graphrt bench`), or all.
+#   int4 (one-row int4 GEMV kernels side by side), copy (copy kernels vs memcpy nodes), host (host cost of steps and the decode loop's timeline), prefill, cpu-probe (CPU GEMV paths), model-speed (the default model against .old/<commit> packages), round (a speculative round's kernels and timeline, ROUND_ARGS e.g. "--dtype bfloat16 --ring 16"), fused-probe (fused int4 products against apart), prompt-host (cProfile of an eager prompt), lane-sync (the CPU lane, spinning vs sleeping waiters), lane-probe (one lane group's cost in a graph, LANE_PROBE_ARGS), lane-timeline (a lane step measured in the graph against its plan, LANE_TIMELINE_ARGS), lane-timeline-quant (the same for int8 and int4 at batch 1), lane-memory (the lane's CPU rate from each kind of host memory), lane-calibration (the lane timed back to back, with idle gaps, without copies), lane-timeline-old (lane-timeline on .old/<commit> packages, LANE_TIMELINE_OLD_ARGS), lane-tests (CPU lane and CPU int4 kernel tests, CPU ones too) (prompts on a streamed plan), tp (2 GPUs: tensor-parallel tests and tools/bench_tp.py), bench (`graphrt bench`), or all.
 # Writes everything under $OUT. Carry .whl (nvtx, gguf wheels). The default model's GGUF (98 MB) is larger
 # than one call may carry: it travels in two halves, .dev1/part1 in one call (kept in /tmp/keep) and
 # .dev2/part2 in the next, and is reassembled here for GRAPHRT_DEFAULT_GGUF.
@@ -102,6 +102,12 @@ if has lane-probe; then  # one CPU-lane group's cost in a captured step beyond i
 fi
 if has lane-timeline; then  # a CPU-lane step measured inside the graph against its plan (tools/lane_timeline.py)
   timeout ${LANE_TIMELINE_S:-420} python3 tools/lane_timeline.py --out "$OUT" ${LANE_TIMELINE_ARGS:-} 2>&1 | grep -v "Loading weights" | tee "$OUT/lane_timeline.log"
+fi
+if has lane-timeline-quant; then  # the same at batch 1 for the int8 and int4 lanes (one folder each)
+  for q in int8 int4; do
+    timeout ${LANE_TIMELINE_S:-420} python3 tools/lane_timeline.py --out "$OUT/$q" --batches 1 --quantization $q 2>&1 \
+      | grep -v "Loading weights" | tee "$OUT/lane_timeline_$q.log"
+  done
 fi
 if has lane-timeline-old; then  # the same tool on old packages carried in .old/<commit> (an A/B on one machine)
   for old in .old/*/; do

@@ -6,7 +6,8 @@
 The versus benchmark's model and split budget (graphrt/bench/versus.py), the planner free to use the CPU lane. For
 each batch and ring depth: the measured step (graph replays, as versus measures it), the plan's predicted step, and a
 profiled step (graphrt/bench/timeline.py): each CPU-lane group's time on the compute stream (activation out, host
-node, result back) against the cost model's nbytes / cpu_rate + cpu_overhead, each host function's own time (its
+node, result back) against the simulator's time for it (the CPU at its rate beside copies while they run, alone
+otherwise, plus cpu_overhead) and the calibrated rates, each host function's own time (its
 start to its end on the driver's thread, during the measured replays), each streamed copy's rate against the rate
 the plan priced it at, and the copy engine's busy share. Writes lane_timeline.json.
 """
@@ -50,7 +51,7 @@ def one(path: Path, cfg: ModelConfig, batch: int, ring: int, quantization: str |
     lane_obj = rt.engine.cpu_lane
     if lane_obj is not None:
         lane_obj.trace = []   # each host function's start and end (the driver's thread, host clock)
-    step = step_time(rt, steps=16, repeats=3, batch=batch, prompt=128) if batch > 1 else step_time(rt)
+    step = step_time(rt, steps=24, repeats=5, batch=batch, prompt=128) if batch > 1 else step_time(rt)
     host_fn = [e - s for s, e in lane_obj.trace] if lane_obj is not None and lane_obj.trace else []
     if lane_obj is not None:
         lane_obj.trace = None
@@ -76,9 +77,18 @@ def one(path: Path, cfg: ModelConfig, batch: int, ring: int, quantization: str |
                predicted_copy_GBps=predicted_copy / 1e9 if predicted_copy else None,
                stall_ms_by_group={k: round(v, 3) for k, v in sorted(tl["stall_ms_by_group"].items(),
                                                                     key=lambda kv: -kv[1])[:6]},
-               lane_threads=rt.engine.cpu_lane.host_threads if rt.engine.cpu_lane is not None else None)
+               lane_threads=rt.engine.cpu_lane.host_threads if rt.engine.cpu_lane is not None else None,
+               **_rates(p.cost))
     rt.close()
     return row
+
+
+def _rates(cost) -> dict:
+    """The calibrated rates the plan used (GB/s): the CPU beside copies and alone, the copies beside the CPU."""
+    if cost is None or not cost.cpu_rate:
+        return {}
+    return dict(cpu_beside_GBps=cost.cpu_rate / 1e9, cpu_alone_GBps=(cost.cpu_rate_alone or cost.cpu_rate) / 1e9,
+                h2d_beside_GBps=(cost.h2d_beside_cpu or cost.h2d_bandwidth) / 1e9)
 
 
 def main() -> None:

@@ -136,7 +136,7 @@ def graphrt_rows(path: Path, keep: Path | None = None) -> list[dict]:
         row("bf16", place, "decode", batch,
             lambda b=batch, c=place == "split+cpu": _runtime(path, None, split_budget(cfg, None, b, 512), b, 512,
                                                               cpu_lane=c),
-            lambda rt, b=batch: b / step_time(rt, steps=16, repeats=3, batch=b, prompt=128))
+            lambda rt, b=batch: b / step_time(rt, steps=24, repeats=5, batch=b, prompt=128))
     for place in ("gpu", "split", "split+cpu"):   # split+cpu: prompts stream the lane's groups (prompt plans)
         row("bf16", place, "prefill", 1,
             lambda pl=place: _runtime(path, None, split_budget(cfg, None, 1, 4352) if pl != "gpu" else None, 1, 4352,

@@ -38,6 +38,7 @@ class Placement:
     cpu_busy: float | None = field(default=None, compare=False)  # predicted CPU share of the step
     prefill_chunk: int = PREFILL_BASE  # prompt tokens per prefill step (each streams the weights once)
     prompt_streamed: frozenset[str] = frozenset()  # CPU-lane groups that prompt steps stream through the ring
+    cost: CostModel | None = field(default=None, compare=False)   # the rates the prediction used
 
     @property
     def streamed(self) -> list[str]:
@@ -75,7 +76,12 @@ class Placement:
                          f"sequence), copy engine busy {100 * p.copy_busy:.1f}%, compute stall "
                          f"{p.compute_stall * 1e3:.2f} ms/step")
             if self.cpu and self.cpu_busy is not None:
-                lines.append(f"CPU lane busy {100 * self.cpu_busy:.1f}% of the step")
+                c = self.cost
+                rates = (f" (weights at {c.cpu_rate / 1e9:.1f} GB/s beside copies, "
+                         f"{(c.cpu_rate_alone or c.cpu_rate) / 1e9:.1f} alone; copies at "
+                         f"{(c.h2d_beside_cpu or c.h2d_bandwidth) / 1e9:.1f} GB/s beside it, "
+                         f"{c.h2d_bandwidth / 1e9:.1f} alone)") if c is not None else ""
+                lines.append(f"CPU lane busy {100 * self.cpu_busy:.1f}% of the step{rates}")
         lines.append(f"prefill: chunks of up to {self.prefill_chunk} tokens per row at the full batch, longer for "
                      f"fewer rows (activations "
                      f"{self.memory.get('activations', 0) / gib:.2f} GiB)" +
@@ -288,4 +294,4 @@ def _evaluate_homes(groups, resident, cpu, ring_depth, budget, fixed, cost: Cost
     unit = "attn_mlp" if any(g.kind == "mlp" for g in groups) else "layer"
     cpu_busy = sim.host_compute / sim.step_time if cpu and sim.step_time else None
     return Placement(tuple(groups), resident, ring_depth, slot, budget, memory, sim, kind + ("+cpu" if cpu else ""),
-                     unit, frozenset(cpu), cpu_busy)
+                     unit, frozenset(cpu), cpu_busy, cost=cost)
