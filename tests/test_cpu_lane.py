@@ -113,8 +113,9 @@ def test_h2d_beside_cpu_is_measured_and_cached(tmp_path, monkeypatch):
     policy = quantization_policy(None, torch.bfloat16, torch.device("cpu"))
     rate = calibrate.h2d_beside_cpu(cfg, policy, 1)
     assert 1e9 < rate < 200e9 and calibrate.h2d_beside_cpu(cfg, policy, 1) == rate
-    lane = calibrate.lane_rates(cfg, policy, 1, cuda=True, threads=2)   # measured: beside copies, then alone
-    assert lane.threads == 2 and lane.cpu > 0 and lane.cpu_alone >= lane.cpu and lane.h2d_beside == rate
+    lane = calibrate.lane_rates(cfg, policy, 1, cuda=True, threads=2)   # measured with 2 threads: beside copies,
+    assert lane.threads == 2 and lane.cpu > 0 and lane.cpu_alone >= lane.cpu   # then alone, then the copies beside
+    assert 1e9 < lane.h2d_beside < 200e9
 
 
 @pytest.mark.parametrize("quantization,dtype", [(None, None), ("int8", None), ("int4", None), ("int4", "bfloat16")])
