@@ -97,6 +97,32 @@ def test_the_cpu_alone_is_priced_where_no_copy_runs_beside_it():
     assert cost.cpu_times(g)[0] < lane_time < cost.cpu_times(g)[1]
 
 
+def test_a_measured_gpu_rate_prices_the_gpu_compute_of_lane_plans():
+    """A GPU slower than the HBM default (quantized products) lengthens the lane plan's step by its groups' extra
+    compute, which the CPU lane does not hide (the compute stream waits for each lane group)."""
+    budget = int(6.9 * 2**30)
+    plan = lambda **kw: plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16,  # noqa: E731
+                                       cost=CostModel(cpu_rate=100e9, h2d_beside_cpu=47e9, **kw))
+    default, slow = plan(), plan(gpu_rate=1.5e12)
+    assert default.prediction.step_time == plan(gpu_rate=3.0e12).prediction.step_time
+    assert slow.cpu and slow.prediction.step_time > default.prediction.step_time
+    g = next(x for x in slow.groups if x.name in slow.resident and x.kind == "mlp")
+    assert CostModel(gpu_rate=1.5e12).compute_time(g) == pytest.approx(g.nbytes / 1.5e12 + 10e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quantization", [None, "int4"])
+def test_gpu_rate_is_measured_in_a_graph_and_cached(tmp_path, monkeypatch, quantization):
+    from graphrt.plan.gpu_calibrate import gpu_rate
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = ModelConfig.from_dict(make_config(**dict(PRESETS["tiny-llama"], hidden=1024, intermediate=2816)))
+    policy = quantization_policy(quantization, torch.bfloat16, torch.device("cuda"))
+    rate = gpu_rate(cfg, policy, 4, torch.device("cuda"))
+    assert 1e9 < rate < 20e12 and gpu_rate(cfg, policy, 4, torch.device("cuda")) == rate
+    assert any(k.startswith("gpu|") for k in json.loads(calibrate.cache_file().read_text()))
+
+
 def test_lane_rates_on_the_cpu_measure_no_rate_alone():
     """Without CUDA there are no copies beside the lane: one rate, and the given rate is used as it is."""
     cfg = ModelConfig.from_dict(make_config(**dict(PRESETS["tiny-llama"], hidden=128, intermediate=256)))

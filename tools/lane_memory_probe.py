@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from graphrt.config import ModelConfig
-from graphrt.plan.calibrate import _random_buffer, cycle_bytes, measure
+from graphrt.plan.calibrate import random_buffer, cycle_bytes, measure
 from graphrt.weights.formats import for_cpu
 from graphrt.weights.formats.policy import quantization_policy
 from graphrt.weights.layout import model_groups
@@ -54,7 +54,7 @@ def main() -> None:
     cfg = ModelConfig.from_dict(make_config(**dict(PRESETS["llama-3.1-8b"], layers=1), dtype="bfloat16"))
     policy = quantization_policy(None, torch.bfloat16, "cpu", in_features=(4096, 4096, 14336))
     g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
-    source = _random_buffer(g)
+    source = random_buffer(g)
     thp = {f: Path(f"/sys/kernel/mm/transparent_hugepage/{f}").read_text().strip()
            for f in ("enabled", "shmem_enabled") if Path(f"/sys/kernel/mm/transparent_hugepage/{f}").exists()}
     rows = []

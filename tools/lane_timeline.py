@@ -9,7 +9,8 @@ profiled step (graphrt/bench/timeline.py): each CPU-lane group's time on the com
 node, result back) against the simulator's time for it (the CPU at its rate beside copies while they run, alone
 otherwise, plus cpu_overhead) and the calibrated rates, each host function's own time (its
 start to its end on the driver's thread, during the measured replays), each streamed copy's rate against the rate
-the plan priced it at, and the copy engine's busy share. Writes lane_timeline.json.
+the plan priced it at, the copy engine's busy share, and the step's GPU side (the measured step less its lane
+groups) against the prediction's (the predicted step less the simulated lane time). Writes lane_timeline.json.
 """
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ def one(path: Path, cfg: ModelConfig, batch: int, ring: int, quantization: str |
                host_fn_GBps=(sum(sizes[n] for n in p.cpu) / len(p.cpu) / statistics.median(host_fn) / 1e9
                              if host_fn and p.cpu else None),
                predicted_lane_group_ms=1e3 * predicted_lane if predicted_lane else None,
+               gpu_side_ms=1e3 * step - len(p.cpu) * statistics.median(lane) if lane else None,   # the rest of the step
+               predicted_gpu_side_ms=1e3 * (pred.step_time - pred.host_compute) if p.cpu else None,
                copy_GBps=statistics.median(n / (ms * 1e6) for n, ms in copies) if copies else None,
                predicted_copy_GBps=predicted_copy / 1e9 if predicted_copy else None,
                stall_ms_by_group={k: round(v, 3) for k, v in sorted(tl["stall_ms_by_group"].items(),
@@ -88,7 +91,8 @@ def _rates(cost) -> dict:
     if cost is None or not cost.cpu_rate:
         return {}
     return dict(cpu_beside_GBps=cost.cpu_rate / 1e9, cpu_alone_GBps=(cost.cpu_rate_alone or cost.cpu_rate) / 1e9,
-                h2d_beside_GBps=(cost.h2d_beside_cpu or cost.h2d_bandwidth) / 1e9)
+                h2d_beside_GBps=(cost.h2d_beside_cpu or cost.h2d_bandwidth) / 1e9,
+                gpu_TBps=(cost.gpu_rate or cost.hbm_bandwidth) / 1e12)
 
 
 def main() -> None:

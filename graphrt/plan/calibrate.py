@@ -46,7 +46,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _random_buffer(g: GroupLayout) -> torch.Tensor:
+def random_buffer(g: GroupLayout) -> torch.Tensor:
     """A group buffer whose float parts hold small normal values and whose integer parts random bytes."""
     buf = host_empty(g.nbytes)   # the memory the lane's weights live in
     gen = torch.Generator().manual_seed(0)
@@ -82,7 +82,7 @@ def cycle_bytes() -> int:
     return min(2 << 30, max(1 << 30, 4 * last_level_cache()))
 
 
-def _mlp_layout(cfg: ModelConfig, policy: FormatPolicy) -> GroupLayout:
+def mlp_layout(cfg: ModelConfig, policy: FormatPolicy) -> GroupLayout:
     return next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
 
 
@@ -96,8 +96,8 @@ def mlp_groups(cfg: ModelConfig, policy: FormatPolicy, rows: int = 1,
     """(bytes of one group, groups): `count` distinct MLP groups, by default enough (`cycle_bytes`, up to MAX_CYCLE)
     that the CPU's last-level cache cannot hold them (copies of one random group: the speed does not depend on the
     values)."""
-    g = _mlp_layout(cfg, policy)
-    first = _random_buffer(g)
+    g = mlp_layout(cfg, policy)
+    first = random_buffer(g)
     count = count or cycle_count(g)
     buffers = [first] + [host_empty(g.nbytes).copy_(first) for _ in range(count - 1)]
     return g.nbytes, [for_cpu(g.views(b), rows) for b in buffers]
@@ -133,16 +133,21 @@ def measure(cfg: ModelConfig, policy: FormatPolicy, batch: int, seconds: float =
     return nbytes / statistics.median(times)
 
 
+def formats_key(g: GroupLayout) -> str:
+    """The group's weight formats, for a cache key."""
+    return ",".join(sorted({f"{type(t.format).__name__}:{getattr(t.format, 'name', '')}:"
+                            f"{getattr(t.format, 'packing', '')}" for t in g.tensors}))
+
+
 def _key(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: bool, groups: int | None = None) -> str:
     """What a cached rate depends on: CPU, this thread's team size, torch, the group's formats and shape."""
-    g = _mlp_layout(cfg, policy)
-    formats = ",".join(sorted({f"{type(t.format).__name__}:{getattr(t.format, 'name', '')}:{getattr(t.format, 'packing', '')}" for t in g.tensors}))
+    formats = formats_key(mlp_layout(cfg, policy))
     return "|".join(map(str, (_cpu_name(), torch.get_num_threads(), torch.__version__, formats, CPU_KERNELS,
                               policy.compute_dtype, cfg.hidden_size, cfg.intermediate_size, batch, concurrent_h2d)))\
         + (f"|groups={groups}" if groups else "")
 
 
-def _read_cache() -> dict:
+def read_cache() -> dict:
     try:
         return json.loads(cache_file().read_text()) if cache_file().is_file() else {}
     except (OSError, ValueError):
@@ -150,7 +155,7 @@ def _read_cache() -> dict:
 
 
 def _cached(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: bool) -> bool:
-    return _key(cfg, policy, batch, concurrent_h2d) in _read_cache()
+    return _key(cfg, policy, batch, concurrent_h2d) in read_cache()
 
 
 def cpu_rate(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d: bool = False,
@@ -161,16 +166,16 @@ def cpu_rate(cfg: ModelConfig, policy: FormatPolicy, batch: int, concurrent_h2d:
     the default cycle (a larger working set is measured by it: memory stays bounded for any plan)."""
     if groups is not None:
         groups = max(2, groups)
-        if groups >= cycle_count(_mlp_layout(cfg, policy)):
+        if groups >= cycle_count(mlp_layout(cfg, policy)):
             groups = None
     key = _key(cfg, policy, batch, concurrent_h2d, groups)
-    cache = _read_cache() if use_cache else {}
+    cache = read_cache() if use_cache else {}
     if key in cache:
         return float(cache[key])
     rate = measure(cfg, policy, batch, concurrent_h2d=concurrent_h2d,
                    group=group or (mlp_groups(cfg, policy, batch, groups) if groups else None))
     if use_cache:
-        _store(key, rate)
+        store(key, rate)
     return rate
 
 
@@ -180,9 +185,9 @@ def clear_cache() -> None:
     cache_file().unlink(missing_ok=True)
 
 
-def _store(key: str, rate: float) -> None:
+def store(key: str, rate: float) -> None:
     """Add one rate to the cache file (written whole, then renamed: never a half-written cache)."""
-    cache, path = _read_cache(), cache_file()
+    cache, path = read_cache(), cache_file()
     cache[key] = rate
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -195,7 +200,7 @@ def h2d_beside_cpu(cfg: ModelConfig, policy: FormatPolicy, batch: int, use_cache
     thread's team (CUDA): the two host paths share DRAM, so the copy engine slows while the CPU reads. Cached like
     `cpu_rate`. The planner prices streamed groups at this rate in plans that use the lane."""
     key = _key(cfg, policy, batch, True) + "|h2d"
-    cache = _read_cache() if use_cache else {}
+    cache = read_cache() if use_cache else {}
     if key in cache:
         return float(cache[key])
     nbytes, groups = mlp_groups(cfg, policy, batch)
@@ -221,7 +226,7 @@ def h2d_beside_cpu(cfg: ModelConfig, policy: FormatPolicy, batch: int, use_cache
         end.synchronize()
     rate = 24 * src.numel() / (start.elapsed_time(end) / 1e3)
     if use_cache:
-        _store(key, rate)
+        store(key, rate)
     return rate
 
 

@@ -14,6 +14,8 @@ class CostModel:
     flops: float = 400e12            # dense matmul FLOP/s reachable at decode shapes
     group_overhead: float = 10e-6    # kernel launches per group inside a graph
     batch_size: int = 1
+    gpu_rate: float = 0.0            # bytes/s of weights the GPU computes at this batch in their formats (measured,
+                                     # plan/gpu_calibrate.py); 0: hbm_bandwidth
     cpu_rate: float = 0.0            # bytes/s of weights the CPU lane computes at this batch while the copy engine
                                      # streams beside it; 0: no CPU lane
     cpu_rate_alone: float = 0.0      # bytes/s of the same with the copy engine idle; 0: cpu_rate
@@ -41,5 +43,5 @@ class CostModel:
     def compute_time(self, g: GroupLayout) -> float:
         params = g.num_params if g.kind != "embed" else 0  # the embedding reads B rows
         nbytes = g.nbytes if g.kind != "embed" else 0
-        return max(nbytes / self.hbm_bandwidth,
+        return max(nbytes / (self.gpu_rate or self.hbm_bandwidth),
                    2 * self.batch_size * params / self.flops) + self.group_overhead

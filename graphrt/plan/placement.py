@@ -80,7 +80,8 @@ class Placement:
                 rates = (f" (weights at {c.cpu_rate / 1e9:.1f} GB/s beside copies, "
                          f"{(c.cpu_rate_alone or c.cpu_rate) / 1e9:.1f} alone; copies at "
                          f"{(c.h2d_beside_cpu or c.h2d_bandwidth) / 1e9:.1f} GB/s beside it, "
-                         f"{c.h2d_bandwidth / 1e9:.1f} alone)") if c is not None else ""
+                         f"{c.h2d_bandwidth / 1e9:.1f} alone; GPU products at "
+                         f"{(c.gpu_rate or c.hbm_bandwidth) / 1e12:.2f} TB/s)") if c is not None else ""
                 lines.append(f"CPU lane busy {100 * self.cpu_busy:.1f}% of the step{rates}")
         lines.append(f"prefill: chunks of up to {self.prefill_chunk} tokens per row at the full batch, longer for "
                      f"fewer rows (activations "
