@@ -25,7 +25,7 @@ from .exec.graph import DecodeGraph, GraphCache, pad_prompts
 from .plan.calibrate import cpu_rate, lane_rates
 from .plan.memory import with_prefill_chunk
 from .plan.cost import CostModel
-from .plan.gpu_calibrate import gpu_rate
+from .plan.gpu_calibrate import gpu_rate, h2d_alone
 from .plan.placement import Placement, plan_placement, prompt_groups
 from .plan.schedule import build_plans, build_prologue
 from .sampling import SEED_STRIDE, SamplingParams
@@ -108,8 +108,10 @@ class Runtime:
                 int4_cpu.set_spin(LANE_SPIN_US)
             rates = lane_rates(cfg, cpu_policy, o.max_batch_size, cuda, o.cpu_threads, o.cpu_rate)
             torch.set_num_threads(rates.threads)
-            gpu = gpu_rate(cfg, self.policy, o.max_batch_size, self.device) if cuda else 0.0   # on the lane's path
-            cost = replace(cost, cpu_rate=rates.cpu, cpu_rate_alone=rates.cpu_alone, gpu_rate=gpu,
+            if cuda:   # the GPU's compute is on the lane's path; copies run alone where the lane is idle
+                cost = replace(cost, gpu_rate=gpu_rate(cfg, self.policy, o.max_batch_size, self.device),
+                               h2d_bandwidth=min(cost.h2d_bandwidth, h2d_alone(self.device)))
+            cost = replace(cost, cpu_rate=rates.cpu, cpu_rate_alone=rates.cpu_alone,
                            h2d_beside_cpu=min(rates.h2d_beside, cost.h2d_bandwidth))
 
         def plan(cost: CostModel) -> Placement:

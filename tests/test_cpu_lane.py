@@ -114,13 +114,15 @@ def test_a_measured_gpu_rate_prices_the_gpu_compute_of_lane_plans():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("quantization", [None, "int4"])
 def test_gpu_rate_is_measured_in_a_graph_and_cached(tmp_path, monkeypatch, quantization):
-    from graphrt.plan.gpu_calibrate import gpu_rate
+    from graphrt.plan.gpu_calibrate import gpu_rate, h2d_alone
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cfg = ModelConfig.from_dict(make_config(**dict(PRESETS["tiny-llama"], hidden=1024, intermediate=2816)))
     policy = quantization_policy(quantization, torch.bfloat16, torch.device("cuda"))
     rate = gpu_rate(cfg, policy, 4, torch.device("cuda"))
     assert 1e9 < rate < 20e12 and gpu_rate(cfg, policy, 4, torch.device("cuda")) == rate
     assert any(k.startswith("gpu|") for k in json.loads(calibrate.cache_file().read_text()))
+    copies = h2d_alone(torch.device("cuda"))
+    assert 1e9 < copies < 200e9 and h2d_alone(torch.device("cuda")) == copies
 
 
 def test_lane_rates_on_the_cpu_measure_no_rate_alone():
