@@ -65,17 +65,21 @@ def test_planner_puts_mlp_groups_on_the_cpu_when_it_shortens_the_step():
 
 
 def test_copies_beside_the_cpu_price_the_lane_plans():
-    """A copy engine slowed by the CPU's DRAM reads (h2d_beside_cpu) makes lane plans slower and never longer on
-    the CPU's side; without the lane nothing changes."""
+    """A copy engine slowed by the CPU's DRAM reads (h2d_beside_cpu) lengthens a lane plan whose copies bound the
+    step, and not one whose CPU does (the copies still end under it, busier); without the lane nothing changes."""
     budget = int(6.9 * 2**30)
-    fast = plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel(cpu_rate=60e9))
-    same = plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel(cpu_rate=60e9, h2d_beside_cpu=55e9))
-    slow = plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel(cpu_rate=60e9, h2d_beside_cpu=35e9))
+    plan = lambda **kw: plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel(**kw))  # noqa: E731
+    fast = plan(cpu_rate=100e9)
+    same = plan(cpu_rate=100e9, h2d_beside_cpu=55e9)
+    slow = plan(cpu_rate=100e9, h2d_beside_cpu=35e9)
     assert same.cpu == fast.cpu and same.prediction.step_time == fast.prediction.step_time
-    assert fast.cpu and slow.prediction.step_time > fast.prediction.step_time
-    plain = plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel(h2d_beside_cpu=35e9))
-    assert not plain.cpu and plain.prediction.step_time == plan_placement(
-        CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel()).prediction.step_time
+    assert fast.cpu and fast.prediction.copy_busy > 0.9 and slow.prediction.step_time > 1.1 * fast.prediction.step_time
+    cpu_bound, slower_copies = plan(cpu_rate=60e9), plan(cpu_rate=60e9, h2d_beside_cpu=35e9)
+    assert cpu_bound.cpu == slower_copies.cpu and cpu_bound.cpu_busy > 0.85
+    assert slower_copies.prediction.step_time == pytest.approx(cpu_bound.prediction.step_time, rel=1e-9)
+    assert slower_copies.prediction.copy_busy > cpu_bound.prediction.copy_busy
+    plain = plan(h2d_beside_cpu=35e9)
+    assert not plain.cpu and plain.prediction.step_time == plan().prediction.step_time
 
 
 def test_the_cpu_alone_is_priced_where_no_copy_runs_beside_it():

@@ -124,8 +124,14 @@ def _time(ops, preds: list[list[int]], result: SimResult, copy_time, compute_tim
         queues.setdefault(op.stream, []).append(i)
     head = {s: 0 for s in queues}
     start, end = [0.0] * n, [None] * n
-    running: dict[str, list] = {}           # stream -> [op, fraction of its work left]
+    running: dict[str, list] = {}           # stream -> [op, work left (fraction), since (s), duration at its rate,
+    took = [0.0] * n                        #            rate changes]; took: each op's time (exact at one rate)
     now = 0.0
+
+    def duration(i: int, readers: int) -> float:
+        alone, shared = durations[i]
+        return shared if shared is not None and readers > 1 else alone
+
     while True:
         started = True
         while started:                      # start every op whose predecessors are done (zero-length ops end now)
@@ -139,33 +145,30 @@ def _time(ops, preds: list[list[int]], result: SimResult, copy_time, compute_tim
                 head[s] += 1
                 start[i] = now
                 if durations[i][0] > 0:
-                    running[s] = [i, 1.0]
+                    running[s] = [i, 1.0, now, 0.0, 0]
                 else:
                     end[i] = now
                 started = True
         if not running:
             break
-        readers = sum(durations[i][1] is not None for i, _ in running.values())
-
-        def rate(i: int) -> float:
-            alone, shared = durations[i]
-            return 1.0 / (shared if shared is not None and readers > 1 else alone)
-        dt = min(left / rate(i) for i, left in running.values())
-        now += dt
-        for s in list(running):
-            i, left = running[s]
-            left -= dt * rate(i)
-            if left <= 1e-12:
-                end[i] = now
-                del running[s]
-            else:
-                running[s][1] = left
+        readers = sum(durations[r[0]][1] is not None for r in running.values())
+        for r in running.values():          # a new rate from now on where the readers beside it changed; an op
+            d = duration(r[0], readers)     # that keeps its rate keeps its segment (exact: start + duration)
+            if d != r[3]:
+                if r[3]:
+                    r[1] -= (now - r[2]) / r[3]
+                r[2], r[3], r[4] = now, d, r[4] + 1
+        now = min(since + left * d for _, left, since, d, _ in running.values())
+        for s in [s for s, (_, left, since, d, _) in running.items() if since + left * d <= now]:
+            i, _, _, d, changes = running.pop(s)
+            end[i] = now
+            took[i] = d if changes == 1 else now - start[i]
     if any(e is None for e in end):
         raise ValueError("the plan deadlocks: an op waits for an event that only a later op of its stream records")
-    _summarize(ops, preds, start, end, durations, result)
+    _summarize(ops, start, end, took, durations, result)
 
 
-def _summarize(ops, preds, start, end, durations, result: SimResult) -> None:
+def _summarize(ops, start, end, took, durations, result: SimResult) -> None:
     step_end: dict[int, float] = {}
     copy_busy: dict[int, float] = {}
     host_compute: dict[int, float] = {}
@@ -173,11 +176,10 @@ def _summarize(ops, preds, start, end, durations, result: SimResult) -> None:
     stall_by_group: dict[str, float] = {}
     prev_on: dict[str, int] = {}
     for i, (t, op) in enumerate(ops):
-        took = end[i] - start[i]
         if op.kind == "copy":
-            copy_busy[t] = copy_busy.get(t, 0.0) + took
+            copy_busy[t] = copy_busy.get(t, 0.0) + took[i]
         if op.kind == "compute" and durations[i][1] is not None:
-            host_compute[t] = host_compute.get(t, 0.0) + took
+            host_compute[t] = host_compute.get(t, 0.0) + took[i]
         ready = end[prev_on[op.stream]] if op.stream in prev_on else 0.0
         if op.kind == "compute" and start[i] > ready:
             stall[t] = stall.get(t, 0.0) + start[i] - ready
