@@ -25,7 +25,7 @@ from .exec.graph import DecodeGraph, GraphCache, pad_prompts
 from .plan.calibrate import cpu_rate, lane_rates
 from .plan.memory import with_prefill_chunk
 from .plan.cost import CostModel
-from .plan.gpu_calibrate import gpu_rate, h2d_alone
+from .plan.gpu_calibrate import lane_gpu_rates
 from .plan.placement import Placement, plan_placement, prompt_groups
 from .plan.schedule import build_plans, build_prologue
 from .sampling import SEED_STRIDE, SamplingParams
@@ -109,8 +109,8 @@ class Runtime:
             rates = lane_rates(cfg, cpu_policy, o.max_batch_size, cuda, o.cpu_threads, o.cpu_rate)
             torch.set_num_threads(rates.threads)
             if cuda:   # the GPU's compute is on the lane's path; copies run alone where the lane is idle
-                cost = replace(cost, gpu_rate=gpu_rate(cfg, self.policy, o.max_batch_size, self.device),
-                               h2d_bandwidth=min(cost.h2d_bandwidth, h2d_alone(self.device)))
+                gpu, h2d = lane_gpu_rates(cfg, self.policy, o.max_batch_size, self.device)
+                cost = replace(cost, gpu_rate=gpu, h2d_bandwidth=min(cost.h2d_bandwidth, h2d or cost.h2d_bandwidth))
             cost = replace(cost, cpu_rate=rates.cpu, cpu_rate_alone=rates.cpu_alone,
                            h2d_beside_cpu=min(rates.h2d_beside, cost.h2d_bandwidth))
 

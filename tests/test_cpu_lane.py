@@ -114,6 +114,19 @@ def test_a_measured_gpu_rate_prices_the_gpu_compute_of_lane_plans():
     assert CostModel(gpu_rate=1.5e12).compute_time(g) == pytest.approx(g.nbytes / 1.5e12 + 10e-6)
 
 
+def test_a_failed_gpu_calibration_plans_with_the_default_and_says_so(monkeypatch, capsys):
+    from graphrt.plan import gpu_calibrate
+
+    def fails(*args):
+        raise RuntimeError("CUDA graph capture failed")
+    monkeypatch.setattr(gpu_calibrate, "gpu_rate", fails)
+    monkeypatch.setattr(gpu_calibrate, "h2d_alone", lambda device: 50e9)
+    policy = quantization_policy(None, torch.bfloat16, torch.device("cuda"))
+    assert gpu_calibrate.lane_gpu_rates(CFG_8B, policy, 1, torch.device("cuda")) == (0.0, 50e9)
+    err = capsys.readouterr().err
+    assert "GPU rate calibration failed" in err and "capture failed" in err and "default" in err
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("quantization", [None, "int4"])

@@ -16,6 +16,7 @@ shape, and the batch.
 from __future__ import annotations
 
 import statistics
+import sys
 
 import torch
 
@@ -87,3 +88,18 @@ def h2d_alone(device: torch.device, use_cache: bool = True, copies: int = 24) ->
     if use_cache:
         store(key, rate)
     return rate
+
+
+def lane_gpu_rates(cfg: ModelConfig, policy: FormatPolicy, batch: int, device: torch.device) -> tuple[float, float]:
+    """(GPU rate, copies alone) for a CUDA plan with a CPU lane; 0.0 for one whose measurement failed (the planner
+    then keeps its default, and says so on stderr: a calibration is an estimate, the load goes on)."""
+    rates = []
+    for name, measure in (("GPU rate", lambda: gpu_rate(cfg, policy, batch, device)),
+                          ("host-to-device rate", lambda: h2d_alone(device))):
+        try:
+            rates.append(measure())
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            print(f"[graphrt] the CPU lane's {name} calibration failed ({type(e).__name__}: {str(e)[:200]}); "
+                  "planning with the default", file=sys.stderr)
+            rates.append(0.0)
+    return rates[0], rates[1]
