@@ -219,3 +219,17 @@ def test_run_peer_reports_missing_batched_rows_and_failed_quantize(tiny, tmp_pat
     assert res["errors"] == ["llama-batched-bench F16 split: llama-batched-bench printed 2 of its 3 rows",
                              "llama-quantize Q8_0: exit 1: invalid ftype"]
     assert set(res["files"]) == {"F16"} and len(res["runs"]) == 4
+
+
+def test_versus_table_gives_each_lane_row_its_step_error_and_cpu_rates():
+    """The comparison table: ratio to llama.cpp at the same split, the plan's step error, and the CPU's rate in the
+    measured steps beside its calibration (the source of most of the error)."""
+    from graphrt.bench.versus import markdown
+    lane = dict(format="bf16", placement="split+cpu", test="decode", batch=1, tokens_per_s=50.0,
+                predicted_tokens_per_s=45.0, limit_tokens_per_s=60.0, streamed_layers=8, cpu_groups=5,
+                cpu_in_step_GBps=118.2, cpu_calibrated_GBps=106.4)
+    peer_row = dict(format="bf16", placement="split", test="decode", batch=1, tokens_per_s=25.0)
+    table = markdown(dict(graphrt=[lane], llama_cpp=[peer_row], device="H100", torch="2.11",
+                          limits=dict(h2d_GBps=53.0), peer_source="llama.cpp"))
+    row = next(line for line in table.splitlines() if line.startswith("| decode"))
+    assert "| 50.0 | 45.0 (-10.0%); CPU 118 in the step / 106 GB/s calibrated | 60.0 (83%) | 25.0 | 2.00 |" in row

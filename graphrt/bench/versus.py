@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -107,8 +108,16 @@ def graphrt_rows(path: Path, keep: Path | None = None) -> list[dict]:
         rt = None
         try:
             rt = load()
+            lane = rt.engine.cpu_lane
+            if lane is not None:
+                lane.trace = []   # each host function's start and end while the step is measured
             r["tokens_per_s"] = measure(rt)
             p = rt.placement
+            if lane is not None and lane.trace and p.cpu:
+                group = p.cpu_bytes / len(p.cpu)
+                r.update(cpu_in_step_GBps=group / statistics.median(e - s for s, e in lane.trace) / 1e9,
+                         cpu_calibrated_GBps=p.cost.cpu_rate / 1e9 if p.cost else None)
+                lane.trace = None
             pred = p.prediction.step_time if p.prediction is not None and p.prediction.step_time else None
             r.update(host_limit(rt, batch) if test == "decode" and (p.streamed or p.cpu) else {})
             r.update(streamed_layers=len({g.layer for g in p.groups if g.layer is not None and g.name not in p.resident}),
@@ -174,6 +183,8 @@ def markdown(res: dict) -> str:
              "split+cpu = the same budget with graphrt's CPU lane (MLP groups computed on the CPU from host memory).", "",
              "limit = batch x (H2D bandwidth + the CPU lane's calibrated rate) / bytes not on the GPU (streamed and "
              "CPU-lane): the two-lane limit with the lane, the PCIe roofline without.", "",
+             "plan's prediction: tokens/s (step error = measured step / predicted step - 1); with the lane, the rate "
+             "the CPU computed its groups at in the measured steps against its calibration beside copies.", "",
              "| test | weights (graphrt / llama.cpp) | placement | batch | graphrt tok/s | plan's prediction | limit "
              "(% reached) | llama.cpp tok/s | ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for key, r in mine.items():
@@ -187,6 +198,10 @@ def markdown(res: dict) -> str:
         ratio = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}" if p else "-"
         where = f"{r['streamed_layers']} layers in host memory" + (f", {r['cpu_groups']} MLPs on the CPU" if r.get("cpu_groups") else "")
         pred = f"{r['predicted_tokens_per_s']:.1f}" if r.get("predicted_tokens_per_s") else "-"
+        if r.get("predicted_tokens_per_s"):
+            pred += f" ({100 * (r['predicted_tokens_per_s'] / r['tokens_per_s'] - 1):+.1f}%)"   # step error
+        if r.get("cpu_in_step_GBps") and r.get("cpu_calibrated_GBps"):
+            pred += f"; CPU {r['cpu_in_step_GBps']:.0f} in the step / {r['cpu_calibrated_GBps']:.0f} GB/s calibrated"
         limit = (f"{r['limit_tokens_per_s']:.1f} ({100 * r['tokens_per_s'] / r['limit_tokens_per_s']:.0f}%)"
                  if r.get("limit_tokens_per_s") else "-")
         lines.append(f"| {test} | {fmt} / {PEER_FORMAT[fmt]} | {place} ({where}) | {batch} | "
