@@ -19,6 +19,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -195,36 +196,46 @@ def store(key: str, rate: float) -> None:
     tmp.replace(path)
 
 
+def h2d_window(device: torch.device, beside: Callable[[], None] | None = None, copies: int = 24) -> float:
+    """Bytes/s of `copies` pinned host-to-device copies of 256 MB (about 0.1 s) on a side stream, the engine busy
+    before the timed window opens; `beside` is called over and over on the host until the window closes."""
+    src = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device=device)
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+            start.record(stream)
+            for _ in range(copies):
+                dst.copy_(src, non_blocking=True)
+            end.record(stream)
+        while beside is not None and not end.query():
+            beside()
+        end.synchronize()
+    return copies * src.numel() / (start.elapsed_time(end) / 1e3)
+
+
 def h2d_beside_cpu(cfg: ModelConfig, policy: FormatPolicy, batch: int, use_cache: bool = True) -> float:
     """Bytes/s of pinned host-to-device copies while the CPU lane computes this model's MLP groups on this
     thread's team (CUDA): the two host paths share DRAM, so the copy engine slows while the CPU reads. Cached like
-    `cpu_rate`. The planner prices streamed groups at this rate in plans that use the lane."""
+    `cpu_rate`. The simulator runs streamed groups at this rate while a lane group computes beside them."""
     key = _key(cfg, policy, batch, True) + "|h2d"
     cache = read_cache() if use_cache else {}
     if key in cache:
         return float(cache[key])
     nbytes, groups = mlp_groups(cfg, policy, batch)
     x = torch.randn(batch, 1, cfg.hidden_size).to(policy.compute_dtype)
-    src = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty_like(src, device="cuda")
-    stream = torch.cuda.Stream()
+    turn = 0
+
+    def compute() -> None:                         # the CPU computes for the whole window
+        nonlocal turn
+        llama.mlp_forward(x, groups[turn % len(groups)], cfg)
+        turn += 1
     with torch.inference_mode():
         for w in groups:
             llama.mlp_forward(x, w, cfg)
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)      # the engine is busy before the window opens
-            start.record(stream)
-            for _ in range(24):                    # about 0.1 s of copies
-                dst.copy_(src, non_blocking=True)
-            end.record(stream)
-        turn = 0
-        while not end.query():                     # the CPU computes for the whole window
-            llama.mlp_forward(x, groups[turn % len(groups)], cfg)
-            turn += 1
-        end.synchronize()
-    rate = 24 * src.numel() / (start.elapsed_time(end) / 1e3)
+        rate = h2d_window(torch.device("cuda"), compute)
     if use_cache:
         store(key, rate)
     return rate

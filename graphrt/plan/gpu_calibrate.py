@@ -23,7 +23,7 @@ import torch
 from ..config import ModelConfig
 from ..models import llama
 from ..weights.layout import FormatPolicy
-from .calibrate import formats_key, mlp_layout, random_buffer, read_cache, store
+from .calibrate import formats_key, h2d_window, mlp_layout, random_buffer, read_cache, store
 
 
 def gpu_rate(cfg: ModelConfig, policy: FormatPolicy, batch: int, device: torch.device, use_cache: bool = True,
@@ -65,26 +65,14 @@ def gpu_rate(cfg: ModelConfig, policy: FormatPolicy, batch: int, device: torch.d
     return rate
 
 
-def h2d_alone(device: torch.device, use_cache: bool = True, copies: int = 24) -> float:
-    """Bytes/s of pinned host-to-device copies of 256 MB with nothing else reading host memory (the copy engine's
-    rate where the CPU lane is idle; the planner's 55 GB/s default is an estimate), measured once and cached."""
+def h2d_alone(device: torch.device, use_cache: bool = True) -> float:
+    """Bytes/s of pinned host-to-device copies with nothing else reading host memory (the copy engine's rate where
+    the CPU lane is idle; the planner's 55 GB/s default is an estimate), measured once and cached."""
     key = "|".join(map(str, ("h2d-alone", torch.cuda.get_device_name(device), torch.__version__)))
     cache = read_cache() if use_cache else {}
     if key in cache:
         return float(cache[key])
-    src = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty_like(src, device=device)
-    with torch.cuda.device(device):
-        stream = torch.cuda.Stream(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)      # the engine is busy before the window opens
-            start.record(stream)
-            for _ in range(copies):
-                dst.copy_(src, non_blocking=True)
-            end.record(stream)
-        end.synchronize()
-    rate = copies * src.numel() / (start.elapsed_time(end) / 1e3)
+    rate = h2d_window(device)
     if use_cache:
         store(key, rate)
     return rate
