@@ -124,7 +124,8 @@ class Runtime:
             if abs(working / cost.cpu_rate - 1) > 0.05:   # the rate alone scales alike
                 p = plan(replace(cost, cpu_rate=working, cpu_rate_alone=cost.cpu_rate_alone * working / cost.cpu_rate))
         if p.cpu:
-            on_cpu = {g.name: g for g in model_groups(cfg, cpu_policy, p.stream_unit) if g.name in p.cpu}
+            on_cpu = {g.name: g for g in model_groups(cfg, cpu_policy, p.stream_unit, split=dict(p.split))
+                      if g.name in p.cpu}
             # prompts stream the CPU-lane groups whose bytes the GPU computes as they are, whole or in pieces
             portable = frozenset(g.name for g in p.groups if g.name in on_cpu and on_cpu[g.name] == g and p.streamed
                                  and (g.nbytes <= p.slot_bytes or cut_group(g, p.slot_bytes) is not None))

@@ -68,13 +68,15 @@ def test_copies_beside_the_cpu_price_the_lane_plans():
     """A copy engine slowed by the CPU's DRAM reads (h2d_beside_cpu) lengthens a lane plan whose copies bound the
     step, and not one whose CPU does (the copies still end under it, busier); without the lane nothing changes."""
     budget = int(6.9 * 2**30)
-    plan = lambda **kw: plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16, cost=CostModel(**kw))  # noqa: E731
+    plan = lambda strategy="auto", **kw: plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16,  # noqa: E731
+                                                        strategy=strategy, cost=CostModel(**kw))
     fast = plan(cpu_rate=100e9)
     same = plan(cpu_rate=100e9, h2d_beside_cpu=55e9)
     slow = plan(cpu_rate=100e9, h2d_beside_cpu=35e9)
     assert same.cpu == fast.cpu and same.prediction.step_time == fast.prediction.step_time
     assert fast.cpu and fast.prediction.copy_busy > 0.9 and slow.prediction.step_time > 1.1 * fast.prediction.step_time
-    cpu_bound, slower_copies = plan(cpu_rate=60e9), plan(cpu_rate=60e9, h2d_beside_cpu=35e9)
+    # whole MLP groups on the CPU (a split plan moves bytes to the copies exactly where the CPU bounds the step)
+    cpu_bound, slower_copies = plan("lane", cpu_rate=60e9), plan("lane", cpu_rate=60e9, h2d_beside_cpu=35e9)
     assert cpu_bound.cpu == slower_copies.cpu and cpu_bound.cpu_busy > 0.85
     assert slower_copies.prediction.step_time == pytest.approx(cpu_bound.prediction.step_time, rel=1e-9)
     assert slower_copies.prediction.copy_busy > cpu_bound.prediction.copy_busy

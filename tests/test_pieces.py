@@ -173,10 +173,12 @@ def test_planner_sizes_lane_plan_slots_for_attention_and_keeps_more_resident():
     cfg = ModelConfig.from_dict(make_config(**dict(PRESETS["llama-3.1-8b"], layers=16), dtype="bfloat16"))
     budget = int(6.78 * 2**30)
     cost = CostModel(h2d_bandwidth=55e9, cpu_rate=90e9, h2d_beside_cpu=50e9)
-    lane = plan_placement(cfg, budget, 3, 1, 512, torch.bfloat16, stream_unit="attn_mlp", cost=cost)
+    best = plan_placement(cfg, budget, 3, 1, 512, torch.bfloat16, stream_unit="attn_mlp", cost=cost)
+    lane = plan_placement(cfg, budget, 3, 1, 512, torch.bfloat16, stream_unit="attn_mlp", cost=cost, strategy="lane")
     wide = plan_placement(cfg, budget, 3, 1, 512, torch.bfloat16, stream_unit="attn_mlp", cost=cost, strategy="spread")
     groups = {g.name: g for g in lane.groups}
     assert lane.strategy == "lane+cpu" and wide.strategy == "spread+cpu", (lane.describe(), wide.describe())
+    assert best.strategy.startswith("lane") and best.prediction.step_time <= lane.prediction.step_time
     assert lane.slot_bytes == groups["attn.0"].nbytes < wide.slot_bytes == groups["mlp.0"].nbytes
     assert all(groups[n].kind == "attn" for n in lane.streamed)
     assert {n for n in groups if n.startswith("mlp.")} == {n for n in groups if n.startswith("mlp.") and (

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -114,14 +113,15 @@ def graphrt_rows(path: Path, keep: Path | None = None) -> list[dict]:
             r["tokens_per_s"] = measure(rt)
             p = rt.placement
             if lane is not None and lane.trace and p.cpu:
-                group = p.cpu_bytes / len(p.cpu)
-                r.update(cpu_in_step_GBps=group / statistics.median(e - s for s, e in lane.trace) / 1e9,
+                steps = len(lane.trace) / len(p.cpu)   # the lane's bytes per step over its time per step
+                r.update(cpu_in_step_GBps=p.cpu_bytes * steps / sum(e - s for s, e in lane.trace) / 1e9,
                          cpu_calibrated_GBps=p.cost.cpu_rate / 1e9 if p.cost else None)
                 lane.trace = None
             pred = p.prediction.step_time if p.prediction is not None and p.prediction.step_time else None
             r.update(host_limit(rt, batch) if test == "decode" and (p.streamed or p.cpu) else {})
             r.update(streamed_layers=len({g.layer for g in p.groups if g.layer is not None and g.name not in p.resident}),
                      streamed_GB=p.streamed_bytes / 1e9, cpu_GB=p.cpu_bytes / 1e9, cpu_groups=len(p.cpu),
+                     split_mlps=len(p.split),
                      budget_GiB=p.budget / 2**30, plan=p.describe(), torch_threads=torch.get_num_threads(),
                      lane_threads=rt.engine.cpu_lane.host_threads if rt.engine.cpu_lane is not None else None,
                      predicted_tokens_per_s=batch / pred if pred and test == "decode" else None)
@@ -196,7 +196,9 @@ def markdown(res: dict) -> str:
         p = peer.get(key)
         theirs = f"{p['tokens_per_s']:.1f}" if p else "not run"
         ratio = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}" if p else "-"
-        where = f"{r['streamed_layers']} layers in host memory" + (f", {r['cpu_groups']} MLPs on the CPU" if r.get("cpu_groups") else "")
+        where = f"{r['streamed_layers']} layers in host memory" + (
+            f", {r['cpu_groups']} MLPs on the CPU" if r.get("cpu_groups") else "") + (
+            f" ({r['split_mlps']} split with the GPU)" if r.get("split_mlps") else "")
         pred = f"{r['predicted_tokens_per_s']:.1f}" if r.get("predicted_tokens_per_s") else "-"
         if r.get("predicted_tokens_per_s"):
             pred += f" ({100 * (r['predicted_tokens_per_s'] / r['tokens_per_s'] - 1):+.1f}%)"   # step error

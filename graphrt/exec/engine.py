@@ -127,10 +127,23 @@ class Engine:
                 act["h"] = self.cpu_lane.run(act["h"], lambda x: llama.mlp_forward(x, w, cfg))
             elif layout.kind == "mlp":
                 act["h"] = llama.mlp_forward(act["h"], w, cfg, reduce)
+            elif layout.kind == "mlp_gpu":   # a split MLP's first part: the norm and its rows, on the GPU
+                act["mlp_x"], act["mlp_first"] = llama.mlp_gpu_part(act["h"], w, cfg, reduce)
+            elif layout.kind == "mlp_cpu":   # its other rows: on the CPU lane, or from a slot in prompt steps
+                x = act.pop("mlp_x")
+                lane = group in self.store.cpu and not (prompt and group in self.store.host)
+                second = self.cpu_lane.run(x, lambda x: llama.mlp_rows(x, w)) if lane else llama.mlp_rows(x, w)
+                act["h"] = llama.mlp_join(act["h"], act.pop("mlp_first"), second, reduce)
             elif layout.kind == "piece":   # rows of an MLP's matrix (a prompt step streaming a lane group in pieces)
                 piece = self.store.pieces[group]
-                act["mlp"] = llama.mlp_piece_forward(act["h"], w, piece.key, act.get("mlp"), cfg)
-                if piece.ends_group:
+                part = self.store.layouts[piece.group].kind == "mlp_cpu"   # a split MLP's second part
+                act["mlp"] = llama.mlp_piece_forward(act["h"], w, piece.key, act.get("mlp"), cfg,
+                                                     act.get("mlp_x") if part else None)
+                if piece.ends_group and part:
+                    act.pop("mlp_x")
+                    act["h"] = llama.mlp_join(act["h"], act.pop("mlp_first"), llama.mlp_pieces_rows(act.pop("mlp")),
+                                              reduce)
+                elif piece.ends_group:
                     act["h"] = llama.mlp_pieces_output(act["h"], act.pop("mlp"), reduce)
             else:
                 h = act["h"]

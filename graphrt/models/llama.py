@@ -164,6 +164,33 @@ def mlp_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, reduce: Reduce = 
     return linear(silu_mul(gate, up), w["down"], residual=h)
 
 
+def mlp_rows(x: torch.Tensor, w: Weights, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, T, hidden] (normed) -> down(silu(gate x) * up x) [B, T, hidden] of some intermediate rows of an MLP (a
+    part of a split MLP: w holds those rows of gate and up and those columns of down), plus `residual` if given."""
+    if "gate_up" in w:
+        gate_up = linear(x, w["gate_up"])
+        out = linear_fused(gate_up, w["down"], silu=True, residual=residual)
+        if out is not None:
+            return out
+        gate, up = gate_up.chunk(2, dim=-1)
+    else:
+        gate, up = linear(x, w["gate"]), linear(x, w["up"])
+    return linear(silu_mul(gate, up), w["down"], residual=residual)
+
+
+def mlp_gpu_part(h: torch.Tensor, w: Weights, cfg: ModelConfig,
+                 reduce: Reduce = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first part of an MLP split by intermediate rows (the one with the norm): (x = rms_norm(h) [B, T, hidden],
+    h + its rows' product, or without a reduce... the product alone when a tensor-parallel reduce follows)."""
+    x = rms_norm(h, w["post_norm"], cfg.rms_norm_eps)
+    return x, mlp_rows(x, w, residual=h if reduce is None else None)
+
+
+def mlp_join(h: torch.Tensor, first: torch.Tensor, second: torch.Tensor, reduce: Reduce = None) -> torch.Tensor:
+    """The MLP's output from its two parts: first (mlp_gpu_part's) + second (mlp_rows of the other rows)."""
+    return first + second if reduce is None else h + reduce(first + second)
+
+
 class MlpPieces(NamedTuple):
     """An MLP computed from row pieces of its matrices (a prompt step that streams it in pieces, weights/pieces.py)."""
     x: torch.Tensor                          # [B, T, hidden] the normed input
@@ -172,11 +199,12 @@ class MlpPieces(NamedTuple):
 
 
 def mlp_piece_forward(h: torch.Tensor, w: Weights, key: str, state: MlpPieces | None,
-                      cfg: ModelConfig) -> MlpPieces:
+                      cfg: ModelConfig, x: torch.Tensor | None = None) -> MlpPieces:
     """One piece: w[key] holds rows of the MLP's matrix `key` (the first piece also the norm). Pieces come in the
-    group's order, so gate and up (or gate_up) are whole before the first piece of down."""
+    group's order, so gate and up (or gate_up) are whole before the first piece of down. x: the normed input, for
+    the pieces of an MLP part without the norm ("mlp_cpu")."""
     if state is None:
-        state = MlpPieces(rms_norm(h, w["post_norm"], cfg.rms_norm_eps), {}, None)
+        state = MlpPieces(rms_norm(h, w["post_norm"], cfg.rms_norm_eps) if x is None else x, {}, None)
     if key != "down":
         return state._replace(products={**state.products, key: [*state.products.get(key, []), linear(state.x, w[key])]})
     hidden = state.hidden
@@ -187,9 +215,14 @@ def mlp_piece_forward(h: torch.Tensor, w: Weights, key: str, state: MlpPieces | 
     return MlpPieces(state.x, {"down": [*state.products.get("down", []), linear(hidden, w["down"])]}, hidden)
 
 
+def mlp_pieces_rows(state: MlpPieces) -> torch.Tensor:
+    """down(silu(gate) * up) [B, T, hidden] once every piece of down is in."""
+    return torch.cat(state.products["down"], dim=-1)
+
+
 def mlp_pieces_output(h: torch.Tensor, state: MlpPieces, reduce: Reduce = None) -> torch.Tensor:
     """h + down(silu(gate) * up) once every piece of down is in."""
-    out = torch.cat(state.products["down"], dim=-1)
+    out = mlp_pieces_rows(state)
     return h + (reduce(out) if reduce is not None else out)
 
 

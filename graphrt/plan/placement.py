@@ -12,6 +12,7 @@ from .cost import CostModel
 from .memory import PREFILL_BASE, essentials, widen_prefill_chunk
 from .schedule import build_plans, build_prologue
 from .simulator import SimResult, simulate
+from .lanes import lane_candidates, spread, split_candidates
 
 
 
@@ -39,6 +40,7 @@ class Placement:
     prefill_chunk: int = PREFILL_BASE  # prompt tokens per prefill step (each streams the weights once)
     prompt_streamed: frozenset[str] = frozenset()  # CPU-lane groups that prompt steps stream through the ring
     cost: CostModel | None = field(default=None, compare=False)   # the rates the prediction used
+    split: tuple[tuple[int, int], ...] = ()   # (layer, GPU rows) of MLPs split between the GPU and the CPU (split.py)
 
     @property
     def streamed(self) -> list[str]:
@@ -70,6 +72,9 @@ class Placement:
             names = [g.name for g in self.groups if g.name in self.cpu]
             lines.append(f"CPU lane: {len(names)} groups ({self.cpu_bytes / gib:.2f} GiB per step, computed on the "
                          f"CPU from host memory): {_ranges(names)}")
+        if self.split:
+            lines.append("split MLPs (GPU part: intermediate rows, the CPU lane the rest): " +
+                         ", ".join(f"mlp.{i} {rows}" for i, rows in self.split))
         if self.prediction is not None and self.prediction.step_time:
             p = self.prediction
             lines.append(f"predicted step {p.step_time * 1e3:.2f} ms ({1 / p.step_time:.1f} tokens/s per "
@@ -112,6 +117,8 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
                            fused_attention=fused_attention)
         compute = dtype.compute_dtype if isinstance(dtype, FormatPolicy) else dtype
         return widen_prefill_chunk(p, cfg, compute, max_batch_size, max_seq_len, fused_attention)
+    if stream_unit == "auto" and strategy.startswith("lane"):   # the lane's plans stream attention and MLP halves
+        stream_unit = "attn_mlp"
     if stream_unit == "auto":
         kw = dict(strategy=strategy, prefill_chunk=prefill_chunk, cost=cost, device_memory=device_memory,
                   fused_attention=fused_attention)
@@ -155,9 +162,22 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
             "or lower max_seq_len / the batch size")
     evaluated = [_evaluate(groups, resident, ring_depth, gpu_budget, fixed, cost, kind)
                  for resident, kind in _candidates(groups, must, gpu_budget - base, ring_depth, strategy)]
-    if cost.cpu_rate > 0 and strategy == "auto":   # the lane's own plans: slots sized for what streams
-        evaluated += [_evaluate_homes(groups, resident, cpu, ring_depth, gpu_budget, fixed, cost, "lane")
-                      for resident, cpu in _lane_candidates(groups, must, gpu_budget - base, ring_depth)]
+    if cost.cpu_rate > 0 and strategy in ("auto", "lane", "lane-split"):   # the lane's plans: slots for what streams
+        lanes = [_evaluate_homes(groups, resident, cpu, ring_depth, gpu_budget, fixed, cost, "lane")
+                 for resident, cpu in lane_candidates(groups, must, gpu_budget - base, ring_depth)]
+
+        def split(parts, resident, cpu, rows) -> Placement:
+            p = _evaluate_homes(parts, resident, cpu, ring_depth, gpu_budget, fixed, cost, "lane-split")
+            return replace(p, split=tuple(sorted(rows.items())))
+        best = sorted(lanes, key=lambda p: p.prediction.step_time)[:2]   # MLPs split between the two lanes
+        splits = [c for p in best for c in split_candidates(cfg, policy, p, gpu_budget - base, split)]
+        evaluated += {"auto": lanes + splits, "lane": lanes, "lane-split": splits}[strategy]
+    elif strategy.startswith("lane"):
+        raise ConfigError(f"placement {strategy} needs the CPU lane (cpu_lane=True) and attention/MLP halves")
+    if not evaluated and strategy == "lane-split":
+        raise BudgetError(f"placement lane-split: no MLP can be split between the GPU and the CPU lane within "
+                          f"gpu_budget {_gib(gpu_budget)} (intermediate_size {cfg.intermediate_size}); use "
+                          "placement auto or lane")
     if not evaluated:
         raise BudgetError(f"no placement fits gpu_budget {gpu_budget / 2**30:.2f} GiB with ring_depth "
                           f"{ring_depth}; raise gpu_budget or lower ring_depth")
@@ -235,40 +255,6 @@ def _candidates(groups, must, room: int, ring_depth: int, strategy: str):
             yield frozenset(x.name for x in chosen + picked), kind
 
 
-def _spread(seq: list, count: int) -> list:
-    """`count` items of seq evenly over its length."""
-    return [seq[int((i + 0.5) * len(seq) / count)] for i in range(count)]
-
-
-def _lane_candidates(groups, must, room: int, ring_depth: int):
-    """(resident, cpu) sets where every non-resident MLP group is computed on the CPU lane, so decode streams only
-    attention groups (and streamed ends) and the slots are sized for those; the memory smaller slots free holds more
-    resident groups: m of the MLP groups (spread over the depth) and as many attention groups as the rest holds,
-    for every m. Prompt steps stream the lane's groups in pieces (weights/pieces.py): only where they can be cut."""
-    attns, mlps = [g for g in groups if g.kind == "attn"], [g for g in groups if g.kind == "mlp"]
-    ends = [g for g in groups if g.kind in ("embed", "head") and g not in must]
-    if not attns or not mlps:
-        return
-    for mask in range(1 << len(ends)):
-        chosen = list(must) + [g for j, g in enumerate(ends) if mask >> j & 1]
-        streamed_ends = [g for g in ends if g not in chosen]
-        slot = max(g.nbytes for g in attns + streamed_ends)
-        left = room - ring_depth * slot - sum(g.nbytes for g in chosen)
-        for m in range(len(mlps) + 1):
-            kept = _spread(mlps, m)
-            rest = left - sum(g.nbytes for g in kept)
-            if rest < 0:
-                break
-            a = len(attns) - (0 if streamed_ends else 1)     # something must stream
-            while a > 0 and sum(g.nbytes for g in _spread(attns, a)) > rest:
-                a -= 1
-            resident = frozenset(g.name for g in chosen + kept + _spread(attns, a))
-            cpu = [g for g in mlps if g.name not in resident]
-            ring = max(g.nbytes for g in attns + streamed_ends if g.name not in resident)   # the slot that results
-            if all(g.nbytes <= ring or cut_group(g, ring) is not None for g in cpu):
-                yield resident, frozenset(g.name for g in cpu)
-
-
 def _evaluate(groups, resident, ring_depth, budget, fixed, cost: CostModel, kind: str) -> Placement:
     """The best home for the non-resident groups: all streamed, or (with a CPU lane in the cost model) c of the
     non-resident MLP groups computed on the CPU, spread over the depth so the copy engine streams the others
@@ -276,7 +262,7 @@ def _evaluate(groups, resident, ring_depth, budget, fixed, cost: CostModel, kind
     choices = [frozenset()]
     if cost.cpu_rate > 0:
         mlps = [g.name for g in groups if g.kind == "mlp" and g.name not in resident]
-        choices += [frozenset(_spread(mlps, c)) for c in range(1, len(mlps) + 1)]
+        choices += [frozenset(spread(mlps, c)) for c in range(1, len(mlps) + 1)]
     best = None
     for cpu in choices:
         p = _evaluate_homes(groups, resident, cpu, ring_depth, budget, fixed, cost, kind)

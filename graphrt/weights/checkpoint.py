@@ -15,7 +15,7 @@ from .compressed_tensors import SchemeError, fp8_scheme
 from .formats import stack_rows
 from .formats.fp8 import FP8
 from .layout import GroupLayout, TensorSpec, expected_tensors
-from .shard import Shard
+from .shard import Shard, ffn_part
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -137,18 +137,21 @@ class Checkpoint:
                     shard: Shard | None = None) -> Iterator[GroupLayout]:
         """For each group, read its tensors (one at a time) into `buffer_for(group)` (a uint8 tensor),
         each stored in its format (`encode`: a cast, or quantization on load; FP8 files as stored),
-        yielding the group when it is complete. With a tensor-parallel `shard`, each tensor is its rank's slice."""
+        yielding the group when it is complete. With a tensor-parallel `shard`, each tensor is its rank's slice; an
+        MLP part's group (`g.ffn`) holds its intermediate rows of that."""
         with ExitStack() as stack:
             handles: dict[Path, object] = {}
+            part_of: Shard | None = shard
 
             def read(name: str) -> torch.Tensor:
                 file = self.tensor_files[name]
                 if file not in handles:
                     handles[file] = stack.enter_context(self._open(file))
                 t = handles[file].get_tensor(name)
-                return shard.slice(name, t).contiguous() if shard is not None else t
+                return part_of.slice(name, t).contiguous() if part_of is not None else t
 
             for g in groups:
+                part_of = ffn_part(self.config, shard, g.ffn) if g.ffn else shard
                 buffer = buffer_for(g)
                 for t in g.tensors:
                     stored = stack_rows(t.format, [self._stored(read, name, t, device) for name in t.checkpoint_names])

@@ -23,6 +23,7 @@ from .checkpoint import CheckpointError
 from .formats import Dense, GGUFQuant, WeightFormat, stack_rows
 from .formats.gguf import GGML_TYPES, SUPPORTED_TYPES, dequantize, type_name
 from .layout import GroupLayout, expected_tensors
+from .shard import ffn_part
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM"}
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -268,10 +269,11 @@ class GGUFCheckpoint:
         layout formats, yielding the group when it is complete. With a tensor-parallel `shard`, each tensor is its
         rank's part: whole rows, or the whole blocks of its columns (the file's bytes either way)."""
         for g in groups:
+            rows_of = ffn_part(self.config, shard, g.ffn) if g.ffn else shard   # an MLP part: its intermediate rows
             buffer = buffer_for(g)
             for t in g.tensors:
-                stored = stack_rows(t.format, [self._stored(name, t.format, device, shard) if t.is_matrix else
-                                               {"w": self.dequantized(name, shard)} for name in t.checkpoint_names])
+                stored = stack_rows(t.format, [self._stored(name, t.format, device, rows_of) if t.is_matrix else
+                                               {"w": self.dequantized(name, rows_of)} for name in t.checkpoint_names])
                 for part, offset in t.parts:
                     buffer[offset:offset + part.nbytes].view(part.dtype).view(part.shape).copy_(stored[part.name])
             yield g

@@ -9,7 +9,7 @@ stored stacked along rows as one matrix ("qkv", "gate_up") when their formats al
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -65,11 +65,12 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class GroupLayout:
-    name: str                # "embed", "layer.3", "attn.3", "mlp.3", "head"
-    kind: str                # "embed" | "layer" | "attn" | "mlp" | "head"
+    name: str                # "embed", "layer.3", "attn.3", "mlp.3", "head"; MLP parts "mlp.3:gpu", "mlp.3:cpu"
+    kind: str                # "embed" | "layer" | "attn" | "mlp" | "head"; "mlp_gpu" | "mlp_cpu" (an MLP's parts)
     layer: int | None
     tensors: tuple[TensorSpec, ...]
     nbytes: int
+    ffn: tuple[int, int] | None = None   # an MLP part: intermediate rows [f0, f1) (gate/up rows, down columns)
 
     def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor | Weight]:
         """Typed views over a uint8 buffer of at least `nbytes` (host, device or ring slot): a `Weight`
@@ -134,19 +135,34 @@ def _attn_entries(cfg: ModelConfig, i: int, policy: FormatPolicy, stack: bool) -
             ("o", p + "self_attn.o_proj.weight", (h, cfg.q_size))]
 
 
-def _mlp_entries(cfg: ModelConfig, i: int, policy: FormatPolicy, stack: bool) -> list:
-    p, h, f = f"model.layers.{i}.", cfg.hidden_size, cfg.intermediate_size
+def _mlp_entries(cfg: ModelConfig, i: int, policy: FormatPolicy, stack: bool, rows: int | None = None,
+                 norm: bool = True) -> list:
+    """rows: the intermediate rows of an MLP part (default all); norm: with the post-attention norm."""
+    p, h, f = f"model.layers.{i}.", cfg.hidden_size, rows or cfg.intermediate_size
     gate_up = [("gate", p + "mlp.gate_proj.weight", (f, h)), ("up", p + "mlp.up_proj.weight", (f, h))]
-    return [("post_norm", p + "post_attention_layernorm.weight", (h,)),
+    return [*([("post_norm", p + "post_attention_layernorm.weight", (h,))] if norm else []),
             *(_stacked(policy, "gate_up", gate_up) if stack else gate_up),
             ("down", p + "mlp.down_proj.weight", (h, f))]
 
 
-def model_groups(cfg: ModelConfig, policy: FormatPolicy | torch.dtype,
-                 stream_unit: str = "layer", stack: bool = True) -> list[GroupLayout]:
+def mlp_parts(cfg: ModelConfig, i: int, policy: FormatPolicy, gpu_rows: int,
+              stack: bool = True) -> tuple[GroupLayout, GroupLayout]:
+    """Layer i's MLP split by intermediate rows: "mlp.i:gpu" (the norm and rows [0, gpu_rows)) and "mlp.i:cpu" (rows
+    [gpu_rows, F), no norm). Their products add up to the MLP's."""
+    f = cfg.intermediate_size
+    if not 0 < gpu_rows < f:
+        raise ValueError(f"an MLP part needs 0 < gpu_rows < {f}, got {gpu_rows}")
+    gpu = _layout(f"mlp.{i}:gpu", "mlp_gpu", i, policy, _mlp_entries(cfg, i, policy, stack, gpu_rows))
+    cpu = _layout(f"mlp.{i}:cpu", "mlp_cpu", i, policy, _mlp_entries(cfg, i, policy, stack, f - gpu_rows, norm=False))
+    return replace(gpu, ffn=(0, gpu_rows)), replace(cpu, ffn=(gpu_rows, f))
+
+
+def model_groups(cfg: ModelConfig, policy: FormatPolicy | torch.dtype, stream_unit: str = "layer",
+                 stack: bool = True, split: dict[int, int] | None = None) -> list[GroupLayout]:
     """All groups in execution order: embed, layers (whole or attn/mlp halves), head.
     `policy` may be a plain dtype: every matrix dense in it. `stack`: q/k/v and gate/up stored as one
-    row-stacked matrix each ("qkv", "gate_up") where their formats allow; else one tensor each."""
+    row-stacked matrix each ("qkv", "gate_up") where their formats allow; else one tensor each.
+    split {layer: gpu_rows} (attn_mlp units): those MLPs as their two parts (`mlp_parts`)."""
     if isinstance(policy, torch.dtype):
         policy = FormatPolicy(policy)
     v, h = cfg.vocab_size, cfg.hidden_size
@@ -157,7 +173,10 @@ def model_groups(cfg: ModelConfig, policy: FormatPolicy | torch.dtype,
                                   _attn_entries(cfg, i, policy, stack) + _mlp_entries(cfg, i, policy, stack)))
         else:
             groups.append(_layout(f"attn.{i}", "attn", i, policy, _attn_entries(cfg, i, policy, stack)))
-            groups.append(_layout(f"mlp.{i}", "mlp", i, policy, _mlp_entries(cfg, i, policy, stack)))
+            if split and i in split:
+                groups += mlp_parts(cfg, i, policy, split[i], stack)
+            else:
+                groups.append(_layout(f"mlp.{i}", "mlp", i, policy, _mlp_entries(cfg, i, policy, stack)))
     head = [("norm", "model.norm.weight", (h,))]
     if not cfg.tie_word_embeddings:
         head.append(("lm_head", "lm_head.weight", (v, h)))

@@ -77,3 +77,15 @@ def make_shard(cfg: ModelConfig, rank: int, world: int) -> Shard:
     v = V // world
     local = replace(cfg, num_heads=hq, num_kv_heads=k1 - k0, intermediate_size=f, vocab_size=v)
     return Shard(rank, world, local, (h0, h0 + hq), (k0, k1), (rank * f, rank * f + f), (rank * v, rank * v + v))
+
+
+def ffn_part(cfg: ModelConfig, shard: Shard | None, ffn: tuple[int, int]) -> Shard:
+    """The slice of an MLP that holds intermediate rows [f0, f1) of what `shard` holds (the whole model when None):
+    gate and up rows, down columns. A plan that splits an MLP between the GPU and the CPU lane fills each part's
+    group through it, exactly as a tensor-parallel rank fills its shard."""
+    base = shard or Shard(0, 1, cfg, (0, cfg.num_heads), (0, cfg.num_kv_heads), (0, cfg.intermediate_size),
+                          (0, cfg.vocab_size))
+    start = base.ffn[0]
+    if not 0 <= ffn[0] < ffn[1] <= base.ffn[1] - start:
+        raise ValueError(f"intermediate rows {ffn} are outside 0..{base.ffn[1] - start}")
+    return replace(base, ffn=(start + ffn[0], start + ffn[1]))
