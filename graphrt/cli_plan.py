@@ -32,6 +32,10 @@ def add_plan_flags(p: argparse.ArgumentParser, positive, number, size) -> None:
                    "weights and KV cache on its own --gpu-budget and PCIe link); all-reduce time is not modelled")
     p.add_argument("--stream-unit", choices=["auto", "layer", "attn_mlp"], default="auto",
                    help="streamed group: whole layers, attention/MLP halves, or the faster of both (default)")
+    p.add_argument("--placement", choices=["auto", "first", "last", "spread", "lane", "lane-split"], default="auto",
+                   help="which plans to compare: all (default), resident layers first / last / spread, or with "
+                   "--cpu-rate the CPU lane's plans with whole MLPs on the CPU (lane) or MLPs split between the GPU "
+                   "and the CPU (lane-split)")
 
 
 def _model(path: Path, dtype: torch.dtype | None, quantization: str | None):
@@ -65,7 +69,8 @@ def run_plan(a: argparse.Namespace) -> int:
     cost = CostModel(h2d_bandwidth=a.bandwidth * 1e9, hbm_bandwidth=a.hbm_bandwidth * 1e9, batch_size=a.batch,
                      cpu_rate=(a.cpu_rate or 0) * 1e9)
     p = plan_placement(cfg, parse_bytes(a.gpu_budget), a.ring_depth, a.batch, max_seq_len, policy,
-                       stream_unit=a.stream_unit, cost=cost, prefill_chunk=None, fused_attention=True)
+                       stream_unit=a.stream_unit, strategy=a.placement, cost=cost, prefill_chunk=None,
+                       fused_attention=True)
     weights = a.quantization or ("stored formats" if policy.per_tensor else str(policy.compute_dtype).replace("torch.", ""))
     if a.tp > 1:
         print(f"tensor parallel {a.tp}: each rank holds {cfg.num_heads} of {full.num_heads} heads, {cfg.num_kv_heads} "

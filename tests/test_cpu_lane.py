@@ -373,6 +373,14 @@ def test_plan_cli_shows_the_cpu_lane(capsys):
     assert "CPU lane:" in with_lane and "CPU lane busy" in with_lane and "CPU lane" not in without
     speed = lambda out: float(out.split("predicted decode: ")[1].split()[0])  # noqa: E731
     assert speed(with_lane) > speed(without)
+    assert main(["plan", config, "--gpu-budget", "40GB", "--cpu-rate", "60", "--placement", "lane"]) == 0
+    whole = capsys.readouterr().out
+    assert main(["plan", config, "--gpu-budget", "40GB", "--cpu-rate", "60", "--placement", "lane-split"]) == 0
+    split = capsys.readouterr().out
+    assert "split MLPs" in split and "split MLPs" not in whole and "mlp." in split.split("split MLPs")[1]
+    assert speed(with_lane) >= 0.99 * max(speed(whole), speed(split))   # auto: within 1%, the best prompt step
+    assert main(["plan", config, "--gpu-budget", "40GB", "--placement", "lane-split"]) == 2   # no CPU rate
+    assert "CPU lane" in capsys.readouterr().err
 
 
 def test_thread_count_comes_from_the_calibration(tmp_path, monkeypatch):
