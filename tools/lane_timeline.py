@@ -1,7 +1,7 @@
 """Where a CPU-lane decode step's time goes, measured inside the captured step, beside the plan's prediction.
 
     python3 tools/lane_timeline.py [--out DIR] [--batches 1,4] [--rings 3,5] [--quantization int8]
-                                   [--variants default,blocking-sync,threads=12,spin=1000]
+                                   [--variants default,blocking-sync,threads=12,spin=1000,placement=lane]
 
 The versus benchmark's model and split budget (graphrt/bench/versus.py), the planner free to use the CPU lane. For
 each batch and ring depth: the measured step (graph replays, as versus measures it), the plan's predicted step, and a
@@ -36,14 +36,16 @@ from lane_sync import set_blocking_sync   # tools/lane_sync.py, beside this scri
 def one(path: Path, cfg: ModelConfig, batch: int, ring: int, quantization: str | None,
         variant: str = "default") -> dict:
     """variant: "default", "blocking-sync" (threads that wait for the GPU sleep), "threads=N" (the lane's team),
-    "spin=US" (how long the CPU kernels' workers spin after a product)."""
+    "spin=US" (how long the CPU kernels' workers spin after a product), "placement=lane" (whole MLPs on the CPU,
+    no split) or "placement=lane-split"."""
     gc.collect()
     torch.cuda.empty_cache()
     kind, _, value = variant.partition("=")
     rt = Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", quantization=quantization,
                                  max_batch_size=batch, max_seq_len=512, ring_depth=ring, stream_unit="auto",
                                  cpu_lane=True, gpu_budget=split_budget(cfg, quantization, batch, 512),
-                                 **({"cpu_threads": int(value)} if kind == "threads" else {}))
+                                 **({"cpu_threads": int(value)} if kind == "threads" else {}),
+                                 **({"placement": value} if kind == "placement" else {}))
     if kind == "spin":
         int4_cpu.set_spin(int(value))
     set_blocking_sync(rt.device, kind == "blocking-sync")
@@ -65,6 +67,7 @@ def one(path: Path, cfg: ModelConfig, batch: int, ring: int, quantization: str |
     set_blocking_sync(rt.device, False)
     int4_cpu.set_spin(LANE_SPIN_US)
     row = dict(batch=batch, ring=ring, variant=variant, quantization=quantization or "bf16", strategy=p.strategy,
+               split=[list(x) for x in p.split],
                cpu_groups=len(p.cpu), streamed_groups=len(p.streamed), slot_MiB=p.slot_bytes / 2**20,
                measured_step_ms=1e3 * step, predicted_step_ms=1e3 * pred.step_time,
                profiled_step_ms=tl["span_ms"] / 2, copy_busy_pct=tl["copy_busy_pct"],
@@ -101,7 +104,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--rings", default="3")
     ap.add_argument("--quantization", default=None)
-    ap.add_argument("--variants", default="default", help="comma list: default, blocking-sync, threads=N, spin=US")
+    ap.add_argument("--variants", default="default", help="comma list: default, blocking-sync, threads=N, spin=US, placement=lane|lane-split")
     a = ap.parse_args()
     path = make_bench_model(Path("/tmp/graphrt-bench/llama8b-16"), LAYERS)
     cfg = ModelConfig.from_file(path / "config.json")

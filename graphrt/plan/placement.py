@@ -73,8 +73,11 @@ class Placement:
             lines.append(f"CPU lane: {len(names)} groups ({self.cpu_bytes / gib:.2f} GiB per step, computed on the "
                          f"CPU from host memory): {_ranges(names)}")
         if self.split:
-            lines.append("split MLPs (GPU part: intermediate rows, the CPU lane the rest): " +
-                         ", ".join(f"mlp.{i} {rows}" for i, rows in self.split))
+            by_rows: dict[int, list[str]] = {}
+            for i, rows in self.split:
+                by_rows.setdefault(rows, []).append(f"mlp.{i}")
+            lines.append("split MLPs (the GPU computes their first intermediate rows, the CPU lane the rest): " +
+                         "; ".join(f"{rows} rows on the GPU: {_ranges(names)}" for rows, names in by_rows.items()))
         if self.prediction is not None and self.prediction.step_time:
             p = self.prediction
             lines.append(f"predicted step {p.step_time * 1e3:.2f} ms ({1 / p.step_time:.1f} tokens/s per "
