@@ -182,7 +182,7 @@ class RuntimeOptions:
     ring_depth: int = 3                     # N static weight slots for streamed groups
     stream_unit: str = "auto"               # "layer", "attn_mlp" (predecessor's split) or "auto"
     placement: str = "auto"                 # "auto" | "first" | "last" | "spread" | "lane" | "lane-split" (the CPU
-                                            # lane's plans: whole MLPs, MLPs split with the GPU; plan/split.py)
+                                            # lane's plans: whole MLPs, MLPs split with the GPU; plan/lanes.py)
     prefill_chunk: int | None = None        # prompt tokens per prefill step (one pass over streamed weights);
                                             # None: the most the memory left after placement holds, >= 256
     progress: bool | None = None            # progress bar on loads; None: when stderr is a terminal

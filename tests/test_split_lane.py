@@ -30,6 +30,15 @@ def split_model(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("split") / "m", cfg, random_tensors(cfg, 5))
 
 
+def half_budget(p) -> int:
+    """Fixed memory, embedding and head, 3 attention-sized slots and half the layer groups' bytes (of an
+    all-resident attn_mlp placement p)."""
+    groups = {g.name: g for g in p.groups}
+    fixed = sum(v for k, v in p.memory.items() if k != "weights")
+    layers = sum(g.nbytes for g in groups.values() if g.kind in ("attn", "mlp"))
+    return fixed + groups["embed"].nbytes + groups["head"].nbytes + 3 * groups["attn.0"].nbytes + layers // 2
+
+
 def _dense(views, key):
     v = views[key]
     return v.format.dense(v.parts, torch.float32) if hasattr(v, "format") else v.float()
@@ -135,10 +144,7 @@ def test_split_lane_runtime_tracks_all_resident(split_model, quantization, home)
     ids = torch.randint(3, 256, (2, 11), generator=torch.Generator().manual_seed(1))
     kw = dict(device="cpu", max_batch_size=2, max_seq_len=64, quantization=quantization, stream_unit="attn_mlp")
     ref = Runtime.from_pretrained(split_model, **kw)
-    groups = {g.name: g for g in ref.placement.groups}
-    fixed = sum(v for k, v in ref.placement.memory.items() if k != "weights")
-    layers = sum(g.nbytes for g in groups.values() if g.kind in ("attn", "mlp"))
-    budget = fixed + groups["embed"].nbytes + groups["head"].nbytes + 3 * groups["attn.0"].nbytes + layers // 2
+    budget = half_budget(ref.placement)
     cpu_rate, h2d = (50e9, 20e9) if home == "resident" else (20e9, 50e9)
     rt = Runtime.from_pretrained(split_model, **kw, gpu_budget=budget, cpu_lane=True, placement="lane-split",
                                  cpu_rate=cpu_rate, h2d_bandwidth=h2d)
@@ -154,9 +160,10 @@ def test_split_lane_runtime_tracks_all_resident(split_model, quantization, home)
     rt.engine.cpu_lane.run = lambda h, fn: calls.append(tuple(h.shape)) or run(h, fn)
     got, want = rt.logits(ids), ref.logits(ids)
     assert calls == [] or not p.prompt_streamed
-    tolerance = 1e-5 if quantization is None else 5e-2   # int8 rows of down are scaled over their part's columns
+    # int8: down's rows are scaled over their part's columns (as a tensor-parallel shard's are): 2.8e-3 here
+    tolerance = 1e-2 if quantization == "int8" else 1e-5
     assert ((got - want).abs().max() / want.abs().max()).item() < tolerance
-    if quantization is None:
+    if quantization != "int8":
         assert rt.generate(ids, 8).equal(ref.generate(ids, 8))
     else:
         rt.generate(ids, 8)
@@ -171,10 +178,7 @@ def test_split_lane_runtime_tracks_all_resident(split_model, quantization, home)
 def test_cuda_split_lane_graph_equals_eager_and_tracks_all_gpu(split_model, quantization):
     kw = dict(device="cuda", dtype="bfloat16", max_seq_len=128, stream_unit="attn_mlp", quantization=quantization)
     ref = Runtime.from_pretrained(split_model, **kw)
-    groups = {g.name: g for g in ref.placement.groups}
-    fixed = sum(v for k, v in ref.placement.memory.items() if k != "weights")
-    layers = sum(g.nbytes for g in groups.values() if g.kind in ("attn", "mlp"))
-    budget = fixed + groups["embed"].nbytes + groups["head"].nbytes + 3 * groups["attn.0"].nbytes + layers // 2
+    budget = half_budget(ref.placement)
     rt = Runtime.from_pretrained(split_model, **kw, gpu_budget=budget, cpu_lane=True, placement="lane-split",
                                  cpu_rate=50e9, h2d_bandwidth=20e9, cpu_threads=2)
     assert rt.placement.split, rt.placement.describe()

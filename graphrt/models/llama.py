@@ -146,34 +146,26 @@ def attn_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, k_cache: torch.T
 
 def mlp_forward(h: torch.Tensor, w: Weights, cfg: ModelConfig, reduce: Reduce = None) -> torch.Tensor:
     """Pre-norm SwiGLU MLP with residual: h + down(silu(gate) * up); h may be reused for the sum, as in attn_forward."""
-    norm = (w["post_norm"], cfg.rms_norm_eps)
-    if "gate_up" in w:  # gate and up stacked along rows: [B, T, 2F], the norm inside the product where it can be
-        gate_up = linear_fused(h, w["gate_up"], norm=norm)
+    out = mlp_rows(h, w, residual=h if reduce is None else None, norm=(w["post_norm"], cfg.rms_norm_eps))
+    return out if reduce is None else h + reduce(out)
+
+
+def mlp_rows(x: torch.Tensor, w: Weights, residual: torch.Tensor | None = None,
+             norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """x [B, T, hidden] -> down(silu(gate x) * up x) [B, T, hidden], plus `residual` if given. w: a whole MLP, or some
+    intermediate rows of one (a part of a split MLP: those rows of gate and up, those columns of down). norm (weight,
+    eps): x is not normed yet; the norm goes inside the first product where it can."""
+    if "gate_up" in w:  # gate and up stacked along rows: [B, T, 2F]
+        gate_up = linear_fused(x, w["gate_up"], norm=norm) if norm is not None else None
         if gate_up is None:
-            gate_up = linear(rms_norm(h, *norm), w["gate_up"])
-        # silu(gate) * up inside the down product where it can be (and the residual, without a reduce)
-        out = linear_fused(gate_up, w["down"], silu=True, residual=h if reduce is None else None)
-        if out is not None:
-            return out if reduce is None else h + reduce(out)
-        gate, up = gate_up.chunk(2, dim=-1)
-    else:
-        x = rms_norm(h, *norm)
-        gate, up = linear(x, w["gate"]), linear(x, w["up"])
-    if reduce is not None:
-        return h + reduce(linear(silu_mul(gate, up), w["down"]))
-    return linear(silu_mul(gate, up), w["down"], residual=h)
-
-
-def mlp_rows(x: torch.Tensor, w: Weights, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, T, hidden] (normed) -> down(silu(gate x) * up x) [B, T, hidden] of some intermediate rows of an MLP (a
-    part of a split MLP: w holds those rows of gate and up and those columns of down), plus `residual` if given."""
-    if "gate_up" in w:
-        gate_up = linear(x, w["gate_up"])
+            gate_up = linear(x if norm is None else rms_norm(x, *norm), w["gate_up"])
+        # silu(gate) * up inside the down product where it can be (and the residual)
         out = linear_fused(gate_up, w["down"], silu=True, residual=residual)
         if out is not None:
             return out
         gate, up = gate_up.chunk(2, dim=-1)
     else:
+        x = x if norm is None else rms_norm(x, *norm)
         gate, up = linear(x, w["gate"]), linear(x, w["up"])
     return linear(silu_mul(gate, up), w["down"], residual=residual)
 
@@ -181,7 +173,7 @@ def mlp_rows(x: torch.Tensor, w: Weights, residual: torch.Tensor | None = None) 
 def mlp_gpu_part(h: torch.Tensor, w: Weights, cfg: ModelConfig,
                  reduce: Reduce = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first part of an MLP split by intermediate rows (the one with the norm): (x = rms_norm(h) [B, T, hidden],
-    h + its rows' product, or without a reduce... the product alone when a tensor-parallel reduce follows)."""
+    h + its rows' product; the product alone when a tensor-parallel reduce follows)."""
     x = rms_norm(h, w["post_norm"], cfg.rms_norm_eps)
     return x, mlp_rows(x, w, residual=h if reduce is None else None)
 

@@ -74,13 +74,13 @@ def _layer(name: str) -> int:
     return int(name.split(".")[1])
 
 
-Evaluate = Callable[[list[GroupLayout], frozenset, frozenset, str], object]   # -> Placement
+Evaluate = Callable[[list[GroupLayout], frozenset, frozenset, dict[int, int]], object]   # -> Placement
 
 
 def split_candidates(cfg: ModelConfig, policy: FormatPolicy, lane, room: int, evaluate: Evaluate) -> Iterator:
     """Placements derived from the lane plan `lane` (a Placement with CPU groups, attn_mlp units): its lane MLPs with
     GPU parts streamed, and one of its resident MLPs split with a resident GPU part. `room`: bytes the resident
-    groups and the ring may take. evaluate(groups, resident, cpu, kind) prices a candidate."""
+    groups and the ring may take. evaluate(groups, resident, cpu, split {layer: GPU rows}) prices a candidate."""
     if cfg.intermediate_size < 2 * ROWS_UNIT or lane.split or not lane.cpu:
         return
     by_name = {g.name: g for g in lane.groups}

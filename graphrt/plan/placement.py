@@ -40,7 +40,7 @@ class Placement:
     prefill_chunk: int = PREFILL_BASE  # prompt tokens per prefill step (each streams the weights once)
     prompt_streamed: frozenset[str] = frozenset()  # CPU-lane groups that prompt steps stream through the ring
     cost: CostModel | None = field(default=None, compare=False)   # the rates the prediction used
-    split: tuple[tuple[int, int], ...] = ()   # (layer, GPU rows) of MLPs split between the GPU and the CPU (split.py)
+    split: tuple[tuple[int, int], ...] = ()   # (layer, GPU rows) of MLPs split between the GPU and the CPU (lanes.py)
 
     @property
     def streamed(self) -> list[str]:
@@ -120,7 +120,10 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
                            fused_attention=fused_attention)
         compute = dtype.compute_dtype if isinstance(dtype, FormatPolicy) else dtype
         return widen_prefill_chunk(p, cfg, compute, max_batch_size, max_seq_len, fused_attention)
-    if stream_unit == "auto" and strategy.startswith("lane"):   # the lane's plans stream attention and MLP halves
+    if strategy.startswith("lane"):   # the lane's plans: a CPU rate, and attention and MLP halves
+        if not (cost and cost.cpu_rate > 0) or stream_unit == "layer":
+            raise ConfigError(f"placement {strategy} computes MLPs on the CPU lane: it needs a CPU rate (cpu_lane=True; "
+                              "--cpu-rate GBps in graphrt plan) and attention/MLP groups (stream_unit auto or attn_mlp)")
         stream_unit = "attn_mlp"
     if stream_unit == "auto":
         kw = dict(strategy=strategy, prefill_chunk=prefill_chunk, cost=cost, device_memory=device_memory,
@@ -175,12 +178,10 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
         best = sorted(lanes, key=lambda p: p.prediction.step_time)[:2]   # MLPs split between the two lanes
         splits = [c for p in best for c in split_candidates(cfg, policy, p, gpu_budget - base, split)]
         evaluated += {"auto": lanes + splits, "lane": lanes, "lane-split": splits}[strategy]
-    elif strategy.startswith("lane"):
-        raise ConfigError(f"placement {strategy} needs the CPU lane (cpu_lane=True) and attention/MLP halves")
-    if not evaluated and strategy == "lane-split":
-        raise BudgetError(f"placement lane-split: no MLP can be split between the GPU and the CPU lane within "
-                          f"gpu_budget {_gib(gpu_budget)} (intermediate_size {cfg.intermediate_size}); use "
-                          "placement auto or lane")
+    if not evaluated and strategy.startswith("lane"):
+        what = "split between the GPU and the CPU lane" if strategy == "lane-split" else "on the CPU lane"
+        raise BudgetError(f"placement {strategy}: no plan with MLPs {what} fits gpu_budget {_gib(gpu_budget)} "
+                          f"(intermediate_size {cfg.intermediate_size}); use placement auto")
     if not evaluated:
         raise BudgetError(f"no placement fits gpu_budget {gpu_budget / 2**30:.2f} GiB with ring_depth "
                           f"{ring_depth}; raise gpu_budget or lower ring_depth")
