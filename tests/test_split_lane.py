@@ -161,7 +161,7 @@ def test_split_lane_runtime_tracks_all_resident(split_model, quantization, home)
     got, want = rt.logits(ids), ref.logits(ids)
     assert calls == [] or not p.prompt_streamed
     # int8: down's rows are scaled over their part's columns (as a tensor-parallel shard's are): 2.8e-3 here
-    tolerance = 1e-2 if quantization == "int8" else 1e-5
+    tolerance = {"int8": 1e-2, "int4": 1e-4}.get(quantization, 1e-5)   # int4: the CPU kernel's float32 sums
     assert ((got - want).abs().max() / want.abs().max()).item() < tolerance
     if quantization != "int8":
         assert rt.generate(ids, 8).equal(ref.generate(ids, 8))

@@ -105,7 +105,8 @@ if has lane-timeline; then  # a CPU-lane step measured inside the graph against 
 fi
 if has lane-timeline-quant; then  # the same at batch 1 for the int8 and int4 lanes (one folder each)
   for q in int8 int4; do
-    timeout ${LANE_TIMELINE_S:-420} python3 tools/lane_timeline.py --out "$OUT/$q" --batches 1 --quantization $q 2>&1 \
+    timeout ${LANE_TIMELINE_S:-420} python3 tools/lane_timeline.py --out "$OUT/$q" --batches 1 --quantization $q \
+      ${LANE_TIMELINE_QUANT_ARGS:-} 2>&1 \
       | grep -v "Loading weights" | tee "$OUT/lane_timeline_$q.log"
   done
 fi
