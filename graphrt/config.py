@@ -193,6 +193,8 @@ class RuntimeOptions:
     cpu_lane: bool = False                  # let the planner compute MLP groups on the CPU from host memory
     cpu_rate: float | None = None           # bytes/s of weights the CPU computes; None: calibrate (cached)
     cpu_threads: int | None = None          # torch CPU threads for the CPU lane; None: calibrated (GPU)
+    lane_in_step: bool = True               # CUDA: measure the CPU lane in the first replays of the step and plan
+                                            # again where it ran >5% off the calibrated rate (plan/in_step.py)
     tensor_parallel: int = 1                # ranks (one process each, torchrun) sharing the model Megatron-style
     copy_mode: str = "memcpy"               # streamed groups' host-to-device copies: "memcpy" (copy engine) or
                                             # "kernel" (a kernel reads mapped host memory: flat graph launch cost)

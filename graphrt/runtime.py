@@ -7,6 +7,8 @@ else: every piece keeps its own state.
 """
 from __future__ import annotations
 
+import gc
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -18,25 +20,18 @@ from . import text
 from .config import ConfigError, RuntimeOptions, parse_dtype, resolve_device, resolve_max_seq_len
 from .exec.decode import Rows, decode_eager, decode_graph
 from .exec.comm import join_rank
-from .exec.cpu_lane import LANE_SPIN_US
-from .exec.engine import Engine
+from .exec.build import build_engine
+from .exec.lane_check import lane_busy_per_step
 from .exec.speculative import SpecStats
 from .exec.graph import DecodeGraph, GraphCache, pad_prompts
-from .plan.calibrate import cpu_rate, lane_rates
 from .plan.memory import with_prefill_chunk
-from .plan.cost import CostModel
-from .plan.gpu_calibrate import lane_gpu_rates
-from .plan.placement import Placement, plan_placement, prompt_groups
-from .plan.schedule import build_plans, build_prologue
+from .plan.in_step import IN_STEP_TOLERANCE, store_in_step_factor
+from .load_plan import plan_runtime
+from .plan.placement import Placement, repredict
 from .sampling import SEED_STRIDE, SamplingParams
 from .speculative import Speculation, Speculative
-from .weights.formats import int4_cpu
-from .weights.layout import model_groups
-from .weights.pieces import cut_group
 from .weights.sources import open_source, weight_policy
-from .weights.store import WeightStore
 
-DEVICE_MARGIN = 2**30  # left free by the default budget (CUDA context, cuBLAS workspaces)
 Prompts = "torch.Tensor | Sequence[Sequence[int]]"
 
 
@@ -62,29 +57,20 @@ class Runtime:
         self.chat_template = self.source.chat_template
         self.eos_ids = self.source.eos_ids
         with nvtx.annotate("graphrt.plan", color="purple"):
-            self.placement: Placement = self._plan()
+            self.plan = plan_runtime(self.local_config, opts, self.policy, self.source, self.dtype, self.device)
+            self.placement: Placement = self.plan.placement
         p = self.placement
         if self.comm is not None and opts.prefill_chunk is None:   # every rank runs the same prompt steps
             self.placement = p = with_prefill_chunk(p, self.local_config, self.dtype, opts.max_batch_size,
                                                     opts.max_seq_len, self.comm.min_int(p.prefill_chunk, self.device),
                                                     self.device.type == "cuda")
         self.options = opts = replace(opts, prefill_chunk=p.prefill_chunk)   # "auto" (None) resolved by the plan
-        # prompt steps: the CPU lane's groups they stream, in pieces where a slot is smaller (weights/pieces.py)
-        prompt_order, pieces = prompt_groups(p.groups, p.prompt_streamed, p.slot_bytes)
-        with nvtx.annotate("graphrt.load", color="purple"):
-            store = WeightStore(self.source, p.groups, p.resident, p.ring_depth, p.slot_bytes, self.device,
-                                opts.progress, p.cpu, shard, p.prompt_streamed, opts.copy_mode, opts.max_batch_size,
-                                pieces)
-        names, streamed = [g.name for g in p.groups], set(p.streamed)
-        prompt, prompt_names = streamed | p.prompt_streamed | set(pieces), [g.name for g in prompt_order]
-        self.engine = Engine(self.local_config, opts, store, build_plans(names, streamed, opts.ring_depth),
-                             build_prologue(names, streamed, opts.ring_depth), self.dtype, self.comm,
-                             shard.vocab[0] if shard is not None else 0,
-                             (build_plans(prompt_names, prompt, opts.ring_depth),
-                              build_prologue(prompt_names, prompt, opts.ring_depth))
-                             if p.prompt_streamed else None)
+        self.engine = build_engine(self.source, p, self.local_config, opts, self.dtype, self.device, shard, self.comm)
         self.graph_cache: GraphCache | None = None
         self.speculation = Speculation()   # drafts loaded for this runtime and their device rounds
+        self.lane_in_step_rate: float | None = None   # bytes/s the CPU lane computed at in the first replays
+        if p.cpu and opts.lane_in_step and self.device.type == "cuda" and self.comm is None and not opts.cpu_rate:
+            self._lane_in_step(replace(opts, prefill_chunk=self.plan.asked_chunk))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
@@ -92,45 +78,39 @@ class Runtime:
         """A Hugging Face directory or a .gguf file; options: see RuntimeOptions (unknown names raise)."""
         return cls(path, device, dtype, RuntimeOptions.from_kwargs(**options))
 
-    def _plan(self) -> Placement:
-        o, cfg = self.options, self.local_config
-        device_memory, budget = None, o.gpu_budget
-        if self.device.type == "cuda":
-            free, device_memory = torch.cuda.mem_get_info(self.device)
-            budget = budget if budget is not None else max(free - DEVICE_MARGIN, 0)
-        elif budget is None:
-            budget = 1 << 62  # CPU: everything resident unless a budget asks for streaming
-        cost = CostModel(o.h2d_bandwidth, o.hbm_bandwidth)
-        cuda = self.device.type == "cuda"
-        if o.cpu_lane:   # the CPU lane's groups are stored in the CPU's formats (e.g. int4 in its kernel's packing)
-            cpu_policy = weight_policy(self.source, o.quantization, self.dtype, torch.device("cpu"))
-            if cuda:   # calibrate graphrt's CPU kernels as the lane runs them: workers awake between products
-                int4_cpu.set_spin(LANE_SPIN_US)
-            rates = lane_rates(cfg, cpu_policy, o.max_batch_size, cuda, o.cpu_threads, o.cpu_rate)
-            torch.set_num_threads(rates.threads)
-            if cuda:   # the GPU's compute is on the lane's path; copies run alone where the lane is idle
-                gpu, h2d = lane_gpu_rates(cfg, self.policy, o.max_batch_size, self.device)
-                cost = replace(cost, gpu_rate=gpu, h2d_bandwidth=min(cost.h2d_bandwidth, h2d or cost.h2d_bandwidth))
-            cost = replace(cost, cpu_rate=rates.cpu, cpu_rate_alone=rates.cpu_alone,
-                           h2d_beside_cpu=min(rates.h2d_beside, cost.h2d_bandwidth))
-
-        def plan(cost: CostModel) -> Placement:
-            return plan_placement(cfg, budget, o.ring_depth, o.max_batch_size, o.max_seq_len, self.policy,
-                                  stream_unit=o.stream_unit, strategy=o.placement, prefill_chunk=o.prefill_chunk,
-                                  cost=cost, device_memory=device_memory, fused_attention=cuda)
-        p = plan(cost)
-        if p.cpu and cuda and not o.cpu_rate:   # the lane's rate at the plan's own working set (a large last-level
-            working = cpu_rate(cfg, cpu_policy, o.max_batch_size, True, groups=len(p.cpu))   # cache serves part)
-            if abs(working / cost.cpu_rate - 1) > 0.05:   # the rate alone scales alike
-                p = plan(replace(cost, cpu_rate=working, cpu_rate_alone=cost.cpu_rate_alone * working / cost.cpu_rate))
-        if p.cpu:
-            on_cpu = {g.name: g for g in model_groups(cfg, cpu_policy, p.stream_unit, split=dict(p.split))
-                      if g.name in p.cpu}
-            # prompts stream the CPU-lane groups whose bytes the GPU computes as they are, whole or in pieces
-            portable = frozenset(g.name for g in p.groups if g.name in on_cpu and on_cpu[g.name] == g and p.streamed
-                                 and (g.nbytes <= p.slot_bytes or cut_group(g, p.slot_bytes) is not None))
-            p = replace(p, groups=tuple(on_cpu.get(g.name, g) for g in p.groups), prompt_streamed=portable)
-        return p
+    def _lane_in_step(self, asked: RuntimeOptions) -> None:
+        """Measure the CPU lane in the first replays of the decode step (exec/lane_check.py). Where it ran at another
+        rate than the plan's (beyond IN_STEP_TOLERANCE), store the factor for later plans (plan/in_step.py) and plan
+        again with the measured rate: the same homes keep the engine and take the new prediction; other homes are
+        loaded instead (once; a second measurement then only corrects the prediction)."""
+        cfg, policy, batch, factor = self.plan.lane
+        for reloaded in (False, True):
+            p = self.placement
+            if not p.cpu:
+                return
+            busy = lane_busy_per_step(self.capture(batch), self.engine.cpu_lane, len(p.cpu))
+            self.lane_in_step_rate = p.cpu_bytes / busy if busy else None
+            if not (busy and p.prediction and p.prediction.host_compute) or \
+                    abs(p.prediction.host_compute / busy - 1) <= IN_STEP_TOLERANCE:
+                return
+            ratio = p.prediction.host_compute / busy   # the simulator's lane time over the measured one
+            factor *= ratio
+            store_in_step_factor(cfg, policy, batch, factor)
+            measured = replace(p.cost, cpu_rate=p.cost.cpu_rate * ratio,
+                               cpu_rate_alone=(p.cost.cpu_rate_alone or 0) * ratio)
+            q = self.plan.replan(measured)
+            if reloaded or q == p:   # the same homes (or a second miss): this placement at the measured rate
+                self.placement = repredict(p, measured)
+                return
+            print(f"[graphrt] the CPU lane took {busy * 1e3:.2f} ms per decode step, the plan {p.prediction.host_compute * 1e3:.2f}: "
+                  "loading the placement planned at the measured rate", file=sys.stderr)
+            self.close()
+            self.engine = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            self.placement, self.options = q, replace(asked, prefill_chunk=q.prefill_chunk)
+            self.engine = build_engine(self.source, q, self.local_config, self.options, self.dtype, self.device)
+            self.speculation = Speculation()
 
     # ---- token ids in, token ids out ------------------------------------------------------------
     @torch.inference_mode()

@@ -123,7 +123,7 @@ if has lane-memory; then  # the lane's CPU rate from each kind of host memory (t
   timeout 300 python3 tools/lane_memory_probe.py --out "$OUT" ${LANE_MEMORY_ARGS:-} 2>&1 | tee "$OUT/lane_memory.log" | tail -20
 fi
 if has lane-tests; then  # the CPU lane and the CPU int4 kernel on this host (CPU tests included)
-  timeout ${TEST_TIMEOUT_S:-420} python3 -m pytest -q -rs -p no:cacheprovider tests/test_cpu_lane.py tests/test_int4_cpu.py tests/test_pieces.py tests/test_split_lane.py 2>&1 \
+  timeout ${TEST_TIMEOUT_S:-420} python3 -m pytest -q -rs -p no:cacheprovider tests/test_cpu_lane.py tests/test_int4_cpu.py tests/test_pieces.py tests/test_split_lane.py tests/test_lane_in_step.py 2>&1 \
     | tee "$OUT/lane_tests.log" | tail -8
 fi
 if has lane-sync; then  # the CPU lane with spinning against sleeping waiters (tools/lane_sync.py)

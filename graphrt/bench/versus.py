@@ -115,7 +115,8 @@ def graphrt_rows(path: Path, keep: Path | None = None) -> list[dict]:
             if lane is not None and lane.trace and p.cpu:
                 steps = len(lane.trace) / len(p.cpu)   # the lane's bytes per step over its time per step
                 r.update(cpu_in_step_GBps=p.cpu_bytes * steps / sum(e - s for s, e in lane.trace) / 1e9,
-                         cpu_calibrated_GBps=p.cost.cpu_rate / 1e9 if p.cost else None)
+                         cpu_calibrated_GBps=p.cost.cpu_rate / 1e9 if p.cost else None,
+                         cpu_first_replays_GBps=rt.lane_in_step_rate / 1e9 if rt.lane_in_step_rate else None)
                 lane.trace = None
             pred = p.prediction.step_time if p.prediction is not None and p.prediction.step_time else None
             r.update(host_limit(rt, batch) if test == "decode" and (p.streamed or p.cpu) else {})
@@ -184,7 +185,9 @@ def markdown(res: dict) -> str:
              "limit = batch x (H2D bandwidth + the CPU lane's calibrated rate) / bytes not on the GPU (streamed and "
              "CPU-lane): the two-lane limit with the lane, the PCIe roofline without.", "",
              "plan's prediction: tokens/s (step error = measured step / predicted step - 1); with the lane, the rate "
-             "the CPU computed its groups at in the measured steps against its calibration beside copies.", "",
+             "the CPU computed its groups at in the measured steps, the rate the plan priced (the calibration, "
+             "scaled where the lane ran >5% off it in the runtime's first replays: plan/in_step.py) and the "
+             "calibration beside copies.", "",
              "| test | weights (graphrt / llama.cpp) | placement | batch | graphrt tok/s | plan's prediction | limit "
              "(% reached) | llama.cpp tok/s | ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for key, r in mine.items():
@@ -203,7 +206,8 @@ def markdown(res: dict) -> str:
         if r.get("predicted_tokens_per_s"):
             pred += f" ({100 * (r['predicted_tokens_per_s'] / r['tokens_per_s'] - 1):+.1f}%)"   # step error
         if r.get("cpu_in_step_GBps") and r.get("cpu_calibrated_GBps"):
-            pred += f"; CPU {r['cpu_in_step_GBps']:.0f} in the step / {r['cpu_calibrated_GBps']:.0f} GB/s calibrated"
+            pred += (f"; CPU {r['cpu_in_step_GBps']:.0f} in the step / {r['cpu_calibrated_GBps']:.0f} planned"
+                     + (f" / {r['cpu_rate_GBps']:.0f}" if r.get("cpu_rate_GBps") else "") + " calibrated GB/s")
         limit = (f"{r['limit_tokens_per_s']:.1f} ({100 * r['tokens_per_s'] / r['limit_tokens_per_s']:.0f}%)"
                  if r.get("limit_tokens_per_s") else "-")
         lines.append(f"| {test} | {fmt} / {PEER_FORMAT[fmt]} | {place} ({where}) | {batch} | "

@@ -214,6 +214,13 @@ def prompt_groups(groups, streamed: set[str], slot_bytes: int) -> tuple[list[Gro
     return order, pieces
 
 
+def repredict(p: Placement, cost: CostModel) -> Placement:
+    """p's homes priced at other rates (the CPU lane's measured in the decode step: runtime.py)."""
+    sim = _simulate(p.groups, set(p.streamed), p.ring_depth, cost, p.cpu)
+    busy = sim.host_compute / sim.step_time if p.cpu and sim.step_time else None
+    return replace(p, prediction=sim, cost=cost, cpu_busy=busy)
+
+
 def _simulate(groups, streamed: set[str], ring_depth: int, cost: CostModel, cpu: frozenset[str]) -> SimResult:
     """The simulator's step for these homes: `streamed` groups through the ring, `cpu` groups on the CPU lane (with
     a lane, copies and CPU groups share host memory: each runs at its rate beside the other while both do)."""
