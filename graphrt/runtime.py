@@ -90,10 +90,11 @@ class Runtime:
                 return
             busy = lane_busy_per_step(self.capture(batch), self.engine.cpu_lane, len(p.cpu))
             self.lane_in_step_rate = p.cpu_bytes / busy if busy else None
-            if not (busy and p.prediction and p.prediction.host_compute) or \
-                    abs(p.prediction.host_compute / busy - 1) <= IN_STEP_TOLERANCE:
+            # the simulator's lane time per step without its per-group nodes (D2H, host node, H2D): the host functions'
+            planned = (p.prediction.host_compute if p.prediction else 0.0) - len(p.cpu) * p.cost.cpu_overhead
+            if not (busy and planned > 0) or abs(planned / busy - 1) <= IN_STEP_TOLERANCE:
                 return
-            ratio = p.prediction.host_compute / busy   # the simulator's lane time over the measured one
+            ratio = planned / busy
             factor *= ratio
             store_in_step_factor(cfg, policy, batch, factor)
             measured = replace(p.cost, cpu_rate=p.cost.cpu_rate * ratio,
@@ -102,8 +103,8 @@ class Runtime:
             if reloaded or q == p:   # the same homes (or a second miss): this placement at the measured rate
                 self.placement = repredict(p, measured)
                 return
-            print(f"[graphrt] the CPU lane took {busy * 1e3:.2f} ms per decode step, the plan {p.prediction.host_compute * 1e3:.2f}: "
-                  "loading the placement planned at the measured rate", file=sys.stderr)
+            print(f"[graphrt] the CPU lane's host functions took {busy * 1e3:.2f} ms per decode step, the plan's "
+                  f"{planned * 1e3:.2f}: loading the placement planned at the measured rate", file=sys.stderr)
             self.close()
             self.engine = None
             gc.collect()

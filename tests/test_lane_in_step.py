@@ -14,6 +14,7 @@ from graphrt.plan.placement import plan_placement, repredict
 from graphrt.runtime import Runtime
 from graphrt.weights.formats.policy import quantization_policy
 from graphrt.weights.synthetic import PRESETS, make_config, random_tensors, write_checkpoint
+from test_cpu_lane import half_budget
 
 CFG_8B = ModelConfig.from_dict(make_config(**dict(PRESETS["llama-3.1-8b"], layers=16), dtype="bfloat16"))
 
@@ -79,8 +80,7 @@ def test_a_lane_that_runs_slower_than_planned_is_planned_again(model, tmp_path, 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     kw = dict(device="cuda", dtype="bfloat16", max_seq_len=128, stream_unit="attn_mlp", cpu_threads=2)
     probe = Runtime.from_pretrained(model, **kw, gpu_budget="60GiB")
-    layers = [g.nbytes for g in probe.placement.groups if g.kind not in ("embed", "head")]
-    budget = sum(probe.placement.memory.values()) - sum(layers) // 2
+    budget = half_budget(probe.placement)
     probe.close()
     first = Runtime.from_pretrained(model, **kw, gpu_budget=budget, cpu_lane=True, placement="lane")
     cfg, policy, batch, factor = first.plan.lane

@@ -6,7 +6,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "graphrt"
 # A lower layer never imports a higher one (the data path: weights -> plan -> exec -> API).
 LAYERS = [("config", "sampling", "text"), ("models", "weights"), ("plan",), ("exec",),
-          ("runtime", "chat", "default_model", "speculative"), ("bench", "cli", "cli_plan", "cli_bench", "__init__")]
+          ("runtime", "load_plan", "chat", "default_model", "speculative"), ("bench", "cli", "cli_plan", "cli_bench", "__init__")]
 
 
 def module_name(path: Path, pkg: Path = PKG) -> str:

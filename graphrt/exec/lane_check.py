@@ -2,7 +2,7 @@
 
 A short prompt is prefilled, a few replays warm the step (the kernels' workers, the caches), then each host
 function of `steps` replays is timed on the driver's thread (CpuLane.trace): the lane's busy seconds per step, which
-the simulator predicts as SimResult.host_compute. The KV cache rows these replays write are overwritten by the next
+the simulator predicts as SimResult.host_compute less the groups' node costs (CostModel.cpu_overhead). The KV cache rows these replays write are overwritten by the next
 prefill (it resets the graph).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from .graph import DecodeGraph
 WARMUP_STEPS = 4
 
 
-def lane_busy_per_step(graph: DecodeGraph, lane: CpuLane, groups: int, steps: int = 12) -> float | None:
+def lane_busy_per_step(graph: DecodeGraph, lane: CpuLane, groups: int, steps: int = 24) -> float | None:
     """Seconds per step the lane's `groups` host functions took inside `steps` replays of `graph`;
     None where the sequence length cannot hold the replays, or the trace does not hold one call per group and step."""
     if graph.engine.options.max_seq_len < 2 + WARMUP_STEPS + steps or groups < 1:
