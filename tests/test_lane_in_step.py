@@ -71,31 +71,42 @@ def test_the_runtime_plans_again_at_other_rates_with_its_budget_and_options(mode
     rt.close()
 
 
+@pytest.fixture(scope="module")
+def mid_model(tmp_path_factory):
+    """MLP groups of 25 MB in bf16: the lane's host functions take longer than its per-group node cost."""
+    cfg = make_config(**dict(PRESETS["tiny-llama"], layers=4, hidden=1024, intermediate=4096, heads=8, kv_heads=4))
+    return write_checkpoint(tmp_path_factory.mktemp("in_step") / "mid", cfg, random_tensors(cfg, 5))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_lane_that_runs_slower_than_planned_is_planned_again(model, tmp_path, monkeypatch, capsys):
+def test_a_lane_that_runs_slower_than_planned_is_planned_again(mid_model, tmp_path, monkeypatch, capsys):
     """A stored factor of 5 makes the plan price the lane 5x faster than this machine runs it: the runtime measures
     the lane in its first replays, stores a new factor, and its placement is priced (or planned again and loaded)
-    at the measured rate; the captured step still equals the eager one, and the next load takes the factor."""
+    at the measured rate; the captured step still equals the eager one. Copies priced at 1 MB/s keep MLPs on the
+    lane at any measured CPU rate."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    kw = dict(device="cuda", dtype="bfloat16", max_seq_len=128, stream_unit="attn_mlp", cpu_threads=2)
-    probe = Runtime.from_pretrained(model, **kw, gpu_budget="60GiB")
+    kw = dict(device="cuda", dtype="bfloat16", max_seq_len=128, stream_unit="attn_mlp", cpu_threads=2,
+              h2d_bandwidth=1e6)
+    probe = Runtime.from_pretrained(mid_model, **kw, gpu_budget="60GiB")
     budget = half_budget(probe.placement)
     probe.close()
-    first = Runtime.from_pretrained(model, **kw, gpu_budget=budget, cpu_lane=True, placement="lane")
+    first = Runtime.from_pretrained(mid_model, **kw, gpu_budget=budget, cpu_lane=True, placement="lane")
+    assert first.placement.cpu, first.placement.describe()
     cfg, policy, batch, factor = first.plan.lane
     assert first.lane_in_step_rate and first.lane_in_step_rate > 0
     measured = in_step.in_step_factor(cfg, policy, batch)
     first.close()
     in_step.store_in_step_factor(cfg, policy, batch, 5 * measured)
-    rt = Runtime.from_pretrained(model, **kw, gpu_budget=budget, cpu_lane=True, placement="lane")
+    rt = Runtime.from_pretrained(mid_model, **kw, gpu_budget=budget, cpu_lane=True, placement="lane")
     assert rt.plan.lane[3] == pytest.approx(5 * measured)
     assert in_step.in_step_factor(cfg, policy, batch) < 0.8 * 5 * measured   # measured again, stored
     p = rt.placement
-    assert p.cost.cpu_rate < 0.8 * rt.plan.placement.cost.cpu_rate      # priced at the rate measured in the step
+    assert p.cpu and p.cost.cpu_rate < 0.8 * rt.plan.placement.cost.cpu_rate   # priced at the rate in the step
+    planned = p.prediction.host_compute - len(p.cpu) * p.cost.cpu_overhead
+    assert planned == pytest.approx(p.cpu_bytes / rt.lane_in_step_rate, rel=0.2)   # the host functions' time
     print(capsys.readouterr().err)
-    if p.cpu:
-        ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(2))
-        assert torch.equal(rt.generate(ids, 16, use_graph=False), rt.generate(ids, 16, use_graph=True))
-        cpu_lane.check()
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(rt.generate(ids, 16, use_graph=False), rt.generate(ids, 16, use_graph=True))
+    cpu_lane.check()
     rt.close()
