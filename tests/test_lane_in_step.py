@@ -14,7 +14,6 @@ from graphrt.plan.placement import plan_placement, repredict
 from graphrt.runtime import Runtime
 from graphrt.weights.formats.policy import quantization_policy
 from graphrt.weights.synthetic import PRESETS, make_config, random_tensors, write_checkpoint
-from test_cpu_lane import half_budget
 
 CFG_8B = ModelConfig.from_dict(make_config(**dict(PRESETS["llama-3.1-8b"], layers=16), dtype="bfloat16"))
 
@@ -89,7 +88,9 @@ def test_a_lane_that_runs_slower_than_planned_is_planned_again(mid_model, tmp_pa
     kw = dict(device="cuda", dtype="bfloat16", max_seq_len=128, stream_unit="attn_mlp", cpu_threads=2,
               h2d_bandwidth=1e6)
     probe = Runtime.from_pretrained(mid_model, **kw, gpu_budget="60GiB")
-    budget = half_budget(probe.placement)
+    q = probe.placement
+    layers = sum(g.nbytes for g in q.groups if g.kind not in ("embed", "head"))
+    budget = sum(q.memory.values()) - layers // 2   # half the layers' bytes off the GPU
     probe.close()
     first = Runtime.from_pretrained(mid_model, **kw, gpu_budget=budget, cpu_lane=True, placement="lane")
     assert first.placement.cpu, first.placement.describe()
