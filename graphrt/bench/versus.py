@@ -206,8 +206,8 @@ def markdown(res: dict) -> str:
         if r.get("predicted_tokens_per_s"):
             pred += f" ({100 * (r['predicted_tokens_per_s'] / r['tokens_per_s'] - 1):+.1f}%)"   # step error
         if r.get("cpu_in_step_GBps") and r.get("cpu_calibrated_GBps"):
-            pred += (f"; CPU {r['cpu_in_step_GBps']:.0f} in the step / {r['cpu_calibrated_GBps']:.0f} planned"
-                     + (f" / {r['cpu_rate_GBps']:.0f}" if r.get("cpu_rate_GBps") else "") + " calibrated GB/s")
+            pred += (f"; CPU {r['cpu_in_step_GBps']:.0f} in the step / {r['cpu_calibrated_GBps']:.0f} planned GB/s"
+                     + (f" ({r['cpu_rate_GBps']:.0f} calibrated)" if r.get("cpu_rate_GBps") else ""))
         limit = (f"{r['limit_tokens_per_s']:.1f} ({100 * r['tokens_per_s'] / r['limit_tokens_per_s']:.0f}%)"
                  if r.get("limit_tokens_per_s") else "-")
         lines.append(f"| {test} | {fmt} / {PEER_FORMAT[fmt]} | {place} ({where}) | {batch} | "
