@@ -56,7 +56,7 @@ def main() -> None:
                    anon_huge_MB_before_load=before, samples=[])
         graph = rt.capture(batch)
         for _ in range(a.samples):
-            busy = lane_busy_per_step(graph, rt.engine.cpu_lane, len(p.cpu))
+            busy = lane_busy_per_step(graph, rt.engine.cpu_lane, len(p.cpu), steps=24, windows=1)
             rec["samples"].append(dict(t_s=round(time.perf_counter() - loaded, 2),
                                        GBps=p.cpu_bytes / busy / 1e9 if busy else None, anon_huge_MB=anon_huge_mb()))
             print(json.dumps(dict(format=fmt, batch=batch, **rec["samples"][-1])), flush=True)
