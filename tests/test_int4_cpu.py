@@ -232,21 +232,3 @@ def test_bf16_amx_tiles_match_float64_are_deterministic_and_batch_invariant():
         fused = bf16_cpu.bf16_gemv(gu, w, silu=True, residual=res, amx=True)
         apart = res + bf16_cpu.bf16_gemv(silu_mul_reference(gu[:, :k], gu[:, k:]), w, amx=True)
         assert torch.allclose(fused.float(), apart.float(), rtol=2 ** -7, atol=2 ** -7 * apart.abs().max().item())
-
-
-@pytest.mark.skipif(not int4_cpu.built(), reason="no C++ compiler here")
-def test_warming_reads_whole_chunks_on_the_pool_and_the_next_product_waits_for_it():
-    """int4_cpu.warm (tools/warm_probe.py measured it: no faster products on the H100 host, kept for the probe):
-    the bytes it reads are whole 256 KiB chunks of contiguous tensors; handed to the workers it returns at once,
-    and a product right after it gives the same result as without."""
-    chunk = 1 << 18
-    big, small = torch.randn(3 * chunk // 4 + 100), torch.randn(10)
-    assert int4_cpu.warm([big, small, big[::2]], threads=2, wait=True) == 3 * chunk
-    from graphrt.weights.formats import bf16_cpu
-    x, w = torch.randn(1, 256).bfloat16(), torch.randn(64, 256).bfloat16()
-    product = bf16_cpu.bf16_gemv if int4_cpu.available() else torch.nn.functional.linear   # a pool job, where it runs
-    want = product(x, w)
-    assert int4_cpu.warm([big], threads=2, wait=False) == 3 * chunk
-    got = product(x, w)   # the pool's next job starts once the warming has ended
-    int4_cpu.warm_wait()
-    assert torch.equal(got, want)

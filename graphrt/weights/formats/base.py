@@ -137,17 +137,3 @@ def for_cpu(views: dict[str, "torch.Tensor | Weight"], rows: int) -> dict[str, "
         prepare = getattr(w.format, "for_cpu", None) if isinstance(w, Weight) else None
         out[key] = Weight(w.format, prepare(w.parts, rows), w.shape) if prepare else w
     return out
-
-
-def group_tensors(weights: dict) -> list[torch.Tensor]:
-    """Every tensor of a group's weights (as the model math receives them: tensors, Weights, nested dicts), in the
-    order a product reads them (the order of the group's entries)."""
-    out: list[torch.Tensor] = []
-    for v in weights.values():
-        if isinstance(v, torch.Tensor):
-            out.append(v)
-        elif isinstance(v, Weight):
-            out += [t for t in v.parts.values() if isinstance(t, torch.Tensor)]
-        elif isinstance(v, dict):
-            out += group_tensors(v)
-    return out

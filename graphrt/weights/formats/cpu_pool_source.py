@@ -92,7 +92,6 @@ Pool& pool() {
 static void pool_run(range_fn fn, void* ctx, int n, int threads) {
     Pool& p = pool();
     std::lock_guard<std::mutex> serial(p.run_lock);
-    while (p.pending.load(std::memory_order_acquire) > 0) cpu_relax();   /* a posted job (warming) has ended */
     if (threads < 1) threads = 1;
     if (threads > n) threads = n > 0 ? n : 1;
     while ((int)p.workers.size() < threads - 1) {
@@ -115,74 +114,4 @@ static void pool_run(range_fn fn, void* ctx, int n, int threads) {
 }
 
 extern "C" void graphrt_cpu_pool_spin(long spin_us) { pool().spin_ns.store(spin_us * 1000, std::memory_order_relaxed); }
-
-/* Warming: read byte ranges once (one 8-byte load per 64-byte line) so that they sit in the CPU's caches when a
-   product reads them next. `graphrt_cpu_warm(..., wait=0)` hands the ranges to the pool's workers and returns at
-   once (the caller goes on: the CPU lane's host function returns while the workers read the next group's weights
-   during the GPU's work); the next pool job, or graphrt_cpu_warm_wait, waits for it to end. */
-namespace {
-struct Warm {
-    std::vector<const char*> ptrs;
-    std::vector<long> begin;            /* chunk index where range i starts (prefix sums), size ranges + 1 */
-    long chunk = 1 << 18;
-    std::atomic<unsigned long> sink{0};
-};
-Warm warm_job;
-
-void warm_range(void* ctx, int first, int last) {
-    Warm& w = *static_cast<Warm*>(ctx);
-    unsigned long acc = 0;
-    size_t r = 0;
-    for (int c = first; c < last; ++c) {
-        while (w.begin[r + 1] <= c) ++r;
-        const char* at = w.ptrs[r] + (c - w.begin[r]) * w.chunk;
-        for (long i = 0; i < w.chunk; i += 64) acc ^= *reinterpret_cast<const volatile unsigned long*>(at + i);
-    }
-    w.sink.fetch_xor(acc, std::memory_order_relaxed);
-}
-}  // namespace
-
-static void pool_post(range_fn fn, void* ctx, int n, int threads) {
-    Pool& p = pool();
-    std::lock_guard<std::mutex> serial(p.run_lock);
-    while (p.pending.load(std::memory_order_acquire) > 0) cpu_relax();   /* the job before it has ended */
-    if (threads < 2) threads = 2;                                        /* workers only: at least one */
-    while ((int)p.workers.size() < threads - 1) {
-        int t = (int)p.workers.size() + 1;
-        unsigned now = p.generation.load(std::memory_order_acquire);
-        p.workers.emplace_back([t, now] { pool().work(t, now); });
-        p.workers.back().detach();
-    }
-    p.fn = fn; p.ctx = ctx; p.n = n; p.threads = threads;
-    p.chunk = 1;
-    p.next.store(0, std::memory_order_relaxed);
-    p.pending.store((int)p.workers.size(), std::memory_order_relaxed);
-    {
-        std::lock_guard<std::mutex> l(p.wake_lock);
-        p.generation.fetch_add(1, std::memory_order_acq_rel);
-    }
-    p.wake.notify_all();
-}
-
-extern "C" void graphrt_cpu_warm_wait() {
-    Pool& p = pool();
-    std::lock_guard<std::mutex> serial(p.run_lock);
-    while (p.pending.load(std::memory_order_acquire) > 0) cpu_relax();
-}
-
-/* ranges: count pointers and byte sizes, each a multiple of 64 (a range's tail past its last whole chunk of
-   256 KiB is not read) */
-extern "C" void graphrt_cpu_warm(const void* const* ptrs, const long* sizes, int count, int threads, int wait) {
-    graphrt_cpu_warm_wait();                     /* the ranges of the job before stay in use until it ends */
-    Warm& w = warm_job;
-    w.ptrs.clear(); w.begin.assign(1, 0);
-    for (int i = 0; i < count; ++i) {
-        w.ptrs.push_back(static_cast<const char*>(ptrs[i]));
-        w.begin.push_back(w.begin.back() + sizes[i] / w.chunk);
-    }
-    int n = (int)w.begin.back();
-    if (n == 0) return;
-    if (wait) pool_run(warm_range, &w, n, threads);
-    else pool_post(warm_range, &w, n, threads);
-}
 """

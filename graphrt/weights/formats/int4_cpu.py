@@ -79,9 +79,6 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.graphrt_bf16_gemv.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
                                       + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p])
     lib.graphrt_bf16_has_amx.restype = ctypes.c_int
-    lib.graphrt_cpu_warm.restype = None
-    lib.graphrt_cpu_warm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    lib.graphrt_cpu_warm_wait.restype = None
     return lib, ""
 
 
@@ -92,32 +89,6 @@ def set_spin(microseconds: int) -> None:
     lib, _ = _library()
     if lib is not None:
         lib.graphrt_cpu_pool_spin(int(microseconds))
-
-
-def warm(tensors: list[torch.Tensor], threads: int, wait: bool = False) -> int:
-    """Read the tensors' bytes once on the kernels' worker pool (cpu_pool_source.py), so that the next product
-    finds them in the CPU's caches; wait=False returns at once, the workers reading meanwhile (the next kernel call,
-    or warm_wait, waits for them). Whole 256 KiB chunks of each tensor are read (the tail is left). Returns the
-    bytes read; 0 where the library is not built. The tensors must stay alive until the reading ends."""
-    lib, _ = _library()
-    if lib is None:
-        return 0
-    chunk = 1 << 18
-    spans = [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors if t.is_contiguous()]
-    spans = [(ptr, size // chunk * chunk) for ptr, size in spans if size >= chunk]
-    if not spans:
-        return 0
-    ptrs = (ctypes.c_void_p * len(spans))(*[ptr for ptr, _ in spans])
-    sizes = (ctypes.c_long * len(spans))(*[size for _, size in spans])
-    lib.graphrt_cpu_warm(ptrs, sizes, len(spans), max(2, threads), 1 if wait else 0)
-    return sum(size for _, size in spans)
-
-
-def warm_wait() -> None:
-    """Wait until a warming handed to the workers has ended."""
-    lib, _ = _library()
-    if lib is not None:
-        lib.graphrt_cpu_warm_wait()
 
 
 def built() -> bool:
