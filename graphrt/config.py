@@ -195,6 +195,8 @@ class RuntimeOptions:
     cpu_threads: int | None = None          # torch CPU threads for the CPU lane; None: calibrated (GPU)
     lane_in_step: bool = True               # CUDA: measure the CPU lane in the first replays of the step and plan
                                             # again where it ran >5% off the calibrated rate (plan/in_step.py)
+    lane_nodes: str = "auto"                # how a captured step reaches the CPU lane: "signal" (kernels and graphrt's
+                                            # serving thread, exec/lane_signal.py), "host" (CUDA host nodes), "auto"
     tensor_parallel: int = 1                # ranks (one process each, torchrun) sharing the model Megatron-style
     copy_mode: str = "memcpy"               # streamed groups' host-to-device copies: "memcpy" (copy engine) or
                                             # "kernel" (a kernel reads mapped host memory: flat graph launch cost)
@@ -225,6 +227,8 @@ class RuntimeOptions:
             raise ConfigError(f"tensor_parallel must be an integer >= 1, got {self.tensor_parallel!r}")
         if self.copy_mode not in ("memcpy", "kernel"):
             raise ConfigError(f"copy_mode must be 'memcpy' or 'kernel', got {self.copy_mode!r}")
+        if self.lane_nodes not in ("auto", "signal", "host"):
+            raise ConfigError(f"lane_nodes must be 'auto', 'signal' or 'host', got {self.lane_nodes!r}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ConfigError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
 

@@ -6,7 +6,7 @@
 #   llama.cpp, carry .peer: the first starts llama.cpp's detached build; the second waits for it, so the CPU lane
 #   has the CPU to itself, and runs graphrt's rows; the third runs llama.cpp and writes the table; each in its
 #   own call on the warm machine),
-#   int4 (one-row int4 GEMV kernels side by side), copy (copy kernels vs memcpy nodes), host (host cost of steps and the decode loop's timeline), prefill, cpu-probe (CPU GEMV paths), model-speed (the default model against .old/<commit> packages), round (a speculative round's kernels and timeline, ROUND_ARGS e.g. "--dtype bfloat16 --ring 16"), fused-probe (fused int4 products against apart), prompt-host (cProfile of an eager prompt), lane-sync (the CPU lane, spinning vs sleeping waiters), lane-probe (one lane group's cost in a graph, LANE_PROBE_ARGS), lane-timeline (a lane step measured in the graph against its plan, LANE_TIMELINE_ARGS), lane-timeline-quant (the same for int8 and int4 at batch 1), lane-memory (the lane's CPU rate from each kind of host memory), lane-calibration (the lane timed back to back, with idle gaps, without copies), lane-timeline-old (lane-timeline on .old/<commit> packages, LANE_TIMELINE_OLD_ARGS), lane-drift (the lane's rate in the step sampled after loads, LANE_DRIFT_ARGS), lane-tests (CPU lane and CPU int4 kernel tests, CPU ones too) (prompts on a streamed plan), tp (2 GPUs: tensor-parallel tests and tools/bench_tp.py), bench (`graphrt bench`), or all.
+#   int4 (one-row int4 GEMV kernels side by side), copy (copy kernels vs memcpy nodes), host (host cost of steps and the decode loop's timeline), prefill, cpu-probe (CPU GEMV paths), model-speed (the default model against .old/<commit> packages), round (a speculative round's kernels and timeline, ROUND_ARGS e.g. "--dtype bfloat16 --ring 16"), fused-probe (fused int4 products against apart), prompt-host (cProfile of an eager prompt), lane-sync (the CPU lane, spinning vs sleeping waiters), lane-probe (one lane group's cost in a graph, LANE_PROBE_ARGS), lane-timeline (a lane step measured in the graph against its plan, LANE_TIMELINE_ARGS), lane-timeline-quant (the same for int8 and int4 at batch 1), lane-memory (the lane's CPU rate from each kind of host memory), lane-calibration (the lane timed back to back, with idle gaps, without copies), lane-timeline-old (lane-timeline on .old/<commit> packages, LANE_TIMELINE_OLD_ARGS), lane-drift (the lane's rate in the step sampled after loads, LANE_DRIFT_ARGS), lane-rows (the versus benchmark's CPU-lane rows alone, LANE_ROWS_ARGS), lane-tests (CPU lane and CPU int4 kernel tests, CPU ones too) (prompts on a streamed plan), tp (2 GPUs: tensor-parallel tests and tools/bench_tp.py), bench (`graphrt bench`), or all.
 # Writes everything under $OUT. Carry .whl (nvtx, gguf wheels). The default model's GGUF (98 MB) is larger
 # than one call may carry: it travels in two halves, .dev1/part1 in one call (kept in /tmp/keep) and
 # .dev2/part2 in the next, and is reassembled here for GRAPHRT_DEFAULT_GGUF.
@@ -126,8 +126,11 @@ if has lane-drift; then  # the lane's rate in the step, sampled for a minute aft
   cat /sys/kernel/mm/transparent_hugepage/enabled /sys/kernel/mm/transparent_hugepage/defrag 2>&1 | tee "$OUT/lane_drift.log"
   timeout ${LANE_DRIFT_S:-420} python3 tools/lane_drift.py --out "$OUT" ${LANE_DRIFT_ARGS:-} 2>&1 | grep -v "Loading weights" | tee -a "$OUT/lane_drift.log"
 fi
+if has lane-rows; then  # the versus benchmark's CPU-lane rows alone (tools/lane_rows.py, LANE_ROWS_ARGS)
+  timeout ${LANE_ROWS_S:-560} python3 tools/lane_rows.py --out "$OUT" ${LANE_ROWS_ARGS:-} 2>&1 | grep -v "Loading weights" | tee -a "$OUT/lane_rows.log" | grep -v '^{'
+fi
 if has lane-tests; then  # the CPU lane and the CPU int4 kernel on this host (CPU tests included)
-  timeout ${TEST_TIMEOUT_S:-420} python3 -m pytest -q -rs -p no:cacheprovider tests/test_cpu_lane.py tests/test_int4_cpu.py tests/test_pieces.py tests/test_split_lane.py tests/test_lane_in_step.py 2>&1 \
+  timeout ${TEST_TIMEOUT_S:-420} python3 -m pytest -q -rs -p no:cacheprovider tests/test_cpu_lane.py tests/test_int4_cpu.py tests/test_pieces.py tests/test_split_lane.py tests/test_lane_in_step.py tests/test_lane_signal.py 2>&1 \
     | tee "$OUT/lane_tests.log" | tail -8
 fi
 if has lane-sync; then  # the CPU lane with spinning against sleeping waiters (tools/lane_sync.py)

@@ -9,6 +9,9 @@ calibrate.mlp_groups), taken in turn, batch 1:
              replayed back to back; per replay. The small copies as copy kernels (the lane's default) and as
              copy-engine memcpys (`memcpy_` rows)
   empty      the same graph around a host function that only copies its input (the nodes' own cost)
+  chain16    16 such empty groups in one graph (per replay; / 16 is a group's cost without the graph's launch)
+Each graph is measured with the lane's default nodes (signalled where they run: exec/lane_signal.py), with host
+nodes (`host_` rows) and with host nodes and memcpys (`memcpy_` rows).
   +h2d       while a side stream keeps the copy engine busy with pinned H2D copies (the lane's situation); only the
              replay stream is waited for
 overhead = graph - direct: what the planner's CostModel.cpu_overhead stands for. Writes lane_probe.json.
@@ -75,16 +78,17 @@ def main() -> None:
                 print(name, prof.key_averages().table(sort_by="cpu_time_total", row_limit=14), flush=True)
             result = dict(format=name, threads=a.threads, group_MB=nbytes / 1e6, groups=len(groups),
                           direct_us=direct * 1e6)
-            for kernel_copies in (True, False):
-                lane = CpuLane(dev, 1, cfg.hidden_size, torch.bfloat16, threads=a.threads)
+            for prefix, nodes, kernel_copies in (("", "auto", True), ("host_", "host", True), ("memcpy_", "host", False)):
+                lane = CpuLane(dev, 1, cfg.hidden_size, torch.bfloat16, threads=a.threads, nodes=nodes)
                 lane.kernel_copies = lane.kernel_copies and kernel_copies
-                if kernel_copies != lane.kernel_copies:
-                    continue                    # no copy kernel here
-                prefix = "" if kernel_copies else "memcpy_"
+                if kernel_copies != lane.kernel_copies or (prefix == "host_" and result.get("nodes") == "host"):
+                    continue                    # no copy kernel here, or the default is host nodes already
+                result[f"{prefix}nodes"] = lane.nodes
                 h = torch.randn(1, 1, cfg.hidden_size, device=dev).bfloat16()
                 stream = torch.cuda.Stream()
                 graphs = {}
-                for kind, fs in (("graph", fns), ("empty", [lambda x: x.clone()])):
+                empty = lambda x: x.clone()   # noqa: E731
+                for kind, fs, chain in (("graph", fns, 1), ("empty", [empty], 1), ("chain16", [empty], 16)):
                     graphs[kind] = []
                     for f in fs:
                         with torch.cuda.stream(stream):
@@ -92,9 +96,12 @@ def main() -> None:
                         torch.cuda.synchronize()
                         g = torch.cuda.CUDAGraph()
                         with torch.cuda.graph(g, stream=stream):
-                            lane.run(h, f)
+                            y = h
+                            for _ in range(chain):  # 16 empty groups in one graph: the nodes' cost per group
+                                y = lane.run(y, f)
                         graphs[kind].append(g)
-                for kind, busy in (("graph", False), ("empty", False), ("graph", True), ("empty", True)):
+                for kind, busy in (("graph", False), ("empty", False), ("chain16", False), ("graph", True),
+                                   ("empty", True)):
                     gs = graphs[kind]
                     with torch.cuda.stream(stream):
                         for g in gs:

@@ -10,12 +10,16 @@ stream until its ring slots run out, keeps streaming meanwhile. The two small co
 write the pinned staging through its mapped address (weights/copy_kernel.py) where NVRTC compiles: as memcpys
 they waited behind the ring's copies on the copy engine (tools/lane_probe.py on the H100: a lane group took
 9.6 ms instead of 1.7 ms while 256 MB copies ran beside it). Eagerly the same three steps run as plain
-copies around a direct call (the host waits). In a graph being captured, the middle step is a host node:
-`cuLaunchHostFunc` (the CUDA driver, through ctypes) records a call of one C-callable trampoline with a key;
-each replay calls it from the driver's thread, which runs the Python function registered under that key. Host
-functions must not call CUDA, and these do not: `fn` is CPU math on CPU tensors. An exception inside one cannot
-propagate through the driver; it is kept in `errors` and raised by `check()`, which the decode loop calls
-where it already waits for the GPU.
+copies around a direct call (the host waits). In a graph being captured, the middle step runs the Python function
+registered under a key (`register`) on another thread, in one of two ways:
+  - signalled (the default where lane_signal.available()): the D2H kernel also writes the key into a pinned flag,
+    graphrt's serving thread (lane_signal.LaneServer) runs the function and answers, and a kernel polls for the
+    answer: no host node, and no wake-up of the driver's thread per group (70-170 us each on the H100 host);
+  - a host node: `cuLaunchHostFunc` (the CUDA driver, through ctypes) records a call of one C-callable trampoline
+    with the key; each replay calls it from the driver's thread.
+Host functions must not call CUDA, and these do not: `fn` is CPU math on CPU tensors. An exception inside one
+cannot propagate to the stream; it is kept and raised by `check()`, which the decode loop calls where it already
+waits for the GPU (as is a signalled group that got no answer within lane_signal.TIMEOUT_S).
 
 On a CPU device the lane is a direct call (tests run the same math and placement there).
 """
@@ -30,6 +34,7 @@ from typing import Callable
 import torch
 
 from ..weights import copy_kernel
+from . import lane_signal
 from ..weights.formats import int4_cpu
 from ..weights.store import pinned_empty, unpin
 
@@ -40,6 +45,7 @@ _REGISTRY: dict[int, Callable[[], None]] = {}
 _KEYS = itertools.count(1)
 _ERRORS: list[BaseException] = []
 _LOCK = threading.Lock()
+_SERVERS: list[lane_signal.LaneServer] = []   # live serving threads (check() reads their timeout flags)
 
 
 def _trampoline_py(user_data: int | None) -> None:
@@ -64,6 +70,11 @@ def register(fn: Callable[[], None]) -> int:
 
 def check() -> None:
     """Raise the first error a host node hit since the last check (RuntimeError, with it as the cause)."""
+    for server in _SERVERS:
+        key = server.timed_out()
+        if key:
+            with _LOCK:
+                _ERRORS.append(TimeoutError(f"host function {key} did not answer within {lane_signal.TIMEOUT_S} s"))
     with _LOCK:
         if not _ERRORS:
             return
@@ -96,15 +107,23 @@ class CpuLane:
     """Runs `fn(h)` for CPU-lane groups: h [..., hidden] on the step's device -> fn's result on that device."""
 
     def __init__(self, device: torch.device, max_tokens: int, hidden: int, dtype: torch.dtype,
-                 threads: int | None = None):
+                 threads: int | None = None, nodes: str = "auto"):
         """threads: torch CPU threads for the host functions (default: the caller's count, which the
         calibration measured with). OpenMP keeps the team size per thread, and the driver's callback thread
-        would otherwise start with OpenMP's default (every logical CPU), oversubscribing the cores."""
+        would otherwise start with OpenMP's default (every logical CPU), oversubscribing the cores.
+        nodes: how captured steps reach the CPU: "signal", "host" (a host node) or "auto" (signal where it runs)."""
+        if nodes not in ("auto", "signal", "host"):
+            raise ValueError(f"nodes must be auto, signal or host, got {nodes!r}")
         self.threads = threads or torch.get_num_threads()
         self.device = device
         self.cuda = device.type == "cuda"
         self.hidden, self.dtype, self.retired = hidden, dtype, []
         self.kernel_copies = self.cuda and copy_kernel.available(device.index or 0)
+        signal = self.kernel_copies and nodes != "host" and lane_signal.available(device.index or 0)
+        if nodes == "signal" and not signal:
+            raise RuntimeError("signalled lane nodes need CUDA, NVRTC and graphrt's kernel library (a C++ compiler)")
+        self.nodes = "signal" if signal else "host"
+        self.server: lane_signal.LaneServer | None = None   # started at the first capture
         if self.cuda:   # graphrt's CPU kernels keep their workers awake between the groups of a step
             int4_cpu.set_spin(LANE_SPIN_US)
         self.pinned: list[torch.Tensor] = []   # mapped staging buffers (unpinned by release)
@@ -146,7 +165,6 @@ class CpuLane:
         if n > self.stage_in.numel():
             raise RuntimeError(f"CPU-lane staging holds {self.stage_in.numel()} values, the step needs {n}")
         x, y = self.stage_in[:n].view(h.shape), self.stage_out[:n].view(h.shape)
-        self._copy(x, h.contiguous())                        # D2H (a kernel node, or a memcpy node)
 
         threads, lane = self.threads, self
 
@@ -161,13 +179,26 @@ class CpuLane:
 
         key = register(host)
         self.keys.append(key)
-        launch_host_func(torch.cuda.current_stream(self.device), key)   # host node
+        if self.nodes == "signal":
+            if self.server is None:
+                self.server = lane_signal.LaneServer(self.device, _trampoline_py)
+                _SERVERS.append(self.server)
+            src = h.contiguous()
+            self.server.post(x, src if src.data_ptr() % 16 == 0 else src.clone(), key)   # D2H, then the request
+            self.server.wait(key)                             # a kernel polls for the answer
+        else:
+            self._copy(x, h.contiguous())                     # D2H (a kernel node, or a memcpy node)
+            launch_host_func(torch.cuda.current_stream(self.device), key)   # host node
         out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
         self._copy(out, y)                                   # H2D
         return out
 
     def release(self) -> None:
         """Forget the host functions and unpin the mapped staging: call once no graph that uses them lives."""
+        if self.server is not None:
+            _SERVERS.remove(self.server)
+            self.server.close()
+            self.server = None
         for key in self.keys:
             _REGISTRY.pop(key, None)
         self.keys.clear()

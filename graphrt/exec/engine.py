@@ -51,7 +51,8 @@ class Engine:
         self.causal_prompts = self.device.type != "cuda" or dtype in (torch.float16, torch.bfloat16)
         # staging for captured decode steps, one token per row (speculative rounds reserve k + 1); prompts run
         # the lane eagerly or stream its groups (prompt plans)
-        self.cpu_lane = CpuLane(self.device, options.max_batch_size, cfg.hidden_size, dtype) if store.cpu else None
+        self.cpu_lane = CpuLane(self.device, options.max_batch_size, cfg.hidden_size, dtype,
+                                nodes=options.lane_nodes) if store.cpu else None
 
     # ---- limits --------------------------------------------------------------------------------
     def check_shape(self, batch: int, length: int) -> None:

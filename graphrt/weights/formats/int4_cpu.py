@@ -27,8 +27,10 @@ import torch
 from .bf16_cpu_source import SOURCE as BF16_SOURCE
 from .cpu_pool_source import SOURCE as POOL_SOURCE
 from .int4_cpu_source import SOURCE as INT4_SOURCE
+from .lane_signal_source import SOURCE as LANE_SOURCE
 
-SOURCE = POOL_SOURCE + INT4_SOURCE + BF16_SOURCE   # one library: the bf16 GEMV (bf16_cpu.py) uses the int4 source's helpers
+SOURCE = POOL_SOURCE + INT4_SOURCE + BF16_SOURCE + LANE_SOURCE   # one library: the bf16 GEMV (bf16_cpu.py) uses the int4
+# source's helpers; the CPU lane's serving loop (exec/lane_signal.py) the pool's
 
 GROUPS = (128, 256)     # group sizes the kernel takes (it works in 128-column chunks)
 MAX_ROWS = 16          # activation rows per call: the GEMV regime (the C entries keep 16 norm scales); more rows
@@ -79,6 +81,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.graphrt_bf16_gemv.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
                                       + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p])
     lib.graphrt_bf16_has_amx.restype = ctypes.c_int
+    lib.graphrt_lane_wait.restype = ctypes.c_int
+    lib.graphrt_lane_wait.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
+    lib.graphrt_lane_done.restype = None
+    lib.graphrt_lane_done.argtypes = [ctypes.c_void_p, ctypes.c_int]
     return lib, ""
 
 
@@ -89,6 +95,11 @@ def set_spin(microseconds: int) -> None:
     lib, _ = _library()
     if lib is not None:
         lib.graphrt_cpu_pool_spin(int(microseconds))
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None where it does not build (see why_unavailable)."""
+    return _library()[0]
 
 
 def built() -> bool:

@@ -1,0 +1,63 @@
+"""The versus benchmark's CPU-lane decode rows alone (graphrt/bench/versus.graphrt_rows; llama.cpp not run):
+
+    python3 tools/lane_rows.py --out DIR [--rows bf16:1,int8:1,int4:1,bf16:4,bf16:8,bf16:16] [--nodes auto|host]
+
+--nodes host loads every runtime with CUDA host nodes for the lane (RuntimeOptions.lane_nodes) instead of the
+default signalled nodes, for a same-machine comparison. Writes lane_rows_<nodes>.json (the rows as graphrt_rows
+writes them) and prints each row's tokens/s, the plan's prediction and the share of the two-lane limit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from graphrt.bench import versus
+from graphrt.bench.run import make_bench_model
+
+ALL = [("bf16", 1), ("int8", 1), ("int4", 1), ("bf16", 4), ("bf16", 8), ("bf16", 16)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rows", default=",".join(f"{f}:{b}" for f, b in ALL))
+    ap.add_argument("--nodes", default="auto", choices=("auto", "signal", "host"))
+    ap.add_argument("--model", type=Path, default=Path("/tmp/graphrt-versus-model"))
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    wanted = {(f, int(b)) for f, b in (r.split(":") for r in a.rows.split(","))}
+    skip = [dict(format=f, placement=p, test="decode", batch=b, skipped=True)
+            for f in ("bf16", "int8", "int4") for p in ("gpu", "split", "split+cpu") for b in (1, 4, 8, 16)
+            if not (p == "split+cpu" and (f, b) in wanted)]
+    skip += [dict(format="bf16", placement=p, test="prefill", batch=1, skipped=True) for p in ("gpu", "split", "split+cpu")]
+    keep = a.out / f"lane_rows_{a.nodes}.json"
+    keep.write_text(json.dumps(skip))
+    load = versus._runtime
+    versus._runtime = lambda *args, **kw: _with_nodes(load, a.nodes, *args, **kw)
+    rows = [r for r in versus.graphrt_rows(make_bench_model(a.model, versus.LAYERS), keep) if not r.get("skipped")]
+    keep.write_text(json.dumps(rows, indent=1))
+    for r in rows:
+        if "error" in r:
+            print(r["format"], r["batch"], r["error"])
+            continue
+        pred, lim = r.get("predicted_tokens_per_s"), r.get("limit_tokens_per_s")
+        print(f"{r['format']} batch {r['batch']} nodes {a.nodes}: {r['tokens_per_s']:.1f} tok/s, predicted "
+              f"{pred:.1f} ({100 * (pred / r['tokens_per_s'] - 1):+.1f}% step), limit {lim:.1f} "
+              f"({100 * r['tokens_per_s'] / lim:.0f}%)")
+
+
+def _with_nodes(load, nodes: str, path, quantization, budget, batch, max_seq_len, cpu_lane=False):
+    from graphrt.runtime import Runtime
+    if not cpu_lane or nodes == "auto":
+        return load(path, quantization, budget, batch, max_seq_len, cpu_lane)
+    orig = Runtime.from_pretrained
+    Runtime.from_pretrained = staticmethod(lambda *x, **kw: orig(*x, lane_nodes=nodes, **kw))
+    try:
+        return load(path, quantization, budget, batch, max_seq_len, cpu_lane)
+    finally:
+        Runtime.from_pretrained = orig
+
+
+if __name__ == "__main__":
+    main()
