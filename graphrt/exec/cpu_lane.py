@@ -123,7 +123,10 @@ class CpuLane:
         if nodes == "signal" and not signal:
             raise RuntimeError("signalled lane nodes need CUDA, NVRTC and graphrt's kernel library (a C++ compiler)")
         self.nodes = "signal" if signal else "host"
-        self.server: lane_signal.LaneServer | None = None   # started at the first capture
+        self.server: lane_signal.LaneServer | None = None   # its flags are pinned here: not while capturing
+        if self.nodes == "signal":
+            self.server = lane_signal.LaneServer(self.device, _trampoline_py)
+            _SERVERS.append(self.server)
         if self.cuda:   # graphrt's CPU kernels keep their workers awake between the groups of a step
             int4_cpu.set_spin(LANE_SPIN_US)
         self.pinned: list[torch.Tensor] = []   # mapped staging buffers (unpinned by release)
@@ -180,9 +183,6 @@ class CpuLane:
         key = register(host)
         self.keys.append(key)
         if self.nodes == "signal":
-            if self.server is None:
-                self.server = lane_signal.LaneServer(self.device, _trampoline_py)
-                _SERVERS.append(self.server)
             src = h.contiguous()
             self.server.post(x, src if src.data_ptr() % 16 == 0 else src.clone(), key)   # D2H, then the request
             self.server.wait(key)                             # a kernel polls for the answer
