@@ -9,9 +9,9 @@ from typing import Callable
 import torch
 
 from .config import ModelConfig, RuntimeOptions
-from .exec.cpu_lane import LANE_SPIN_US
+from .exec.cpu_lane import LANE_SPIN_US, node_kind
 from .plan.calibrate import cpu_rate, lane_rates
-from .plan.cost import CostModel
+from .plan.cost import NODE_COST, CostModel
 from .plan.gpu_calibrate import lane_gpu_rates
 from .plan.in_step import in_step_factor
 from .plan.placement import Placement, plan_placement
@@ -42,6 +42,8 @@ def plan_runtime(cfg: ModelConfig, o: RuntimeOptions, policy: FormatPolicy, sour
     elif budget is None:
         budget = 1 << 62  # CPU: everything resident unless a budget asks for streaming
     cost = CostModel(o.h2d_bandwidth, o.hbm_bandwidth)
+    if o.cpu_lane and cuda:   # what reaching the CPU costs a group in a captured step
+        cost = replace(cost, cpu_overhead=NODE_COST[node_kind(device, o.lane_nodes)])
     cpu_policy, factor = None, 1.0
     if o.cpu_lane:   # the CPU lane's groups are stored in the CPU's formats (e.g. int4 in its kernel's packing)
         cpu_policy = weight_policy(source, o.quantization, dtype, torch.device("cpu"))

@@ -76,7 +76,7 @@ def test_copies_beside_the_cpu_price_the_lane_plans():
     assert same.cpu == fast.cpu and same.prediction.step_time == fast.prediction.step_time
     assert fast.cpu and fast.prediction.copy_busy > 0.9 and slow.prediction.step_time > 1.1 * fast.prediction.step_time
     # whole MLP groups on the CPU (a split plan moves bytes to the copies exactly where the CPU bounds the step)
-    cpu_bound, slower_copies = plan("lane", cpu_rate=60e9), plan("lane", cpu_rate=60e9, h2d_beside_cpu=35e9)
+    cpu_bound, slower_copies = plan("lane", cpu_rate=50e9), plan("lane", cpu_rate=50e9, h2d_beside_cpu=35e9)
     assert cpu_bound.cpu == slower_copies.cpu and cpu_bound.cpu_busy > 0.85
     assert slower_copies.prediction.step_time == pytest.approx(cpu_bound.prediction.step_time, rel=1e-9)
     assert slower_copies.prediction.copy_busy > cpu_bound.prediction.copy_busy

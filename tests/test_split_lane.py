@@ -10,7 +10,7 @@ import torch
 from graphrt.config import ConfigError, ModelConfig
 from graphrt.exec import cpu_lane
 from graphrt.models import llama
-from graphrt.plan.cost import CostModel
+from graphrt.plan.cost import NODE_COST, CostModel
 from graphrt.plan.placement import plan_placement
 from graphrt.runtime import Runtime
 from graphrt.weights.formats import Dense
@@ -113,7 +113,8 @@ def test_planner_splits_mlps_where_the_lanes_would_not_finish_together():
     for batch, cpu, alone, beside, gpu, streamed_parts in ((1, 101.5e9, 125.2e9, 46.9e9, 2.83e12, True),
                                                            (8, 83.1e9, 95.3e9, 46.8e9, 2.58e12, False)):
         budget = split_budget(CFG_8B, None, batch, 512)
-        cost = CostModel(cpu_rate=cpu, cpu_rate_alone=alone, h2d_beside_cpu=beside, gpu_rate=gpu, batch_size=batch)
+        cost = CostModel(cpu_rate=cpu, cpu_rate_alone=alone, h2d_beside_cpu=beside, gpu_rate=gpu, batch_size=batch,
+                         cpu_overhead=NODE_COST["host"])   # session 12 reached the CPU through host nodes
         plan = lambda s: plan_placement(CFG_8B, budget, 3, batch, 512, torch.bfloat16, cost=cost,  # noqa: E731
                                         strategy=s, fused_attention=True)
         best, whole = plan("auto"), plan("lane")

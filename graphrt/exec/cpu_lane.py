@@ -103,6 +103,18 @@ def launch_host_func(stream: torch.cuda.Stream, key: int) -> None:
         raise RuntimeError(f"cuLaunchHostFunc failed with CUresult {status}")
 
 
+def node_kind(device: torch.device, nodes: str = "auto") -> str:
+    """How captured steps on `device` reach the CPU lane: "signal" or "host" (RuntimeOptions.lane_nodes)."""
+    if nodes not in ("auto", "signal", "host"):
+        raise ValueError(f"nodes must be auto, signal or host, got {nodes!r}")
+    index = device.index or 0
+    signal = (device.type == "cuda" and nodes != "host" and copy_kernel.available(index)
+              and lane_signal.available(index))
+    if nodes == "signal" and not signal:
+        raise RuntimeError("signalled lane nodes need CUDA, NVRTC and graphrt's kernel library (a C++ compiler)")
+    return "signal" if signal else "host"
+
+
 class CpuLane:
     """Runs `fn(h)` for CPU-lane groups: h [..., hidden] on the step's device -> fn's result on that device."""
 
@@ -112,17 +124,12 @@ class CpuLane:
         calibration measured with). OpenMP keeps the team size per thread, and the driver's callback thread
         would otherwise start with OpenMP's default (every logical CPU), oversubscribing the cores.
         nodes: how captured steps reach the CPU: "signal", "host" (a host node) or "auto" (signal where it runs)."""
-        if nodes not in ("auto", "signal", "host"):
-            raise ValueError(f"nodes must be auto, signal or host, got {nodes!r}")
         self.threads = threads or torch.get_num_threads()
         self.device = device
         self.cuda = device.type == "cuda"
         self.hidden, self.dtype, self.retired = hidden, dtype, []
         self.kernel_copies = self.cuda and copy_kernel.available(device.index or 0)
-        signal = self.kernel_copies and nodes != "host" and lane_signal.available(device.index or 0)
-        if nodes == "signal" and not signal:
-            raise RuntimeError("signalled lane nodes need CUDA, NVRTC and graphrt's kernel library (a C++ compiler)")
-        self.nodes = "signal" if signal else "host"
+        self.nodes = node_kind(device, nodes)
         self.server: lane_signal.LaneServer | None = None   # its flags are pinned here: not while capturing
         if self.nodes == "signal":
             self.server = lane_signal.LaneServer(self.device, _trampoline_py)

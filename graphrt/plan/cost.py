@@ -6,6 +6,12 @@ from dataclasses import dataclass
 from ..weights.layout import GroupLayout
 
 
+# A CPU-lane group's cost in a captured step beyond its host function: activation D2H, reaching the CPU, result H2D.
+# tools/lane_probe.py at 7853398 on the H100 host, 16 empty groups in one graph: 21 us a group signalled
+# (exec/lane_signal.py), 70-95 us through CUDA host nodes; host nodes inside decode steps averaged about 0.2 ms.
+NODE_COST = {"signal": 30e-6, "host": 200e-6}
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Planning estimates: copy and compute time of a group for one decode step."""
@@ -19,8 +25,7 @@ class CostModel:
     cpu_rate: float = 0.0            # bytes/s of weights the CPU lane computes at this batch while the copy engine
                                      # streams beside it; 0: no CPU lane
     cpu_rate_alone: float = 0.0      # bytes/s of the same with the copy engine idle; 0: cpu_rate
-    cpu_overhead: float = 200e-6     # per CPU group: activation D2H, host node, result H2D (measured 0.07-0.46 ms
-                                     # beyond the host function on the H100 host, about 0.2 on average)
+    cpu_overhead: float = NODE_COST["signal"]   # per CPU group beyond its host function (NODE_COST)
     h2d_beside_cpu: float = 0.0      # bytes/s of the copy engine while the CPU lane computes (DRAM is shared); 0:
                                      # h2d_bandwidth
 
