@@ -7,7 +7,7 @@ CPU policy packs int4 "blocked" (policy.int4_packing), so a CPU-lane group holds
 the H100 host's Xeon (tools/cpu_gemv_probe.py, weights cycled so the cache cannot serve them, 15 threads, one row):
 gate/up 28672 x 4096 at 159 G weights/s against ATen's 148, down 4096 x 14336 at 132 against 101 (docs/results/
 2026-11-26-h100-cpu-gemv-probe-15414cb.json); at 4 rows it is 15-20% slower than ATen's (it runs rows in fours).
-This module also builds and loads the bf16 GEMV (bf16_cpu.py): one library. The portable path computes
+This module also builds and loads the bf16 and int8 GEMVs (bf16_cpu.py, int8_cpu.py): one library. The portable path computes
 the same operations lane by lane (bitwise equal; tests compare them) and is the reference, not a fallback: a CPU
 without AVX512-BF16 keeps ATen's "cpu" layout and kernel.
 """
@@ -27,10 +27,11 @@ import torch
 from .bf16_cpu_source import SOURCE as BF16_SOURCE
 from .cpu_pool_source import SOURCE as POOL_SOURCE
 from .int4_cpu_source import SOURCE as INT4_SOURCE
+from .int8_cpu_source import SOURCE as INT8_SOURCE
 from .lane_signal_source import SOURCE as LANE_SOURCE
 
-SOURCE = POOL_SOURCE + INT4_SOURCE + BF16_SOURCE + LANE_SOURCE   # one library: the bf16 GEMV (bf16_cpu.py) uses the int4
-# source's helpers; the CPU lane's serving loop (exec/lane_signal.py) the pool's
+SOURCE = POOL_SOURCE + INT4_SOURCE + BF16_SOURCE + INT8_SOURCE + LANE_SOURCE   # one library: the bf16 and int8 GEMVs
+# (bf16_cpu.py, int8_cpu.py) use the int4 source's helpers; the CPU lane's serving loop (exec/lane_signal.py) the pool's
 
 GROUPS = (128, 256)     # group sizes the kernel takes (it works in 128-column chunks)
 MAX_ROWS = 16          # activation rows per call: the GEMV regime (the C entries keep 16 norm scales); more rows
@@ -81,6 +82,9 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.graphrt_bf16_gemv.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
                                       + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p])
     lib.graphrt_bf16_has_amx.restype = ctypes.c_int
+    lib.graphrt_int8_gemv.restype = None
+    lib.graphrt_int8_gemv.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
+                                      + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p])
     lib.graphrt_lane_wait.restype = ctypes.c_int
     lib.graphrt_lane_wait.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
     lib.graphrt_lane_done.restype = None

@@ -9,7 +9,9 @@ Dequantized matrix (`dense`): W'[o, i] = float32(w[o, i]) * scale[o], computed i
 linear:
   CPU   `torch._weight_int8pack_mm(x2d, w, scale.to(x.dtype))` (ATen's CPU kernel; it needs the scales in the
         activation dtype and a 2-D input; it accumulates in float32, checked against the dequantized matrix in
-        float32, bfloat16 and float16 by tests/test_formats.py).
+        float32, bfloat16 and float16 by tests/test_formats.py). The CPU lane's groups (`for_cpu` marks them
+        "gemv") take graphrt's GEMV on its worker pool instead (int8_cpu.py: ATen's OpenMP team slows down on
+        the lane's serving thread), with RMSNorm, silu * up and the residual taken in (`linear_fused`).
   CUDA  up to GEMV_MAX_ROWS rows (decode), where Triton is installed: `weight_only_gemv` (gemv.py), a Triton
         kernel that reads each int8 weight once and computes scale[o] * sum_i x[i] * w[o, i] in float32 (the
         result is rounded once, to the compute dtype). More rows (prefill), or no Triton: dequantize (`dense`)
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import GEMV_MAX_ROWS, PartSpec
+from . import int8_cpu
 from .gemv import gemv_available, weight_only_gemv
 
 
@@ -51,6 +54,9 @@ class Int8:
     def linear(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
         w, scale = parts["w"], parts["scale"]
         rows = x.numel() // x.shape[-1]
+        if "gemv" in parts and int8_cpu.fusable(x, w, scale):   # the CPU lane's GEMV (for_cpu)
+            y = int8_cpu.int8_gemv(x, w, scale)
+            return y + bias if bias is not None else y
         if x.device.type == "cuda" and rows <= GEMV_MAX_ROWS and gemv_available(x):
             return weight_only_gemv(x, w, scale, bias)
         if x.device.type == "cpu" and rows <= GEMV_MAX_ROWS:
@@ -58,6 +64,20 @@ class Int8:
             y = y.view(*x.shape[:-1], w.shape[0])
             return y + bias if bias is not None else y
         return F.linear(x, self.dense(parts, x.dtype), bias)
+
+    def linear_fused(self, x: torch.Tensor, parts: dict[str, torch.Tensor], bias: torch.Tensor | None, *,
+                     norm: tuple | None = None, silu: bool = False, residual: torch.Tensor | None = None,
+                     rope=None) -> torch.Tensor | None:
+        """On the CPU lane (for_cpu's "gemv"): graphrt's GEMV with its neighbours; None (the steps apart) else."""
+        if "gemv" in parts and bias is None and rope is None and int8_cpu.fusable(x, parts["w"], parts["scale"], norm,
+                                                                                     silu, residual):
+            return int8_cpu.int8_gemv(x, parts["w"], parts["scale"], norm=norm, silu=silu, residual=residual)
+        return None
+
+    def for_cpu(self, parts: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+        """The CPU lane's parts: marked for graphrt's GEMV ("gemv", an empty tensor) where it runs and `rows` (the
+        batch) is at most int8_cpu.MAX_ROWS; else as they are (ATen's kernel)."""
+        return {**parts, "gemv": torch.empty(0)} if int8_cpu.available() and rows <= int8_cpu.MAX_ROWS else parts
 
     def embedding(self, ids: torch.Tensor, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         flat = ids.reshape(-1)
