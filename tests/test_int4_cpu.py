@@ -92,20 +92,12 @@ def test_the_kernel_refuses_what_it_cannot_take():
 def test_fused_neighbours_match_the_steps_apart():
     """norm before the product, silu(gate) * up before it, the residual after: against the steps apart, and the
     vector path bitwise equal to the portable one with each neighbour."""
-    from graphrt.models.fused import rms_norm_reference, silu_mul_reference
     from graphrt.weights.formats import linear_fused
+    from kernel_cases import neighbour_cases
     fmt, parts = _matrix(64, 512, 128)
     w = Weight(fmt, parts, (64, 512))
     for rows in (1, 3, 16):
-        x = torch.randn(rows, 1, 512).bfloat16()
-        nw = (torch.rand(512) + 0.5).bfloat16()
-        res = torch.randn(rows, 1, 64).bfloat16()
-        gu = torch.randn(rows, 1, 1024).bfloat16()
-        cases = [(dict(x=x, norm=(nw, 1e-5)), linear(rms_norm_reference(x, nw, 1e-5), w)),
-                 (dict(x=gu, silu=True), linear(silu_mul_reference(gu[..., :512], gu[..., 512:]), w)),
-                 (dict(x=x, residual=res), res + linear(x, w)),
-                 (dict(x=gu, silu=True, residual=res),
-                  res + linear(silu_mul_reference(gu[..., :512], gu[..., 512:]), w))]
+        cases = neighbour_cases(w, rows)
         for kw, apart in cases:
             kw = dict(kw)
             xin = kw.pop("x")
@@ -116,6 +108,7 @@ def test_fused_neighbours_match_the_steps_apart():
             portable = int4_cpu.int4_gemv(xin, parts["w"], parts["scales_and_zeros"], portable=True, **kw)
             assert torch.equal(fused.view(torch.int16), portable.view(torch.int16))
     # what it does not take: both norm and silu, a bias, float32 rows
+    x, nw, res = cases[0][0]["x"], cases[0][0]["norm"][0], cases[2][0]["residual"]
     assert linear_fused(x, w, norm=(nw, 1e-5), silu=True) is None
     assert linear_fused(x, w, torch.zeros(64).bfloat16(), residual=res) is None
     assert linear_fused(x.float(), w, residual=res) is None

@@ -5,8 +5,8 @@ going through it for the lane's groups only (for_cpu) and through ATen's kernel 
 import pytest
 import torch
 
-from graphrt.models.fused import rms_norm_reference, silu_mul_reference
 from graphrt.weights.formats import Int8, Weight, for_cpu, int4_cpu, int8_cpu, linear, linear_fused
+from kernel_cases import neighbour_cases
 
 needs_kernel = pytest.mark.skipif(not int8_cpu.available(), reason=f"graphrt's CPU kernels (AVX512): "
                                   f"{int4_cpu.why_unavailable() or 'off'}")
@@ -72,15 +72,7 @@ def test_fused_neighbours_match_the_steps_apart():
     fmt, parts = _matrix(64, 512)
     w = Weight(fmt, {**parts, "gemv": torch.empty(0)}, (64, 512))
     for rows in (1, 3, 16):
-        x = torch.randn(rows, 1, 512).bfloat16()
-        nw = (torch.rand(512) + 0.5).bfloat16()
-        res = torch.randn(rows, 1, 64).bfloat16()
-        gu = torch.randn(rows, 1, 1024).bfloat16()
-        cases = [(dict(x=x, norm=(nw, 1e-5)), linear(rms_norm_reference(x, nw, 1e-5), w)),
-                 (dict(x=gu, silu=True), linear(silu_mul_reference(gu[..., :512], gu[..., 512:]), w)),
-                 (dict(x=x, residual=res), res + linear(x, w)),
-                 (dict(x=gu, silu=True, residual=res),
-                  res + linear(silu_mul_reference(gu[..., :512], gu[..., 512:]), w))]
+        cases = neighbour_cases(w, rows)
         for kw, apart in cases:
             kw = dict(kw)
             xin = kw.pop("x")
@@ -91,5 +83,6 @@ def test_fused_neighbours_match_the_steps_apart():
                 assert torch.equal(fused.view(torch.int16), apart.view(torch.int16)), kw.keys()
             portable = int8_cpu.int8_gemv(xin, parts["w"], parts["scale"], portable=True, **kw)
             assert torch.equal(fused.view(torch.int16), portable.view(torch.int16))
-    assert linear_fused(x, w, norm=(nw, 1e-5), silu=True) is None
-    assert linear_fused(x, Weight(fmt, parts, (64, 512)), residual=res) is None   # not a lane group
+    (kw, _), (res_kw, _) = cases[0], cases[2]
+    assert linear_fused(kw["x"], w, norm=kw["norm"], silu=True) is None
+    assert linear_fused(res_kw["x"], Weight(fmt, parts, (64, 512)), residual=res_kw["residual"]) is None   # not the lane's
