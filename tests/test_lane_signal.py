@@ -99,3 +99,17 @@ def test_a_wait_without_answer_gives_up_and_check_reports_it(monkeypatch):
     cpu_lane.check()
     del g
     lane.release()
+
+
+def test_the_node_kind_is_checked_and_resolved():
+    from graphrt.config import ConfigError, RuntimeOptions
+    with pytest.raises(ConfigError, match="lane_nodes must be"):
+        RuntimeOptions(lane_nodes="driver")
+    cpu = torch.device("cpu")
+    assert cpu_lane.node_kind(cpu) == "host" and cpu_lane.node_kind(cpu, "host") == "host"
+    with pytest.raises(RuntimeError, match="signalled lane nodes need CUDA"):
+        cpu_lane.node_kind(cpu, "signal")
+    with pytest.raises(ValueError, match="nodes must be"):
+        cpu_lane.CpuLane(cpu, 1, 8, torch.float32, nodes="driver")
+    if torch.cuda.is_available() and lane_signal.available():
+        assert cpu_lane.node_kind(torch.device("cuda")) == "signal"
