@@ -42,7 +42,7 @@ def plan_runtime(cfg: ModelConfig, o: RuntimeOptions, policy: FormatPolicy, sour
     elif budget is None:
         budget = 1 << 62  # CPU: everything resident unless a budget asks for streaming
     cost = CostModel(o.h2d_bandwidth, o.hbm_bandwidth)
-    if o.cpu_lane and cuda:   # what reaching the CPU costs a group in a captured step
+    if o.cpu_lane:   # what reaching the CPU costs a group in a captured step (checked here, before weights load)
         cost = replace(cost, cpu_overhead=NODE_COST[node_kind(device, o.lane_nodes)])
     cpu_policy, factor = None, 1.0
     if o.cpu_lane:   # the CPU lane's groups are stored in the CPU's formats (e.g. int4 in its kernel's packing)

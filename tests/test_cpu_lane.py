@@ -345,7 +345,7 @@ def test_cuda_cpu_lane_graph_equals_eager_and_tracks_all_gpu(model, wide_model, 
     graph = rt.generate(ids, 32, use_graph=True)
     assert torch.equal(eager, graph)
     cpu_lane.check()
-    assert rt.engine.cpu_lane.host_threads == 2     # the driver's thread ran with the lane's count
+    assert rt.engine.cpu_lane.host_threads == 2     # the lane's thread ran with the lane's count
     torch.set_num_threads(threads)
     # greedy speculative rounds (k + 1 tokens a step) captured with the lane's host nodes == the same rounds eager
     from graphrt.speculative import Speculative

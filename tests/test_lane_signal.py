@@ -15,6 +15,13 @@ from graphrt.weights.formats import int4_cpu
 LIB = int4_cpu.library()
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from graphrt.weights.synthetic import PRESETS, make_config, random_tensors, write_checkpoint
+    cfg = make_config(**dict(PRESETS["tiny-llama"], layers=2))
+    return write_checkpoint(tmp_path_factory.mktemp("signal") / "m", cfg, random_tensors(cfg, 1))
+
+
 @pytest.mark.skipif(LIB is None, reason=f"graphrt's kernel library does not build here: {int4_cpu.why_unavailable()}")
 def test_the_serving_loop_takes_a_request_clears_it_answers_and_stops():
     flags = torch.zeros(4, dtype=torch.int32)      # request, answer, timeout, stop
@@ -101,15 +108,19 @@ def test_a_wait_without_answer_gives_up_and_check_reports_it(monkeypatch):
     lane.release()
 
 
-def test_the_node_kind_is_checked_and_resolved():
+def test_the_node_kind_is_checked_before_weights_load_and_resolved(tiny):
     from graphrt.config import ConfigError, RuntimeOptions
+    from graphrt.runtime import Runtime
     with pytest.raises(ConfigError, match="lane_nodes must be"):
         RuntimeOptions(lane_nodes="driver")
     cpu = torch.device("cpu")
     assert cpu_lane.node_kind(cpu) == "host" and cpu_lane.node_kind(cpu, "host") == "host"
-    with pytest.raises(RuntimeError, match="signalled lane nodes need CUDA"):
+    with pytest.raises(ConfigError, match="lane_nodes='signal' needs a CUDA device.*use lane_nodes='auto' or 'host'"):
         cpu_lane.node_kind(cpu, "signal")
-    with pytest.raises(ValueError, match="nodes must be"):
+    with pytest.raises(ConfigError, match="lane_nodes must be"):
         cpu_lane.CpuLane(cpu, 1, 8, torch.float32, nodes="driver")
+    # a runtime asked for signalled nodes where they cannot run says so while it plans, before any weights load
+    with pytest.raises(ConfigError, match="lane_nodes='signal'"):
+        Runtime.from_pretrained(tiny, device="cpu", cpu_lane=True, cpu_rate=1e9, lane_nodes="signal")
     if torch.cuda.is_available() and lane_signal.available():
         assert cpu_lane.node_kind(torch.device("cuda")) == "signal"

@@ -33,9 +33,9 @@ def main() -> None:
     skip += [dict(format="bf16", placement=p, test="prefill", batch=1, skipped=True) for p in ("gpu", "split", "split+cpu")]
     keep = a.out / f"lane_rows_{a.nodes}.json"
     keep.write_text(json.dumps(skip))
-    load = versus._runtime
-    versus._runtime = lambda *args, **kw: _with_nodes(load, a.nodes, *args, **kw)
-    rows = [r for r in versus.graphrt_rows(make_bench_model(a.model, versus.LAYERS), keep) if not r.get("skipped")]
+    options = {} if a.nodes == "auto" else {"lane_nodes": a.nodes}
+    model = make_bench_model(a.model, versus.LAYERS)
+    rows = [r for r in versus.graphrt_rows(model, keep, options) if not r.get("skipped")]
     keep.write_text(json.dumps(rows, indent=1))
     for r in rows:
         if "error" in r:
@@ -45,18 +45,6 @@ def main() -> None:
         print(f"{r['format']} batch {r['batch']} nodes {a.nodes}: {r['tokens_per_s']:.1f} tok/s, predicted "
               f"{pred:.1f} ({100 * (pred / r['tokens_per_s'] - 1):+.1f}% step), limit {lim:.1f} "
               f"({100 * r['tokens_per_s'] / lim:.0f}%)")
-
-
-def _with_nodes(load, nodes: str, path, quantization, budget, batch, max_seq_len, cpu_lane=False):
-    from graphrt.runtime import Runtime
-    if not cpu_lane or nodes == "auto":
-        return load(path, quantization, budget, batch, max_seq_len, cpu_lane)
-    orig = Runtime.from_pretrained
-    Runtime.from_pretrained = staticmethod(lambda *x, **kw: orig(*x, lane_nodes=nodes, **kw))
-    try:
-        return load(path, quantization, budget, batch, max_seq_len, cpu_lane)
-    finally:
-        Runtime.from_pretrained = orig
 
 
 if __name__ == "__main__":

@@ -46,14 +46,16 @@ def split_budget(cfg: ModelConfig, quantization: str | None, batch: int, max_seq
 
 
 def _runtime(path: Path, quantization: str | None, budget: int | None, batch: int, max_seq_len: int,
-             cpu_lane: bool = False) -> Runtime:
+             cpu_lane: bool = False, lane_options: dict | None = None) -> Runtime:
     """Streaming-only plans stream whole layers; with the CPU lane the planner chooses (MLP groups may go to
-    the CPU, which needs attention/MLP groups)."""
+    the CPU, which needs attention/MLP groups). lane_options: more RuntimeOptions for the lane's runtimes."""
     gc.collect()
     torch.cuda.empty_cache()
     if cpu_lane:   # the lane calibrates at this load, as a first load does (the host's rates drift between rows)
         clear_cache()
     kw = {"gpu_budget": budget} if budget else {}
+    if cpu_lane and lane_options:
+        kw.update(lane_options)
     return Runtime.from_pretrained(path, device="cuda", dtype="bfloat16", quantization=quantization,
                                    max_batch_size=batch, max_seq_len=max_seq_len, ring_depth=RING,
                                    stream_unit="auto" if cpu_lane else "layer", cpu_lane=cpu_lane, **kw)
@@ -92,9 +94,10 @@ def host_limit(rt: Runtime, batch: int) -> dict:
                 limit_tokens_per_s=batch * (h2d + rate) / host)
 
 
-def graphrt_rows(path: Path, keep: Path | None = None) -> list[dict]:
+def graphrt_rows(path: Path, keep: Path | None = None, lane_options: dict | None = None) -> list[dict]:
     """Every graphrt row. With `keep`, rows are saved there as they come and rows already there are not run
-    again (a device call that ran out of time resumes); a row that fails is kept with its error."""
+    again (a device call that ran out of time resumes); a row that fails is kept with its error. lane_options:
+    more RuntimeOptions for the rows with the CPU lane (e.g. lane_nodes="host")."""
     cfg = ModelConfig.from_file(path / "config.json")
     rows = json.loads(keep.read_text()) if keep is not None and keep.exists() else []
     done = {(r["format"], r["placement"], r["test"], r["batch"]) for r in rows}
@@ -140,17 +143,17 @@ def graphrt_rows(path: Path, keep: Path | None = None) -> list[dict]:
         for place in ("gpu", "split", "split+cpu"):
             budget = (lambda q=q: split_budget(cfg, q, 1, 512)) if place != "gpu" else (lambda: None)
             row(fmt, place, "decode", 1,
-                lambda q=q, b=budget, c=place == "split+cpu": _runtime(path, q, b(), 1, 512, cpu_lane=c),
+                lambda q=q, b=budget, c=place == "split+cpu": _runtime(path, q, b(), 1, 512, c, lane_options),
                 lambda rt: 1 / step_time(rt))
     for batch, place in [(b, p) for b in (4, 8, 16) for p in ("split", "split+cpu")]:
         row("bf16", place, "decode", batch,
             lambda b=batch, c=place == "split+cpu": _runtime(path, None, split_budget(cfg, None, b, 512), b, 512,
-                                                              cpu_lane=c),
+                                                              c, lane_options),
             lambda rt, b=batch: b / step_time(rt, steps=24, repeats=5, batch=b, prompt=128))
     for place in ("gpu", "split", "split+cpu"):   # split+cpu: prompts stream the lane's groups (prompt plans)
         row("bf16", place, "prefill", 1,
             lambda pl=place: _runtime(path, None, split_budget(cfg, None, 1, 4352) if pl != "gpu" else None, 1, 4352,
-                                      cpu_lane=pl == "split+cpu"),
+                                      pl == "split+cpu", lane_options),
             lambda rt: 4096 / prefill_time(rt, 4096))
     return rows
 

@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from ..config import ConfigError
 from ..weights import copy_kernel
 from . import lane_signal
 from ..weights.formats import int4_cpu
@@ -106,12 +107,13 @@ def launch_host_func(stream: torch.cuda.Stream, key: int) -> None:
 def node_kind(device: torch.device, nodes: str = "auto") -> str:
     """How captured steps on `device` reach the CPU lane: "signal" or "host" (RuntimeOptions.lane_nodes)."""
     if nodes not in ("auto", "signal", "host"):
-        raise ValueError(f"nodes must be auto, signal or host, got {nodes!r}")
+        raise ConfigError(f"lane_nodes must be 'auto', 'signal' or 'host', got {nodes!r}")
     index = device.index or 0
     signal = (device.type == "cuda" and nodes != "host" and copy_kernel.available(index)
               and lane_signal.available(index))
     if nodes == "signal" and not signal:
-        raise RuntimeError("signalled lane nodes need CUDA, NVRTC and graphrt's kernel library (a C++ compiler)")
+        raise ConfigError("lane_nodes='signal' needs a CUDA device, NVRTC and graphrt's CPU kernel library (a C++ "
+                          f"compiler: {int4_cpu.why_unavailable() or 'built'}); use lane_nodes='auto' or 'host'")
     return "signal" if signal else "host"
 
 

@@ -30,7 +30,7 @@ from ..weights.layout import FormatPolicy, GroupLayout, model_groups
 from ..weights.store import host_empty
 
 
-CPU_KERNELS = "bf16-gemv-avx512bf16-tiles-amx-chunks,int4-blocked-avx512bf16-fused,cycled-4xLLC"   # the lane's kernels, in the cache key: a change measures again
+CPU_KERNELS = "bf16-gemv-avx512bf16-tiles-amx-chunks,int4-blocked-avx512bf16-fused,int8-gemv-pool,cycled-4xLLC"   # the lane's kernels, in the cache key: a change measures again
 
 
 def cache_file() -> Path:
