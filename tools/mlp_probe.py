@@ -1,0 +1,103 @@
+"""Where one decode MLP group's GPU time goes, at the 8B shape and batch 1: the whole group (`llama.mlp_forward`,
+as the planner's GPU rate measures it) against its kernels alone, for bf16, int8 and int4, and the int4 down
+product with its silu prologue at other rows / threads per block.
+
+    python3 tools/mlp_probe.py [--out DIR] [--formats bf16,int8,int4] [--batch 1]
+
+Each case: CALLS calls replayed from one CUDA graph, cycling through enough copies of the group (>= 256 MB) that
+no call reads its weights from L2; microseconds per call and the group's (or matrix's) bytes / time. Writes
+mlp_probe.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import gemv_sweep  # tools/ (run as a script: its folder is on sys.path)
+from graphrt.config import ModelConfig
+from graphrt.models import llama
+from graphrt.models.fused import rms_norm, silu_mul
+from graphrt.plan.calibrate import mlp_layout, random_buffer
+from graphrt.weights.formats import linear, linear_fused
+from graphrt.weights.formats import int4_cuda
+from graphrt.weights.formats.policy import quantization_policy
+
+CALLS = 60
+CONFIG = Path(__file__).parent / "configs" / "llama-3.1-8b.json"
+
+
+def us(fns) -> float:
+    return gemv_sweep.graph_time(fns, CALLS) * 1e6
+
+
+def weight_bytes(w) -> int:
+    return sum(p.numel() * p.element_size() for p in w.parts.values())
+
+
+def probe(fmt: str, batch: int) -> dict:
+    cfg = ModelConfig.from_file(CONFIG)
+    policy = quantization_policy(None if fmt == "bf16" else fmt, torch.bfloat16, torch.device("cuda"))
+    g = mlp_layout(cfg, policy)
+    host = random_buffer(g)
+    copies = max(2, -(-256_000_000 // g.nbytes))
+    groups = [g.views(host.to("cuda")) for _ in range(copies)]
+    h = torch.randn(batch, 1, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    gu = torch.randn(batch, 1, 2 * cfg.intermediate_size, device="cuda", dtype=torch.bfloat16) * 0.5
+    act = silu_mul(*gu.chunk(2, dim=-1))
+    norm = lambda w: (w["post_norm"], cfg.rms_norm_eps)  # noqa: E731
+    gub, db = weight_bytes(groups[0]["gate_up"]), weight_bytes(groups[0]["down"])
+    res: dict[str, dict] = {}
+
+    def case(name: str, fns, nbytes: int) -> None:
+        t = us(fns)
+        res[name] = dict(us=t, GBps=nbytes / t / 1e3)
+        print(f"{fmt:5s} {name:44s} {t:8.2f} us  {nbytes / t / 1e3:7.0f} GB/s", flush=True)
+
+    with torch.inference_mode():
+        case("mlp_forward (the planner's GPU rate)", [lambda w=w: llama.mlp_forward(h, w, cfg) for w in groups],
+             g.nbytes)
+        case("rms_norm", lambda: rms_norm(h, groups[0]["post_norm"], cfg.rms_norm_eps), 0)
+        case("silu_mul", lambda: silu_mul(*gu.chunk(2, dim=-1)), 0)
+        case("gate_up alone", [lambda w=w: linear(h, w["gate_up"]) for w in groups], gub)
+        case("gate_up with the norm", [lambda w=w: linear_fused(h, w["gate_up"], norm=norm(w)) for w in groups], gub)
+        case("down alone", [lambda w=w: linear(act, w["down"]) for w in groups], db)
+        case("down + residual", [lambda w=w: linear(act, w["down"], residual=h) for w in groups], db)
+        case("down with silu + residual", [lambda w=w: linear_fused(gu, w["down"], silu=True, residual=h)
+                                           for w in groups], db)
+        if fmt == "int4":
+            for rows, threads in ((4, 128), (8, 64), (8, 128), (16, 128), (16, 256)):
+                case(f"down with silu + residual r{rows} t{threads}",
+                     [lambda w=w: int4_cuda.int4_gemv_row(gu, w["down"].parts["w"], w["down"].parts["scales_and_zeros"],
+                                                          residual=h, silu=True, rows=rows, max_threads=threads)
+                      for w in groups], db)
+                case(f"down + residual r{rows} t{threads}",
+                     [lambda w=w: int4_cuda.int4_gemv_row(act, w["down"].parts["w"], w["down"].parts["scales_and_zeros"],
+                                                          residual=h, rows=rows, max_threads=threads)
+                      for w in groups], db)
+                case(f"gate_up with the norm r{rows} t{threads}",
+                     [lambda w=w: int4_cuda.int4_gemv_row(h, w["gate_up"].parts["w"],
+                                                          w["gate_up"].parts["scales_and_zeros"], norm=norm(w),
+                                                          rows=rows, max_threads=threads)
+                      for w in groups], gub)
+    del groups
+    torch.cuda.empty_cache()
+    return dict(group_MB=g.nbytes / 1e6, copies=copies, cases=res)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("/tmp"))
+    ap.add_argument("--formats", default="bf16,int8,int4")
+    ap.add_argument("--batch", type=int, default=1)
+    a = ap.parse_args()
+    out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, batch=a.batch,
+               formats={f: probe(f, a.batch) for f in a.formats.split(",")})
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "mlp_probe.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
