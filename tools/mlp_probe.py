@@ -68,23 +68,64 @@ def probe(fmt: str, batch: int) -> dict:
         case("down with silu + residual", [lambda w=w: linear_fused(gu, w["down"], silu=True, residual=h)
                                            for w in groups], db)
         if fmt == "int4":
-            for rows, threads in ((4, 128), (8, 64), (8, 128), (16, 128), (16, 256)):
-                case(f"down with silu + residual r{rows} t{threads}",
-                     [lambda w=w: int4_cuda.int4_gemv_row(gu, w["down"].parts["w"], w["down"].parts["scales_and_zeros"],
-                                                          residual=h, silu=True, rows=rows, max_threads=threads)
-                      for w in groups], db)
-                case(f"down + residual r{rows} t{threads}",
-                     [lambda w=w: int4_cuda.int4_gemv_row(act, w["down"].parts["w"], w["down"].parts["scales_and_zeros"],
-                                                          residual=h, rows=rows, max_threads=threads)
-                      for w in groups], db)
-                case(f"gate_up with the norm r{rows} t{threads}",
-                     [lambda w=w: int4_cuda.int4_gemv_row(h, w["gate_up"].parts["w"],
-                                                          w["gate_up"].parts["scales_and_zeros"], norm=norm(w),
-                                                          rows=rows, max_threads=threads)
-                      for w in groups], gub)
+            int4_cases(case, groups, h, gu, act, norm, gub, db)
+            attn_cases(case, cfg, policy, h)
     del groups
     torch.cuda.empty_cache()
     return dict(group_MB=g.nbytes / 1e6, copies=copies, cases=res)
+
+
+def int4_cases(case, groups, h, gu, act, norm, gub, db) -> None:
+    """The NVRTC row kernel's block shapes and software pipelining, plain and with its prologues."""
+    def row(x, w, **kw):
+        return int4_cuda.int4_gemv_row(x, w.parts["w"], w.parts["scales_and_zeros"], **kw)
+    w0 = groups[0]
+    same = {name: torch.equal(fn(False), fn(True)) for name, fn in {
+        "gate_up": lambda p: row(h, w0["gate_up"], pipe=p),
+        "gate_up with the norm": lambda p: row(h, w0["gate_up"], norm=norm(w0), pipe=p),
+        "down with silu + residual": lambda p: row(gu, w0["down"], silu=True, residual=h, pipe=p)}.items()}
+    print("pipelined == plain, bitwise:", same, flush=True)
+    for pipe in (False, True):
+        for rows, threads in ((4, 64), (4, 128), (8, 64), (8, 128), (16, 256)):
+            tag = f"r{rows} t{threads}{' pipe' if pipe else ''}"
+            kw = dict(rows=rows, max_threads=threads, pipe=pipe)
+            case(f"gate_up alone {tag}", [lambda w=w: row(h, w["gate_up"], **kw) for w in groups], gub)
+            case(f"down + residual {tag}", [lambda w=w: row(act, w["down"], residual=h, **kw) for w in groups], db)
+        kw = dict(pipe=pipe)
+        case(f"gate_up with the norm{' pipe' if pipe else ''}",
+             [lambda w=w: row(h, w["gate_up"], norm=norm(w), **kw) for w in groups], gub)
+        case(f"down with silu + residual{' pipe' if pipe else ''}",
+             [lambda w=w: row(gu, w["down"], silu=True, residual=h, **kw) for w in groups], db)
+
+
+def attn_cases(case, cfg, policy, h) -> None:
+    """The attention group's qkv product: the norm and RoPE fused, the norm apart, the steps apart."""
+    from graphrt.models.fused import rope_append
+    from graphrt.weights.formats import RopeAppend
+    from graphrt.weights.layout import model_groups
+    g = next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "attn")
+    host = random_buffer(g)
+    groups = [g.views(host.to("cuda")) for _ in range(max(2, -(-256_000_000 // g.nbytes)))]
+    H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    cos = torch.ones(1, 1, 1, D, device="cuda", dtype=h.dtype)
+    sin = torch.zeros(1, 1, 1, D, device="cuda", dtype=h.dtype)
+    pos = torch.full((1, 1), 7, device="cuda")
+    slots = torch.zeros(1, 1, dtype=torch.int64, device="cuda")
+    kc, vc = (torch.zeros(1, Hkv, 512, D, device="cuda", dtype=h.dtype) for _ in range(2))
+    rope = RopeAppend(cos, sin, pos, kc, vc, H, Hkv)
+    nb = weight_bytes(groups[0]["qkv"])
+    eps = cfg.rms_norm_eps
+
+    def apart(w):
+        q, k, v = linear(rms_norm(h, w["input_norm"], eps), w["qkv"]).split((H * D, Hkv * D, Hkv * D), dim=-1)
+        rope_append(q, k, v, cos, sin, kc, vc, slots, pos, H, Hkv)
+
+    case("qkv alone", [lambda w=w: linear(h, w["qkv"]) for w in groups], nb)
+    case("qkv with the norm and rope", [lambda w=w: linear_fused(h, w["qkv"], norm=(w["input_norm"], eps), rope=rope)
+                                        for w in groups], nb)
+    case("rms_norm, then qkv with rope", [lambda w=w: linear_fused(rms_norm(h, w["input_norm"], eps), w["qkv"],
+                                                                   rope=rope) for w in groups], nb)
+    case("qkv apart (norm, product, rope)", [lambda w=w: apart(w) for w in groups], nb)
 
 
 def main() -> None:

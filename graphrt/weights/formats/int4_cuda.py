@@ -34,6 +34,7 @@ from .int4_cuda_source import SOURCE
 
 ROWS = 4                    # rows per block (tools/int4_row_sweep.py: 4 beat 8 and 16 on the H100)
 MAX_THREADS = 64            # threads per block (the sweep: 64 beat 128 at every 8B decode shape; up to 256)
+PIPE = False                # load the next chunk before this one's products (tools/mlp_probe.py measures both)
 MAX_INPUTS = 4              # input rows one launch takes (each weight load serves all of them)
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
@@ -41,11 +42,11 @@ _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 @functools.lru_cache(maxsize=None)
 def _kernel(dtype: torch.dtype, device_index: int, rows: int = ROWS, inputs: int = 1, norm: bool = False,
-            silu: bool = False, rope: bool = False):
+            silu: bool = False, rope: bool = False, pipe: bool = False):
     major, minor = torch.cuda.get_device_capability(device_index)
     source = SOURCE
     for name, value in (("XT", _DTYPES[dtype]), ("ROWS", rows), ("MR", inputs), ("NORM", int(norm)),
-                        ("SILU", int(silu)), ("ROPE", int(rope))):
+                        ("SILU", int(silu)), ("ROPE", int(rope)), ("PIPE", int(pipe))):
         source = source.replace(f"__{name}__", str(value))
     with torch.cuda.device(device_index):
         try:
@@ -97,7 +98,7 @@ def supports(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor, n
 def int4_gemv_row(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor,
                   bias: torch.Tensor | None = None, *, rows: int = ROWS, max_threads: int = MAX_THREADS,
                   residual: torch.Tensor | None = None, norm: tuple | None = None, silu: bool = False,
-                  rope=None) -> torch.Tensor:
+                  rope=None, pipe: bool = PIPE) -> torch.Tensor:
     """x [..., K] (1..MAX_INPUTS rows in all) times the blocked int4 matrix (w uint8 [N, K/2], scales_and_zeros bf16
     [K/G, N, 2]) transposed (+ bias [N]) (+ residual [..., N], contiguous, x's dtype: added in float32 before the
     one rounding) -> [..., N] in x's dtype. Call `supports` first. Fused around the product (int4_cuda_source.py):
@@ -111,7 +112,7 @@ def int4_gemv_row(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tens
     inputs = x1.numel() // (2 * k if silu else k)
     lead = x.shape[:-1]
     threads = min(max_threads, max(32, -(-(k // 32) // 32) * 32))
-    kernel = _kernel(x.dtype, x.device.index or 0, rows, inputs, norm is not None, silu, rope is not None)
+    kernel = _kernel(x.dtype, x.device.index or 0, rows, inputs, norm is not None, silu, rope is not None, pipe)
     b = bias.contiguous() if bias is not None else x1
     res = residual if residual is not None else x1
     nw, eps_bits = (norm[0], struct.unpack("<i", struct.pack("<f", norm[1]))[0]) if norm is not None else (x1, 0)

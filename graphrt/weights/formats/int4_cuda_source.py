@@ -9,6 +9,7 @@
           activation type: here neither is rounded, a difference of the order of that rounding)
     SILU  prologue: x is [MR, 2K] (a stacked gate | up product) and the input is round(round(silu(g)) * u), as
           models/fused.silu_mul rounds it (fast exp and division, as Triton's)
+    PIPE  1: each thread loads its next chunk before computing this one (software pipelining)
     ROPE  epilogue: the matrix is a stacked [q | k | v] projection of heads of D columns. A block owns the rows
           j, j + 1, j + D/2, j + D/2 + 1 of one head (two rotary pairs), rounds the products to XT as the plain
           linear would, then rotates q and k rows as models/fused.rope_append does (each product and the sum
@@ -23,6 +24,7 @@ SOURCE = r"""
 #define NORM __NORM__
 #define SILU __SILU__
 #define ROPE __ROPE__
+#define PIPE __PIPE__
 #if XT == 2
 typedef float xt;
 #else
@@ -127,6 +129,71 @@ __device__ __forceinline__ void inputs16(const xt* x, const xt* nw, float* ss, i
 #endif
 }
 
+// the 16-byte chunk c (32 weights) of each of the block's rows, and the (scale, zero) pairs of its two groups
+__device__ __forceinline__ void load_chunk(const uint4* __restrict__ w, const unsigned int* __restrict__ sz,
+                                           const int* rows, int c, int chunks, int N, int group, uint4* q,
+                                           unsigned int* s_lo, unsigned int* s_hi) {
+    #pragma unroll
+    for (int r = 0; r < ROWS; ++r) q[r] = w[(unsigned long long)rows[r] * chunks + c];
+    const int col = (c >> 1) * 64 + (c & 1) * 16;       // low nibbles: col .. col+15; high: col+32 ..
+#if ROPE
+    #pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        s_lo[r] = sz[(unsigned long long)(col / group) * N + rows[r]];
+        s_hi[r] = sz[(unsigned long long)((col + 32) / group) * N + rows[r]];
+    }
+#else
+    const uint4* sz_lo = (const uint4*)(sz + (unsigned long long)(col / group) * N + rows[0]);
+    const uint4* sz_hi = (const uint4*)(sz + (unsigned long long)((col + 32) / group) * N + rows[0]);
+    #pragma unroll
+    for (int i = 0; i < ROWS / 4; ++i) {
+        const uint4 lo4 = sz_lo[i], hi4 = sz_hi[i];
+        #pragma unroll
+        for (int j = 0; j < 4; ++j) { s_lo[4 * i + j] = word(lo4, j); s_hi[4 * i + j] = word(hi4, j); }
+    }
+#endif
+}
+
+// acc[m][r] += the products of chunk c (weights q, group pairs s_lo / s_hi) with input row m's columns
+__device__ __forceinline__ void accumulate(const xt* x, const xt* nw, float* ss, int K, int c, const uint4* q,
+                                           const unsigned int* s_lo, const unsigned int* s_hi,
+                                           float (*acc)[ROWS]) {
+    const int col = (c >> 1) * 64 + (c & 1) * 16;
+    #pragma unroll
+    for (int m = 0; m < MR; ++m) {
+        float xl[16], xh[16];
+        inputs16(x, nw, ss + m, m, K, col, xl);
+        inputs16(x, nw, ss + m, m, K, col + 32, xh);
+        float sum_lo = 0.0f, sum_hi = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < 16; ++i) { sum_lo += xl[i]; sum_hi += xh[i]; }
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            float dot_lo = 0.0f, dot_hi = 0.0f;
+            #pragma unroll
+            for (int v = 0; v < 4; ++v) {
+                const unsigned int bytes = word(q[r], v);
+                const unsigned int lo = (bytes << 3) & 0x78787878u, hi = (bytes >> 1) & 0x78787878u;
+                #pragma unroll
+                for (int b = 0; b < 4; ++b) {
+                    const unsigned int sel = 0x7054u | (b << 8);
+                    dot_lo = fmaf(xl[4 * v + b], code(lo, sel), dot_lo);
+                    dot_hi = fmaf(xh[4 * v + b], code(hi, sel), dot_hi);
+                }
+            }
+            const unsigned int wl = s_lo[r], wh = s_hi[r];
+            // a bf16 pair: scale s in the low half, zero z in the high half.
+            // sum x (q - 8) = 32 dot - 24 sum x, since dot = sum x (0.5 + q / 32)
+            float a = acc[m][r];
+            a = fmaf(__int_as_float(wl << 16), fmaf(32.0f, dot_lo, -24.0f * sum_lo), a);
+            a = fmaf(__int_as_float(wl & 0xFFFF0000u), sum_lo, a);
+            a = fmaf(__int_as_float(wh << 16), fmaf(32.0f, dot_hi, -24.0f * sum_hi), a);
+            a = fmaf(__int_as_float(wh & 0xFFFF0000u), sum_hi, a);
+            acc[m][r] = a;
+        }
+    }
+}
+
 extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* __restrict__ w,
                                          const unsigned int* __restrict__ sz, const xt* __restrict__ bias,
                                          const xt* __restrict__ residual, xt* __restrict__ out, int N, int K,
@@ -153,61 +220,27 @@ extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* 
     for (int m = 0; m < MR; ++m)
         #pragma unroll
         for (int r = 0; r < ROWS; ++r) acc[m][r] = 0.0f;
-    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-        uint4 q[ROWS];
-        #pragma unroll
-        for (int r = 0; r < ROWS; ++r) q[r] = w[(unsigned long long)rows[r] * chunks + c];
-        const int col = (c >> 1) * 64 + (c & 1) * 16;       // low nibbles: col .. col+15; high: col+32 ..
-        unsigned int s_lo[ROWS], s_hi[ROWS];                // (scale, zero) bf16 pairs of each row's two groups
-#if ROPE
-        #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            s_lo[r] = sz[(unsigned long long)(col / group) * N + rows[r]];
-            s_hi[r] = sz[(unsigned long long)((col + 32) / group) * N + rows[r]];
-        }
-#else
-        const uint4* sz_lo = (const uint4*)(sz + (unsigned long long)(col / group) * N + rows[0]);
-        const uint4* sz_hi = (const uint4*)(sz + (unsigned long long)((col + 32) / group) * N + rows[0]);
-        #pragma unroll
-        for (int i = 0; i < ROWS / 4; ++i) {
-            const uint4 lo4 = sz_lo[i], hi4 = sz_hi[i];
-            #pragma unroll
-            for (int j = 0; j < 4; ++j) { s_lo[4 * i + j] = word(lo4, j); s_hi[4 * i + j] = word(hi4, j); }
-        }
+    // PIPE: the next chunk's weights and scales are loaded before this one's products (twice the bytes in flight
+    // per thread, the loads' latency hidden behind the arithmetic)
+    uint4 q[ROWS];
+    unsigned int s_lo[ROWS], s_hi[ROWS];
+    int c = threadIdx.x;
+    if (c < chunks) load_chunk(w, sz, rows, c, chunks, N, group, q, s_lo, s_hi);
+    while (c < chunks) {
+        const int next = c + blockDim.x;
+#if PIPE
+        uint4 qn[ROWS];
+        unsigned int sn_lo[ROWS], sn_hi[ROWS];
+        if (next < chunks) load_chunk(w, sz, rows, next, chunks, N, group, qn, sn_lo, sn_hi);
 #endif
+        accumulate(x, nw, ss, K, c, q, s_lo, s_hi, acc);
+#if PIPE
         #pragma unroll
-        for (int m = 0; m < MR; ++m) {
-            float xl[16], xh[16];
-            inputs16(x, nw, ss + m, m, K, col, xl);
-            inputs16(x, nw, ss + m, m, K, col + 32, xh);
-            float sum_lo = 0.0f, sum_hi = 0.0f;
-            #pragma unroll
-            for (int i = 0; i < 16; ++i) { sum_lo += xl[i]; sum_hi += xh[i]; }
-            #pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                float dot_lo = 0.0f, dot_hi = 0.0f;
-                #pragma unroll
-                for (int v = 0; v < 4; ++v) {
-                    const unsigned int bytes = word(q[r], v);
-                    const unsigned int lo = (bytes << 3) & 0x78787878u, hi = (bytes >> 1) & 0x78787878u;
-                    #pragma unroll
-                    for (int b = 0; b < 4; ++b) {
-                        const unsigned int sel = 0x7054u | (b << 8);
-                        dot_lo = fmaf(xl[4 * v + b], code(lo, sel), dot_lo);
-                        dot_hi = fmaf(xh[4 * v + b], code(hi, sel), dot_hi);
-                    }
-                }
-                const unsigned int wl = s_lo[r], wh = s_hi[r];
-                // a bf16 pair: scale s in the low half, zero z in the high half.
-                // sum x (q - 8) = 32 dot - 24 sum x, since dot = sum x (0.5 + q / 32)
-                float a = acc[m][r];
-                a = fmaf(__int_as_float(wl << 16), fmaf(32.0f, dot_lo, -24.0f * sum_lo), a);
-                a = fmaf(__int_as_float(wl & 0xFFFF0000u), sum_lo, a);
-                a = fmaf(__int_as_float(wh << 16), fmaf(32.0f, dot_hi, -24.0f * sum_hi), a);
-                a = fmaf(__int_as_float(wh & 0xFFFF0000u), sum_hi, a);
-                acc[m][r] = a;
-            }
-        }
+        for (int r = 0; r < ROWS; ++r) { q[r] = qn[r]; s_lo[r] = sn_lo[r]; s_hi[r] = sn_hi[r]; }
+#else
+        if (next < chunks) load_chunk(w, sz, rows, next, chunks, N, group, q, s_lo, s_hi);
+#endif
+        c = next;
     }
     #pragma unroll
     for (int m = 0; m < MR; ++m)
