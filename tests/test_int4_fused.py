@@ -130,6 +130,27 @@ def test_formats_without_the_kernel_say_so():
     assert linear_fused(x, w, norm=(torch.ones(64), 1e-5)) is None
 
 
+def test_prologues_fuse_only_where_they_pay():
+    """The norm / silu prologue is redone by every block: fused up to PROLOGUE_MAX_WEIGHTS, apart above (measured)."""
+    from graphrt.weights.formats.int4_cuda import prologue_pays
+    packed = lambda n, k: torch.empty(n, k // 2, dtype=torch.uint8, device="meta")  # noqa: E731 (blocked [N, K/2])
+    norm = (torch.empty(0), 1e-5)
+    assert prologue_pays(packed(3072, 576), norm=norm) and prologue_pays(packed(576, 1536), silu=True)
+    assert prologue_pays(packed(6144, 4096), norm=norm)             # the 8B qkv: the norm still fused
+    assert not prologue_pays(packed(28672, 4096), norm=norm)        # the 8B gate_up: rms_norm apart
+    assert not prologue_pays(packed(4096, 14336), silu=True)        # the 8B down: silu_mul apart
+    assert prologue_pays(packed(4096, 14336))                       # no prologue asked
+
+
+@gpu
+def test_large_products_run_their_prologue_apart():
+    """At the 8B down shape linear_fused declines the silu prologue, so mlp_rows runs silu_mul, then the product."""
+    w = weights(4096, 14336, torch.bfloat16)
+    gu = torch.randn(1, 1, 2 * 14336, device="cuda", dtype=torch.bfloat16)
+    assert linear_fused(gu, w, silu=True) is None
+    assert linear_fused(gu[..., :14336].contiguous(), w) is not None
+
+
 # ---- prompt steps: one dequantizing kernel (int4_gemv.dequant_blocked) then a dense product -----------------
 _DEQUANT_SCRIPT = INTERPRETER_SETUP + textwrap.dedent("""
     import torch

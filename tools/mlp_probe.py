@@ -62,11 +62,12 @@ def probe(fmt: str, batch: int) -> dict:
         case("rms_norm", lambda: rms_norm(h, groups[0]["post_norm"], cfg.rms_norm_eps), 0)
         case("silu_mul", lambda: silu_mul(*gu.chunk(2, dim=-1)), 0)
         case("gate_up alone", [lambda w=w: linear(h, w["gate_up"]) for w in groups], gub)
-        case("gate_up with the norm", [lambda w=w: linear_fused(h, w["gate_up"], norm=norm(w)) for w in groups], gub)
+        case("gate_up with the norm (linear_fused)", [lambda w=w: fused_or_apart(h, w["gate_up"], norm=norm(w))
+                                                      for w in groups], gub)
         case("down alone", [lambda w=w: linear(act, w["down"]) for w in groups], db)
         case("down + residual", [lambda w=w: linear(act, w["down"], residual=h) for w in groups], db)
-        case("down with silu + residual", [lambda w=w: linear_fused(gu, w["down"], silu=True, residual=h)
-                                           for w in groups], db)
+        case("down with silu + residual (linear_fused)",
+             [lambda w=w: fused_or_apart(gu, w["down"], silu=True, residual=h) for w in groups], db)
         if fmt == "int4":
             int4_cases(case, groups, h, gu, act, norm, gub, db)
             attn_cases(case, cfg, policy, h)
@@ -75,26 +76,30 @@ def probe(fmt: str, batch: int) -> dict:
     return dict(group_MB=g.nbytes / 1e6, copies=copies, cases=res)
 
 
+def fused_or_apart(x, w, norm=None, silu=False, residual=None):
+    """linear_fused where the format takes the call, else the steps apart (as models/llama.mlp_rows runs them)."""
+    out = linear_fused(x, w, norm=norm, silu=silu, residual=residual)
+    if out is not None:
+        return out
+    if norm is not None:
+        x = rms_norm(x, *norm)
+    if silu:
+        x = silu_mul(*x.chunk(2, dim=-1))
+    return linear(x, w, residual=residual)
+
+
 def int4_cases(case, groups, h, gu, act, norm, gub, db) -> None:
-    """The NVRTC row kernel's block shapes and software pipelining, plain and with its prologues."""
+    """The NVRTC row kernel at two block shapes, plain and with its prologues fused."""
     def row(x, w, **kw):
         return int4_cuda.int4_gemv_row(x, w.parts["w"], w.parts["scales_and_zeros"], **kw)
-    w0 = groups[0]
-    same = {name: torch.equal(fn(False), fn(True)) for name, fn in {
-        "gate_up": lambda p: row(h, w0["gate_up"], pipe=p),
-        "gate_up with the norm": lambda p: row(h, w0["gate_up"], norm=norm(w0), pipe=p),
-        "down with silu + residual": lambda p: row(gu, w0["down"], silu=True, residual=h, pipe=p)}.items()}
-    print("pipelined == plain, bitwise:", same, flush=True)
-    for pipe in (False, True):
-        for rows, threads in ((4, 64), (4, 128), (8, 64), (8, 128), (16, 256)):
-            tag = f"r{rows} t{threads}{' pipe' if pipe else ''}"
-            kw = dict(rows=rows, max_threads=threads, pipe=pipe)
-            case(f"gate_up alone {tag}", [lambda w=w: row(h, w["gate_up"], **kw) for w in groups], gub)
-            case(f"down + residual {tag}", [lambda w=w: row(act, w["down"], residual=h, **kw) for w in groups], db)
-        kw = dict(pipe=pipe)
-        case(f"gate_up with the norm{' pipe' if pipe else ''}",
-             [lambda w=w: row(h, w["gate_up"], norm=norm(w), **kw) for w in groups], gub)
-        case(f"down with silu + residual{' pipe' if pipe else ''}",
+    for rows, threads in ((4, 64), (8, 128)):
+        kw = dict(rows=rows, max_threads=threads)
+        case(f"gate_up alone r{rows} t{threads}", [lambda w=w: row(h, w["gate_up"], **kw) for w in groups], gub)
+        case(f"down + residual r{rows} t{threads}", [lambda w=w: row(act, w["down"], residual=h, **kw)
+                                                     for w in groups], db)
+        case(f"gate_up with the norm r{rows} t{threads}", [lambda w=w: row(h, w["gate_up"], norm=norm(w), **kw)
+                                                           for w in groups], gub)
+        case(f"down with silu + residual r{rows} t{threads}",
              [lambda w=w: row(gu, w["down"], silu=True, residual=h, **kw) for w in groups], db)
 
 

@@ -25,12 +25,16 @@ from ..models import llama
 from ..weights.layout import FormatPolicy
 from .calibrate import formats_key, h2d_window, mlp_layout, random_buffer, read_cache, store
 
+GPU_KERNELS = "int4-row-prologues-where-they-pay"   # the GPU products' kernels, in the cache key: a change
+                                                    # measures again
+
 
 def gpu_rate(cfg: ModelConfig, policy: FormatPolicy, batch: int, device: torch.device, use_cache: bool = True,
              repeats: int = 7, calls: int = 10) -> float:
     """Bytes/s of one MLP group computed by the GPU at `batch` rows (weights resident), measured once and cached."""
     g = mlp_layout(cfg, policy)
-    key = "|".join(map(str, ("gpu", torch.cuda.get_device_name(device), torch.__version__, formats_key(g),
+    key = "|".join(map(str, ("gpu", torch.cuda.get_device_name(device), torch.__version__, GPU_KERNELS,
+                             formats_key(g),
                              policy.compute_dtype, cfg.hidden_size, cfg.intermediate_size, batch)))
     cache = read_cache() if use_cache else {}
     if key in cache:

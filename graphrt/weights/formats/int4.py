@@ -186,7 +186,8 @@ class Int4:
                      norm: tuple | None = None, silu: bool = False, residual: torch.Tensor | None = None,
                      rope=None) -> torch.Tensor | None:
         """The product with its neighbours in one kernel (base.linear_fused says what each means) where a kernel
-        takes the call: the NVRTC kernel (blocked packing, 1..4 rows on CUDA), or on the CPU graphrt's C++ kernel
+        takes the call: the NVRTC kernel (blocked packing, 1..4 rows on CUDA, prologues where they pay:
+        int4_cuda.prologue_pays), or on the CPU graphrt's C++ kernel
         (blocked packing, 1..16 rows, norm or silu, residual; no bias or RoPE); else None."""
         w, sz = parts["w"], parts["scales_and_zeros"]
         if self.packing == "blocked" and x.device.type == "cpu":
@@ -194,6 +195,8 @@ class Int4:
                 return None
             return int4_cpu.int4_gemv(x, w, sz, norm=norm, silu=silu, residual=residual)
         if self.packing != "blocked" or x.device.type != "cuda" or not int4_cuda.supports(x, w, sz, norm, silu, rope):
+            return None
+        if not int4_cuda.prologue_pays(w, norm, silu):   # large products: the norm / silu_mul apart is faster
             return None
         lead = x.shape[:-1]
         if residual is not None and not (residual.is_contiguous() and residual.dtype == x.dtype

@@ -34,19 +34,25 @@ from .int4_cuda_source import SOURCE
 
 ROWS = 4                    # rows per block (tools/int4_row_sweep.py: 4 beat 8 and 16 on the H100)
 MAX_THREADS = 64            # threads per block (the sweep: 64 beat 128 at every 8B decode shape; up to 256)
-PIPE = False                # load the next chunk before this one's products (tools/mlp_probe.py measures both)
 MAX_INPUTS = 4              # input rows one launch takes (each weight load serves all of them)
+# The prologues (NORM, SILU) are redone by every block over all K inputs, so they cost a share of the product at
+# any size, while fusing saves one launch (about 1.2-1.6 us in a graph). tools/mlp_probe.py on the H100, 8B shapes
+# (docs/results/2026-11-26-h100-mlp-probe-e24f76f.json): down 4096 x 14336 with silu fused 26.2 us against silu_mul
+# 1.2 + product 15.9 apart; gate_up 28672 x 4096 with the norm 30.5 against 1.6 + 26.8; qkv 6144 x 4096 with the
+# norm (and RoPE) 11.3 against 1.6 + 9.4. At the default model's shapes fusing saves about 1 us a product
+# (tools/int4_fused_probe.py). So a prologue is fused up to this many weights (N x K):
+PROLOGUE_MAX_WEIGHTS = {"silu": 8 << 20, "norm": 40 << 20}
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(dtype: torch.dtype, device_index: int, rows: int = ROWS, inputs: int = 1, norm: bool = False,
-            silu: bool = False, rope: bool = False, pipe: bool = False):
+            silu: bool = False, rope: bool = False):
     major, minor = torch.cuda.get_device_capability(device_index)
     source = SOURCE
     for name, value in (("XT", _DTYPES[dtype]), ("ROWS", rows), ("MR", inputs), ("NORM", int(norm)),
-                        ("SILU", int(silu)), ("ROPE", int(rope)), ("PIPE", int(pipe))):
+                        ("SILU", int(silu)), ("ROPE", int(rope))):
         source = source.replace(f"__{name}__", str(value))
     with torch.cuda.device(device_index):
         try:
@@ -66,6 +72,13 @@ def available(device_index: int = 0) -> bool:
         return True
     except Exception:       # no NVRTC library, or an unsupported device: the Triton kernel serves instead
         return False
+
+
+def prologue_pays(w: torch.Tensor, norm: tuple | None = None, silu: bool = False) -> bool:
+    """Whether fusing the asked prologues beats running them apart, for the blocked matrix w [N, K/2]."""
+    weights = w.shape[0] * w.shape[1] * 2
+    return not ((silu and weights > PROLOGUE_MAX_WEIGHTS["silu"])
+                or (norm is not None and weights > PROLOGUE_MAX_WEIGHTS["norm"]))
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
@@ -98,7 +111,7 @@ def supports(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor, n
 def int4_gemv_row(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tensor,
                   bias: torch.Tensor | None = None, *, rows: int = ROWS, max_threads: int = MAX_THREADS,
                   residual: torch.Tensor | None = None, norm: tuple | None = None, silu: bool = False,
-                  rope=None, pipe: bool = PIPE) -> torch.Tensor:
+                  rope=None) -> torch.Tensor:
     """x [..., K] (1..MAX_INPUTS rows in all) times the blocked int4 matrix (w uint8 [N, K/2], scales_and_zeros bf16
     [K/G, N, 2]) transposed (+ bias [N]) (+ residual [..., N], contiguous, x's dtype: added in float32 before the
     one rounding) -> [..., N] in x's dtype. Call `supports` first. Fused around the product (int4_cuda_source.py):
@@ -112,7 +125,7 @@ def int4_gemv_row(x: torch.Tensor, w: torch.Tensor, scales_and_zeros: torch.Tens
     inputs = x1.numel() // (2 * k if silu else k)
     lead = x.shape[:-1]
     threads = min(max_threads, max(32, -(-(k // 32) // 32) * 32))
-    kernel = _kernel(x.dtype, x.device.index or 0, rows, inputs, norm is not None, silu, rope is not None, pipe)
+    kernel = _kernel(x.dtype, x.device.index or 0, rows, inputs, norm is not None, silu, rope is not None)
     b = bias.contiguous() if bias is not None else x1
     res = residual if residual is not None else x1
     nw, eps_bits = (norm[0], struct.unpack("<i", struct.pack("<f", norm[1]))[0]) if norm is not None else (x1, 0)

@@ -9,7 +9,6 @@
           activation type: here neither is rounded, a difference of the order of that rounding)
     SILU  prologue: x is [MR, 2K] (a stacked gate | up product) and the input is round(round(silu(g)) * u), as
           models/fused.silu_mul rounds it (fast exp and division, as Triton's)
-    PIPE  1: each thread loads its next chunk before computing this one (software pipelining)
     ROPE  epilogue: the matrix is a stacked [q | k | v] projection of heads of D columns. A block owns the rows
           j, j + 1, j + D/2, j + D/2 + 1 of one head (two rotary pairs), rounds the products to XT as the plain
           linear would, then rotates q and k rows as models/fused.rope_append does (each product and the sum
@@ -24,7 +23,6 @@ SOURCE = r"""
 #define NORM __NORM__
 #define SILU __SILU__
 #define ROPE __ROPE__
-#define PIPE __PIPE__
 #if XT == 2
 typedef float xt;
 #else
@@ -220,27 +218,12 @@ extern "C" __global__ void int4_gemv_row(const xt* __restrict__ x, const uint4* 
     for (int m = 0; m < MR; ++m)
         #pragma unroll
         for (int r = 0; r < ROWS; ++r) acc[m][r] = 0.0f;
-    // PIPE: the next chunk's weights and scales are loaded before this one's products (twice the bytes in flight
-    // per thread, the loads' latency hidden behind the arithmetic)
     uint4 q[ROWS];
     unsigned int s_lo[ROWS], s_hi[ROWS];
-    int c = threadIdx.x;
-    if (c < chunks) load_chunk(w, sz, rows, c, chunks, N, group, q, s_lo, s_hi);
-    while (c < chunks) {
-        const int next = c + blockDim.x;
-#if PIPE
-        uint4 qn[ROWS];
-        unsigned int sn_lo[ROWS], sn_hi[ROWS];
-        if (next < chunks) load_chunk(w, sz, rows, next, chunks, N, group, qn, sn_lo, sn_hi);
-#endif
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        // (loading the next chunk before this one's products was slower on the H100: tools/mlp_probe.py at e24f76f)
+        load_chunk(w, sz, rows, c, chunks, N, group, q, s_lo, s_hi);
         accumulate(x, nw, ss, K, c, q, s_lo, s_hi, acc);
-#if PIPE
-        #pragma unroll
-        for (int r = 0; r < ROWS; ++r) { q[r] = qn[r]; s_lo[r] = sn_lo[r]; s_hi[r] = sn_hi[r]; }
-#else
-        if (next < chunks) load_chunk(w, sz, rows, next, chunks, N, group, q, s_lo, s_hi);
-#endif
-        c = next;
     }
     #pragma unroll
     for (int m = 0; m < MR; ++m)
