@@ -32,10 +32,11 @@ def add_plan_flags(p: argparse.ArgumentParser, positive, number, size) -> None:
                    "weights and KV cache on its own --gpu-budget and PCIe link); all-reduce time is not modelled")
     p.add_argument("--stream-unit", choices=["auto", "layer", "attn_mlp"], default="auto",
                    help="streamed group: whole layers, attention/MLP halves, or the faster of both (default)")
-    p.add_argument("--placement", choices=["auto", "first", "last", "spread", "lane", "lane-split"], default="auto",
-                   help="which plans to compare: all (default), resident layers first / last / spread, or with "
-                   "--cpu-rate the CPU lane's plans with whole MLPs on the CPU (lane) or MLPs split between the GPU "
-                   "and the CPU (lane-split)")
+    p.add_argument("--placement", choices=["auto", "first", "last", "spread", "lane", "lane-split", "lane-beside"],
+                   default="auto", help="which plans to compare: all (default), resident layers first / last / "
+                   "spread, or with --cpu-rate the CPU lane's plans with whole MLPs on the CPU (lane), MLPs split "
+                   "between the GPU and the CPU (lane-split), or every MLP split, its CPU rows computed beside its "
+                   "resident GPU rows (lane-beside)")
 
 
 def _model(path: Path, dtype: torch.dtype | None, quantization: str | None):

@@ -181,8 +181,9 @@ class RuntimeOptions:
     gpu_budget: int | str | None = None     # bytes, "12GiB"; None: all free device memory minus a margin
     ring_depth: int = 3                     # N static weight slots for streamed groups
     stream_unit: str = "auto"               # "layer", "attn_mlp" (predecessor's split) or "auto"
-    placement: str = "auto"                 # "auto" | "first" | "last" | "spread" | "lane" | "lane-split" (the CPU
-                                            # lane's plans: whole MLPs, MLPs split with the GPU; plan/lanes.py)
+    placement: str = "auto"                 # "auto" | "first" | "last" | "spread" | "lane" | "lane-split" |
+                                            # "lane-beside" (the CPU lane's plans: whole MLPs, MLPs split with the
+                                            # GPU, every MLP split beside its resident rows; plan/lanes.py)
     prefill_chunk: int | None = None        # prompt tokens per prefill step (one pass over streamed weights);
                                             # None: the most the memory left after placement holds, >= 256
     progress: bool | None = None            # progress bar on loads; None: when stderr is a terminal
@@ -214,8 +215,9 @@ class RuntimeOptions:
             raise ConfigError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.stream_unit not in ("auto", "layer", "attn_mlp"):
             raise ConfigError(f"stream_unit must be 'auto', 'layer' or 'attn_mlp', got {self.stream_unit!r}")
-        if self.placement not in ("auto", "first", "last", "spread", "lane", "lane-split"):
-            raise ConfigError(f"placement must be auto, first, last, spread, lane or lane-split, got {self.placement!r}")
+        if self.placement not in ("auto", "first", "last", "spread", "lane", "lane-split", "lane-beside"):
+            raise ConfigError(f"placement must be auto, first, last, spread, lane, lane-split or lane-beside, got "
+                              f"{self.placement!r}")
         if self.placement.startswith("lane") and not self.cpu_lane:
             raise ConfigError(f"placement {self.placement} computes MLPs on the CPU lane; set cpu_lane=True (--cpu-lane)")
         if self.gpu_budget is not None:

@@ -43,7 +43,8 @@ def plan_runtime(cfg: ModelConfig, o: RuntimeOptions, policy: FormatPolicy, sour
         budget = 1 << 62  # CPU: everything resident unless a budget asks for streaming
     cost = CostModel(o.h2d_bandwidth, o.hbm_bandwidth)
     if o.cpu_lane:   # what reaching the CPU costs a group in a captured step (checked here, before weights load)
-        cost = replace(cost, cpu_overhead=NODE_COST[node_kind(device, o.lane_nodes)])
+        kind = node_kind(device, o.lane_nodes)
+        cost = replace(cost, cpu_overhead=NODE_COST[kind], lane_beside=kind == "signal" or device.type == "cpu")
     cpu_policy, factor = None, 1.0
     if o.cpu_lane:   # the CPU lane's groups are stored in the CPU's formats (e.g. int4 in its kernel's packing)
         cpu_policy = weight_policy(source, o.quantization, dtype, torch.device("cpu"))

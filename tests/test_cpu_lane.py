@@ -112,7 +112,7 @@ def test_a_measured_gpu_rate_prices_the_gpu_compute_of_lane_plans():
     default, slow = plan(), plan(gpu_rate=1.5e12)
     assert default.prediction.step_time == plan(gpu_rate=3.0e12).prediction.step_time
     assert slow.cpu and slow.prediction.step_time > default.prediction.step_time
-    g = next(x for x in slow.groups if x.name in slow.resident and x.kind == "mlp")
+    g = next(x for x in slow.groups if x.name in slow.resident and x.kind in ("mlp", "mlp_gpu"))
     assert CostModel(gpu_rate=1.5e12).compute_time(g) == pytest.approx(g.nbytes / 1.5e12 + 10e-6)
 
 

@@ -119,3 +119,36 @@ def test_copies_and_cpu_groups_share_host_memory_while_both_run():
     assert run((1.0, 2.0), (1.0, 2.0)).step_time == pytest.approx(2.1)       # whole overlap: both at shared speed
     assert run(1.0, (1.0, 2.0)).step_time == pytest.approx(1.1)             # a plain duration shares nothing
     assert run((1.0, 2.0), 1.0).host_compute == 0.0
+
+
+def test_a_cpu_group_beside_its_gpu_part_runs_while_the_gpu_part_does():
+    """mlp:cpu beside mlp:gpu: posted before the GPU part, computed on the lane stream while it runs, and joined by
+    its own op (which waits for the lane's answer): the pair costs max(GPU, CPU), not their sum; no hazards."""
+    groups, streamed = ["attn.0", "mlp.0:gpu", "mlp.0:cpu", "attn.1", "head"], {"attn.1"}
+    times = {"attn.0": 0.1, "mlp.0:gpu": 0.4, "mlp.0:cpu": 1.0, "attn.1": 0.1, "head": 0.1}
+
+    def run(beside):
+        plans = build_plans(groups, streamed, 2, beside)
+        compute = lambda g: 0.0 if g in beside else times[g]  # noqa: E731 (the join only adds)
+        return plans, simulate(plans, build_prologue(groups, streamed, 2), steps=6, copy_time=lambda g: 0.2,
+                               compute_time=compute, lane_time=lambda g: times[g])
+    plans, beside = run(frozenset({"mlp.0:cpu"}))
+    _, apart = run(frozenset())
+    assert beside.ok and apart.ok
+    assert apart.step_time == pytest.approx(1.7) and beside.step_time == pytest.approx(1.3)
+    assert beside.host_compute == 0.0 and beside.compute_stall == 0.0   # plain durations: not host-memory readers
+    ops = [(op.stream, op.kind, op.group) for op in plans[0].ops if op.group in ("mlp.0:gpu", "mlp.0:cpu")]
+    assert ops == [("lane", "compute", "mlp.0:cpu"), ("compute", "compute", "mlp.0:gpu"),
+                   ("compute", "compute", "mlp.0:cpu")]
+    with pytest.raises(ValueError, match="resident"):   # a streamed GPU part cannot be waited for before the post
+        build_plans(groups, streamed | {"mlp.0:gpu"}, 2, frozenset({"mlp.0:cpu"}))
+
+
+def test_the_lane_takes_host_memory_beside_copies_on_its_own_stream():
+    """A lane-stream group that reads host memory (alone, shared) slows beside a copy, like a compute-stream one."""
+    groups, streamed = ["mlp.0:gpu", "mlp.0:cpu", "attn.1"], {"attn.1"}
+    beside = frozenset({"mlp.0:cpu"})
+    r = simulate(build_plans(groups, streamed, 2, beside), build_prologue(groups, streamed, 2), steps=6,
+                 copy_time=lambda g: (0.5, 1.0), compute_time=lambda g: 0.0 if g in beside else 0.1,
+                 lane_time=lambda g: (1.0, 2.0))
+    assert r.ok and r.host_compute > 1.0    # slowed while the next step's copy ran beside it

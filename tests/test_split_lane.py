@@ -173,16 +173,49 @@ def test_split_lane_runtime_tracks_all_resident(split_model, quantization, home)
     ref.close()
 
 
+@pytest.mark.parametrize("quantization", [None, "int4"])
+def test_lane_beside_runtime_tracks_all_resident(split_model, quantization):
+    """placement lane-beside splits every MLP: its first rows resident, the rest on the CPU lane, posted before the
+    resident rows (a lane op in each decode plan) and joined after them. On the CPU the lane is a direct call: the
+    logits are the all-resident runtime's up to the order of the sum, and the greedy tokens the same."""
+    ids = torch.randint(3, 256, (2, 11), generator=torch.Generator().manual_seed(3))
+    kw = dict(device="cpu", max_batch_size=2, max_seq_len=64, quantization=quantization, stream_unit="attn_mlp")
+    ref = Runtime.from_pretrained(split_model, **kw)
+    rt = Runtime.from_pretrained(split_model, **kw, gpu_budget=half_budget(ref.placement), cpu_lane=True,
+                                 placement="lane-beside", cpu_rate=50e9, h2d_bandwidth=20e9)
+    p = rt.placement
+    layers = rt.config.num_layers
+    assert p.strategy == "lane-beside+cpu" and len(p.split) == layers, p.describe()
+    assert p.beside == {f"mlp.{i}:cpu" for i in range(layers)} and {f"mlp.{i}:gpu" for i in range(layers)} <= p.resident
+    lane_ops = [op.group for op in rt.engine.plans[0].ops if op.stream == "lane"]
+    assert lane_ops == [f"mlp.{i}:cpu" for i in range(layers)]
+    starts = []
+    start = rt.engine.cpu_lane.start
+    rt.engine.cpu_lane.start = lambda h, fn: starts.append(tuple(h.shape)) or start(h, fn)
+    got, want = rt.logits(ids), ref.logits(ids)
+    tolerance = {"int4": 1e-4}.get(quantization, 1e-5)   # int4: the CPU kernel's float32 sums
+    assert ((got - want).abs().max() / want.abs().max()).item() < tolerance
+    assert rt.generate(ids, 8).equal(ref.generate(ids, 8))
+    decode = [s for s in starts if s[1] == 1]
+    assert decode and len(decode) % layers == 0                           # every decode step posts each layer
+    rt.close()
+    ref.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("quantization", [None, "int4"])
-def test_cuda_split_lane_graph_equals_eager_and_tracks_all_gpu(split_model, quantization):
+@pytest.mark.parametrize("quantization,placement", [(None, "lane-split"), ("int4", "lane-split"),
+                                                    (None, "lane-beside"), ("int4", "lane-beside")])
+def test_cuda_split_lane_graph_equals_eager_and_tracks_all_gpu(split_model, quantization, placement):
+    """lane-beside: the GPU computes each layer's resident rows while the CPU computes the others (signalled
+    nodes), in the graph and eagerly alike."""
     kw = dict(device="cuda", dtype="bfloat16", max_seq_len=128, stream_unit="attn_mlp", quantization=quantization)
     ref = Runtime.from_pretrained(split_model, **kw)
     budget = half_budget(ref.placement)
-    rt = Runtime.from_pretrained(split_model, **kw, gpu_budget=budget, cpu_lane=True, placement="lane-split",
+    rt = Runtime.from_pretrained(split_model, **kw, gpu_budget=budget, cpu_lane=True, placement=placement,
                                  cpu_rate=50e9, h2d_bandwidth=20e9, cpu_threads=2)
     assert rt.placement.split, rt.placement.describe()
+    assert bool(rt.placement.beside) == (placement == "lane-beside"), rt.placement.describe()
     ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(2))
     eager = rt.generate(ids, 32, use_graph=False)
     graph = rt.generate(ids, 32, use_graph=True)
@@ -193,3 +226,23 @@ def test_cuda_split_lane_graph_equals_eager_and_tracks_all_gpu(split_model, quan
     assert rel < 2e-2, rel
     rt.close()
     ref.close()
+
+
+def test_planner_puts_every_mlp_beside_its_resident_rows_where_the_lane_lets_the_gpu_go_on():
+    """The 8B shape at the versus benchmark's bf16 split budget and the H100's rates (docs/results, 7cb4389): every
+    MLP split, its CPU rows beside its resident rows, predicts a shorter step with the CPU busier than the best
+    split where the GPU waits for the lane; host nodes (lane_beside False) hold the compute stream, so no plan
+    counts on it there."""
+    from graphrt.plan.placement import plan_placement
+    from test_cpu_lane import CFG_8B
+    rates = dict(h2d_bandwidth=54.6e9, cpu_rate=107.2e9, cpu_rate_alone=120.6e9, h2d_beside_cpu=46.1e9,
+                 gpu_rate=2.86e12)
+    budget = int(6.78 * 2**30)
+    plan = lambda strategy, **kw: plan_placement(CFG_8B, budget, 3, 1, 512, torch.bfloat16,  # noqa: E731
+                                                 strategy=strategy, cost=CostModel(**rates, **kw))
+    best, split = plan("auto"), plan("lane-split")
+    assert best.strategy == "lane-beside+cpu" and len(best.beside) == CFG_8B.num_layers, best.describe()
+    assert best.prediction.step_time < 0.98 * split.prediction.step_time and best.cpu_busy > split.cpu_busy + 0.05
+    held = plan("auto", lane_beside=False)
+    assert not held.beside and held.strategy != "lane-beside+cpu"
+    assert held.prediction.step_time > best.prediction.step_time

@@ -25,7 +25,7 @@ def build_engine(source, p: Placement, cfg: ModelConfig, opts: RuntimeOptions, d
                             shard, p.prompt_streamed, opts.copy_mode, opts.max_batch_size, pieces)
     names, streamed = [g.name for g in p.groups], set(p.streamed)
     prompt, prompt_names = streamed | p.prompt_streamed | set(pieces), [g.name for g in prompt_order]
-    return Engine(cfg, opts, store, build_plans(names, streamed, opts.ring_depth),
+    return Engine(cfg, opts, store, build_plans(names, streamed, opts.ring_depth, p.beside),
                   build_prologue(names, streamed, opts.ring_depth), dtype, comm,
                   shard.vocab[0] if shard is not None else 0,
                   (build_plans(prompt_names, prompt, opts.ring_depth),

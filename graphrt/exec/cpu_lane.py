@@ -29,6 +29,7 @@ import ctypes
 import itertools
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -117,6 +118,15 @@ def node_kind(device: torch.device, nodes: str = "auto") -> str:
     return "signal" if signal else "host"
 
 
+@dataclass
+class LaneTicket:
+    """A group posted to the CPU lane (CpuLane.start): its result where it is known already, else the staging the
+    CPU writes (and the request's key, signalled)."""
+    out: torch.Tensor | None = None
+    key: int = 0
+    staged: torch.Tensor | None = None
+
+
 class CpuLane:
     """Runs `fn(h)` for CPU-lane groups: h [..., hidden] on the step's device -> fn's result on that device."""
 
@@ -169,10 +179,16 @@ class CpuLane:
             self.stage_in, self.stage_out = self._staging(tokens * self.hidden), self._staging(tokens * self.hidden)
 
     def run(self, h: torch.Tensor, fn: HostFn) -> torch.Tensor:
+        """fn(h) on the CPU, the compute stream waiting for it."""
+        return self.finish(self.start(h, fn))
+
+    def start(self, h: torch.Tensor, fn: HostFn) -> "LaneTicket":
+        """Post fn(h) to the CPU; with signalled nodes the compute stream goes on (work issued before `finish`
+        runs while the CPU computes). Eagerly, on the CPU and with host nodes it is computed here and then."""
         if not self.cuda:
-            return fn(h)
+            return LaneTicket(out=fn(h))
         if not torch.cuda.is_current_stream_capturing():
-            return fn(h.to("cpu")).to(self.device)
+            return LaneTicket(out=fn(h.to("cpu")).to(self.device))
         n = h.numel()
         if n > self.stage_in.numel():
             raise RuntimeError(f"CPU-lane staging holds {self.stage_in.numel()} values, the step needs {n}")
@@ -194,11 +210,19 @@ class CpuLane:
         if self.nodes == "signal":
             src = h.contiguous()
             self.server.post(x, src if src.data_ptr() % 16 == 0 else src.clone(), key)   # D2H, then the request
-            self.server.wait(key)                             # a kernel polls for the answer
-        else:
-            self._copy(x, h.contiguous())                     # D2H (a kernel node, or a memcpy node)
-            launch_host_func(torch.cuda.current_stream(self.device), key)   # host node
-        out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+            return LaneTicket(key=key, staged=y)
+        self._copy(x, h.contiguous())                         # D2H (a kernel node, or a memcpy node)
+        launch_host_func(torch.cuda.current_stream(self.device), key)   # host node: the stream waits here
+        return LaneTicket(staged=y)
+
+    def finish(self, ticket: "LaneTicket") -> torch.Tensor:
+        """The posted group's result on the step's device (signalled: a kernel polls for the CPU's answer)."""
+        if ticket.out is not None:
+            return ticket.out
+        if ticket.key:
+            self.server.wait(ticket.key)
+        y = ticket.staged
+        out = torch.empty(y.shape, dtype=y.dtype, device=self.device)
         self._copy(out, y)                                   # H2D
         return out
 

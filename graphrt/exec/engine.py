@@ -15,7 +15,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig, RuntimeOptions, context_bucket
 from ..models import llama
-from ..plan.schedule import StepPlan
+from ..plan.schedule import LANE, StepPlan
 from ..weights.store import WeightStore
 from .comm import Comm
 from .cpu_lane import CpuLane
@@ -85,7 +85,7 @@ class Engine:
         switches (the prologue's copies wait for every earlier compute, so the slots are free)."""
         prompt = prompt and self.prompt_plans is not None
         if self.ring_cold or prompt != self.prompt_mode:
-            self.executor.run(self.prompt_plans[1] if prompt else self.prologue, lambda g, w: None, annotate)
+            self.executor.run(self.prompt_plans[1] if prompt else self.prologue, lambda g, w, s: None, annotate)
             self.ring_cold, self.ring_step, self.prompt_mode = False, 0, prompt
 
     def forward_step(self, ids: torch.Tensor, positions: torch.Tensor, ctx_len: int,
@@ -115,8 +115,13 @@ class Engine:
         reduce = self.comm.all_reduce if self.comm is not None else None
         gather = self.comm.all_gather_last if self.comm is not None else None
 
-        def compute(group: str, w: dict) -> None:
+        def compute(group: str, w: dict, stream: str = "compute") -> None:
             layout = self.store.layouts[group]
+            if stream == LANE:   # a split MLP's CPU rows, posted before its GPU rows (which then run beside them)
+                gpu = self.store.views(group.replace(":cpu", ":gpu"))   # the resident GPU part holds the norm
+                act["mlp_x"] = x = llama.mlp_input(act["h"], gpu, cfg)
+                act["lane"] = self.cpu_lane.start(x, lambda x: llama.mlp_rows(x, w))
+                return
             if layout.kind == "embed":
                 act["h"] = llama.embed_forward(ids, w, self.dtype, self.vocab_start, reduce)
             elif layout.kind in ("layer", "attn"):
@@ -128,12 +133,19 @@ class Engine:
                 act["h"] = self.cpu_lane.run(act["h"], lambda x: llama.mlp_forward(x, w, cfg))
             elif layout.kind == "mlp":
                 act["h"] = llama.mlp_forward(act["h"], w, cfg, reduce)
+            elif layout.kind == "mlp_gpu" and "lane" in act:   # its rows while the CPU computes the others
+                act["mlp_first"] = llama.mlp_gpu_rows(act["h"], act["mlp_x"], w, reduce)
             elif layout.kind == "mlp_gpu":   # a split MLP's first part: the norm and its rows, on the GPU
                 act["mlp_x"], act["mlp_first"] = llama.mlp_gpu_part(act["h"], w, cfg, reduce)
             elif layout.kind == "mlp_cpu":   # its other rows: on the CPU lane, or from a slot in prompt steps
                 x = act.pop("mlp_x")
                 lane = group in self.store.cpu and not (prompt and group in self.store.host)
-                second = self.cpu_lane.run(x, lambda x: llama.mlp_rows(x, w)) if lane else llama.mlp_rows(x, w)
+                if "lane" in act:      # posted by its lane op: the answer
+                    second = self.cpu_lane.finish(act.pop("lane"))
+                elif lane:
+                    second = self.cpu_lane.run(x, lambda x: llama.mlp_rows(x, w))
+                else:
+                    second = llama.mlp_rows(x, w)
                 act["h"] = llama.mlp_join(act["h"], act.pop("mlp_first"), second, reduce)
             elif layout.kind == "piece":   # rows of an MLP's matrix (a prompt step streaming a lane group in pieces)
                 piece = self.store.pieces[group]

@@ -6,6 +6,9 @@ copy streams are forked from it and joined back by the plan's begin/end events).
 Two baselines for benchmarks reuse the same plans: `sync_copies` issues every copy on the compute
 stream (no overlap); `split_copy_streams(groups)` puts the copies of those groups on a second copy
 stream (the predecessor runtime's scheme: attention and MLP halves on two streams).
+A "lane" op (a CPU-lane group beside its GPU part, schedule.py) is issued on the compute stream: what it issues there
+posts the group to the CPU (cpu_lane.CpuLane.start); its lane events are the lane's own flags, not CUDA events.
+`compute(group, weights, stream)` gets the op's stream, so the engine tells a lane op from the group's join.
 """
 from __future__ import annotations
 
@@ -15,10 +18,10 @@ from typing import Callable
 import nvtx
 import torch
 
-from ..plan.schedule import Op, StepPlan
+from ..plan.schedule import LANE, Op, StepPlan, is_lane_event
 from ..weights.store import WeightStore
 
-ComputeFn = Callable[[str, dict], None]
+ComputeFn = Callable[[str, dict, str], None]   # (group, its weights, the op's stream: "compute" | "lane")
 
 
 class StepExecutor:
@@ -46,7 +49,7 @@ class StepExecutor:
         return self.events[name]
 
     def _streams(self, op: Op, compute_stream) -> list:
-        if op.stream == "compute" or self.sync_copies:
+        if op.stream in ("compute", LANE) or self.sync_copies:
             return [compute_stream]
         if op.kind == "copy":
             return [self.copy_streams[-1] if op.group in self.second_stream_groups else self.copy_streams[0]]
@@ -68,13 +71,13 @@ class StepExecutor:
                 assert op.stream == "compute" and op.waits == ("end",), op
                 tail()
             for i, stream in enumerate(self._streams(op, compute_stream)):
-                for ev in op.waits:
+                for ev in (w for w in op.waits if not is_lane_event(w)):
                     stream.wait_event(self._event(ev))
                     if ev == "end" and not self.sync_copies:  # join every copy stream
                         for j in range(1, len(self.copy_streams)):
                             stream.wait_event(self._event(f"end@{j}"))
                 self._issue(op, stream, compute, annotate)
-                for ev in op.records:
+                for ev in (r for r in op.records if not is_lane_event(r)):
                     self._event(ev if i == 0 else f"{ev}@{i}").record(stream)
 
     def _issue(self, op: Op, stream, compute: ComputeFn, annotate: bool) -> None:
@@ -89,7 +92,7 @@ class StepExecutor:
                 self.store.copy_to_slot(op.group, op.slot)
         else:
             with nvtx.annotate(op.group, color="blue") if annotate else _null():
-                compute(op.group, self.store.views(op.group, op.slot))
+                compute(op.group, self.store.views(op.group, op.slot), op.stream)
                 if self.poison and op.slot is not None:
                     self.store.ring.poison(op.slot)
         if timed:
@@ -103,6 +106,6 @@ class StepExecutor:
                 self.store.copy_to_slot(op.group, op.slot)
             elif op.kind == "compute":
                 with nvtx.annotate(op.group, color="blue") if annotate else _null():
-                    compute(op.group, self.store.views(op.group, op.slot))
+                    compute(op.group, self.store.views(op.group, op.slot), op.stream)
                 if self.poison and op.slot is not None:
                     self.store.ring.poison(op.slot)

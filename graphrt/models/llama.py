@@ -174,8 +174,18 @@ def mlp_gpu_part(h: torch.Tensor, w: Weights, cfg: ModelConfig,
                  reduce: Reduce = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first part of an MLP split by intermediate rows (the one with the norm): (x = rms_norm(h) [B, T, hidden],
     h + its rows' product; the product alone when a tensor-parallel reduce follows)."""
-    x = rms_norm(h, w["post_norm"], cfg.rms_norm_eps)
-    return x, mlp_rows(x, w, residual=h if reduce is None else None)
+    x = mlp_input(h, w, cfg)
+    return x, mlp_gpu_rows(h, x, w, reduce)
+
+
+def mlp_input(h: torch.Tensor, w: Weights, cfg: ModelConfig) -> torch.Tensor:
+    """A split MLP's normed input (w: its first part, which holds the norm), as mlp_gpu_part makes it."""
+    return rms_norm(h, w["post_norm"], cfg.rms_norm_eps)
+
+
+def mlp_gpu_rows(h: torch.Tensor, x: torch.Tensor, w: Weights, reduce: Reduce = None) -> torch.Tensor:
+    """mlp_gpu_part's product from x = rms_norm(h) made already (the CPU lane took x first: engine.py)."""
+    return mlp_rows(x, w, residual=h if reduce is None else None)
 
 
 def mlp_join(h: torch.Tensor, first: torch.Tensor, second: torch.Tensor, reduce: Reduce = None) -> torch.Tensor:

@@ -28,6 +28,8 @@ class CostModel:
     cpu_overhead: float = NODE_COST["signal"]   # per CPU group beyond its host function (NODE_COST)
     h2d_beside_cpu: float = 0.0      # bytes/s of the copy engine while the CPU lane computes (DRAM is shared); 0:
                                      # h2d_bandwidth
+    lane_beside: bool = True         # a split MLP's CPU rows run beside its resident GPU rows (signalled nodes: the
+                                     # compute stream goes on after posting; a host node holds it)
 
     def copy_time(self, g: GroupLayout) -> float:
         return g.nbytes / self.h2d_bandwidth

@@ -9,8 +9,13 @@ columns; weights/layout.mlp_parts) moves bytes between them in small steps:
     slot; the CPU computes the rest. Bytes move from the CPU to the copy engine.
   - "resident": one resident MLP keeps `c` rows resident and gives the rest to the CPU; the memory this frees holds
     more attention groups resident, which then no longer stream. Bytes move from the copy engine to the CPU.
-The GPU part (norm and its rows, "mlp.i:gpu") runs first; the CPU part ("mlp.i:cpu") reads its normed input, and
-the two products add to the residual. Every candidate is priced by the simulator like any other plan.
+  - "beside" (`beside_candidates`): every MLP keeps its first `c` rows resident and gives the rest to the CPU, the
+    attention groups that fit stay resident and the others stream. Where the lane lets the GPU go on after posting
+    (signalled nodes), the CPU computes a layer's rows while the GPU computes the layer's resident rows, so the CPU
+    is idle only while the GPU runs attention, the head and the lane's round trips, not the resident MLPs.
+The GPU part (norm and its rows, "mlp.i:gpu") runs first, or beside the CPU part where it is resident
+(placement.beside_groups); the CPU part ("mlp.i:cpu") reads its normed input, and the two products add to the
+residual. Every candidate is priced by the simulator like any other plan.
 """
 from __future__ import annotations
 
@@ -115,3 +120,32 @@ def split_candidates(cfg: ModelConfig, policy: FormatPolicy, lane, room: int, ev
         groups = model_groups(cfg, policy, "attn_mlp", split=split)
         resident = (lane.resident - {chosen.name}) | {gpu_part.name, *more}
         yield evaluate(groups, frozenset(resident), lane.cpu | {cpu_part.name}, split)
+
+
+def beside_candidates(cfg: ModelConfig, policy: FormatPolicy, groups: list[GroupLayout], must, room: int,
+                      ring_depth: int, evaluate: Evaluate) -> Iterator:
+    """Placements where every MLP is split: its first `c` rows resident, the rest on the CPU lane; with the ends
+    resident or not and `a` attention groups resident (spread over the depth), c the most rows the rest of `room`
+    holds in every layer."""
+    f, layers = cfg.intermediate_size, cfg.num_layers
+    attns = [g for g in groups if g.kind == "attn"]
+    if f < 2 * ROWS_UNIT or not attns:
+        return
+    ends = [g for g in groups if g.kind in ("embed", "head") and g not in must]
+    unit = _part_bytes(cfg, policy, 0, 2 * ROWS_UNIT) - _part_bytes(cfg, policy, 0, ROWS_UNIT)   # per ROWS_UNIT rows
+    base = _part_bytes(cfg, policy, 0, ROWS_UNIT) - unit                                         # the norm
+    for mask in range(1 << len(ends)):
+        chosen = list(must) + [g for j, g in enumerate(ends) if mask >> j & 1]
+        streamed_ends = [g for g in ends if g not in chosen]
+        slot = max(g.nbytes for g in attns + streamed_ends)
+        for a in range(len(attns) - (0 if streamed_ends else 1), -1, -1):   # something streams
+            kept = spread(attns, a) if a else []
+            left = room - ring_depth * slot - sum(g.nbytes for g in chosen + kept)
+            units = min((left // layers - base) // unit, f // ROWS_UNIT - 1) if left > 0 else 0
+            if units < 1:
+                continue
+            split = {i: units * ROWS_UNIT for i in range(layers)}
+            parts = model_groups(cfg, policy, "attn_mlp", split=split)
+            resident = {g.name for g in chosen + kept} | {g.name for g in parts if g.kind == "mlp_gpu"}
+            cpu = frozenset(g.name for g in parts if g.kind == "mlp_cpu")
+            yield evaluate(parts, frozenset(resident), cpu, split)

@@ -12,7 +12,7 @@ from .cost import CostModel
 from .memory import PREFILL_BASE, essentials, widen_prefill_chunk
 from .schedule import build_plans, build_prologue
 from .simulator import SimResult, simulate
-from .lanes import lane_candidates, spread, split_candidates
+from .lanes import beside_candidates, lane_candidates, spread, split_candidates
 
 
 
@@ -41,6 +41,11 @@ class Placement:
     prompt_streamed: frozenset[str] = frozenset()  # CPU-lane groups that prompt steps stream through the ring
     cost: CostModel | None = field(default=None, compare=False)   # the rates the prediction used
     split: tuple[tuple[int, int], ...] = ()   # (layer, GPU rows) of MLPs split between the GPU and the CPU (lanes.py)
+
+    @property
+    def beside(self) -> frozenset[str]:
+        """CPU-lane groups computed while their GPU part runs (schedule.build_step_plan's `beside`)."""
+        return beside_groups(self.groups, set(self.streamed), self.cpu, self.cost)
 
     @property
     def streamed(self) -> list[str]:
@@ -168,18 +173,23 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
             "or lower max_seq_len / the batch size")
     evaluated = [_evaluate(groups, resident, ring_depth, gpu_budget, fixed, cost, kind)
                  for resident, kind in _candidates(groups, must, gpu_budget - base, ring_depth, strategy)]
-    if cost.cpu_rate > 0 and strategy in ("auto", "lane", "lane-split"):   # the lane's plans: slots for what streams
+    if cost.cpu_rate > 0 and strategy in ("auto", "lane", "lane-split", "lane-beside"):   # the lane's plans
         lanes = [_evaluate_homes(groups, resident, cpu, ring_depth, gpu_budget, fixed, cost, "lane")
                  for resident, cpu in lane_candidates(groups, must, gpu_budget - base, ring_depth)]
 
-        def split(parts, resident, cpu, rows) -> Placement:
-            p = _evaluate_homes(parts, resident, cpu, ring_depth, gpu_budget, fixed, cost, "lane-split")
-            return replace(p, split=tuple(sorted(rows.items())))
+        def split(kind: str):
+            def evaluate(parts, resident, cpu, rows) -> Placement:
+                p = _evaluate_homes(parts, resident, cpu, ring_depth, gpu_budget, fixed, cost, kind)
+                return replace(p, split=tuple(sorted(rows.items())))
+            return evaluate
         best = sorted(lanes, key=lambda p: p.prediction.step_time)[:2]   # MLPs split between the two lanes
-        splits = [c for p in best for c in split_candidates(cfg, policy, p, gpu_budget - base, split)]
-        evaluated += {"auto": lanes + splits, "lane": lanes, "lane-split": splits}[strategy]
+        splits = [c for p in best for c in split_candidates(cfg, policy, p, gpu_budget - base, split("lane-split"))]
+        besides = list(beside_candidates(cfg, policy, groups, must, gpu_budget - base, ring_depth,
+                                         split("lane-beside"))) if cost.lane_beside else []
+        evaluated += {"auto": lanes + splits + besides, "lane": lanes, "lane-split": splits,
+                      "lane-beside": besides}[strategy]
     if not evaluated and strategy.startswith("lane"):
-        what = "split between the GPU and the CPU lane" if strategy == "lane-split" else "on the CPU lane"
+        what = "on the CPU lane" if strategy == "lane" else "split between the GPU and the CPU lane"
         raise BudgetError(f"placement {strategy}: no plan with MLPs {what} fits gpu_budget {_gib(gpu_budget)} "
                           f"(intermediate_size {cfg.intermediate_size}); use placement auto")
     if not evaluated:
@@ -226,10 +236,23 @@ def _simulate(groups, streamed: set[str], ring_depth: int, cost: CostModel, cpu:
     a lane, copies and CPU groups share host memory: each runs at its rate beside the other while both do)."""
     names = [g.name for g in groups]
     by_name = {g.name: g for g in groups}
-    compute = lambda n: cost.cpu_times(by_name[n]) if n in cpu else cost.compute_time(by_name[n])  # noqa: E731
+    beside = beside_groups(groups, streamed, cpu, cost)
+
+    def compute(n: str):   # a group beside its GPU part: the compute stream only adds its answer
+        return 0.0 if n in beside else cost.cpu_times(by_name[n]) if n in cpu else cost.compute_time(by_name[n])
     copy = (lambda n: cost.copy_times(by_name[n])) if cpu else (lambda n: cost.copy_time(by_name[n]))  # noqa: E731
-    return simulate(build_plans(names, streamed, ring_depth), build_prologue(names, streamed, ring_depth),
-                    copy_time=copy, compute_time=compute, step_overhead=5e-6)
+    return simulate(build_plans(names, streamed, ring_depth, beside), build_prologue(names, streamed, ring_depth),
+                    copy_time=copy, compute_time=compute, step_overhead=5e-6,
+                    lane_time=lambda n: cost.cpu_times(by_name[n]))
+
+
+def beside_groups(groups, streamed: set[str], cpu: frozenset[str], cost: CostModel | None) -> frozenset[str]:
+    """The CPU-lane parts of split MLPs whose GPU part is resident, where the lane lets the GPU go on
+    (cost.lane_beside): each is posted before its GPU part and computed while it runs."""
+    if cost is None or not cost.lane_beside or not cpu:
+        return frozenset()
+    return frozenset(g.name for prev, g in zip(groups, groups[1:]) if g.kind == "mlp_cpu" and g.name in cpu
+                     and prev.kind == "mlp_gpu" and prev.name not in streamed and prev.name not in cpu)
 
 
 def _candidates(groups, must, room: int, ring_depth: int, strategy: str):

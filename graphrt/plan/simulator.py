@@ -7,14 +7,15 @@ latest record of that event issued before the wait. From that happens-before rel
   - every copy into a slot must come after all reads of the slot's previous content;
   - every wait must refer to an event recorded before it.
 Timing runs the same ops event by event: a copy takes bytes / bandwidth, a compute its given time; a copy and a
-CPU-lane group that run at the same time each take their `shared` duration (both read host DRAM).
+CPU-lane group that run at the same time each take their `shared` duration (both read host DRAM). Ops on the "lane"
+stream (a CPU-lane group beside its GPU part) take `lane_time`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .schedule import StepPlan
+from .schedule import StepPlan, is_lane_event
 
 
 @dataclass
@@ -24,7 +25,7 @@ class SimResult:
     copy_busy: float = 0.0            # fraction of the steady-state step the copy engine is busy
     copy_idle: float = 0.0            # seconds per step the copy engine idles
     compute_stall: float = 0.0        # seconds per step the compute stream waits for copies
-    host_compute: float = 0.0         # seconds per step the compute stream waits for the CPU lane's groups
+    host_compute: float = 0.0         # seconds per step the CPU lane's groups take (the CPU's busy time)
     stall_by_group: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -44,7 +45,8 @@ Duration = float | tuple[float, float]   # seconds; or (alone, shared) for an op
 
 def simulate(plans: list[StepPlan], prologue: StepPlan, steps: int = 0,
              copy_time: Callable[[str], Duration] | None = None,
-             compute_time: Callable[[str], Duration] | None = None, step_overhead: float = 0.0) -> SimResult:
+             compute_time: Callable[[str], Duration] | None = None, step_overhead: float = 0.0,
+             lane_time: Callable[[str], Duration] | None = None) -> SimResult:
     steps = steps or max(3, 2 * len(plans) + 1)
     ops = _unroll(plans, prologue, steps)
     S = prologue.num_streamed
@@ -100,11 +102,12 @@ def simulate(plans: list[StepPlan], prologue: StepPlan, steps: int = 0,
             readers.setdefault(content, []).append(i)
     result = SimResult(hazards)
     if copy_time is not None and compute_time is not None:
-        _time(ops, pred_lists, result, copy_time, compute_time, step_overhead)
+        _time(ops, pred_lists, result, copy_time, compute_time, step_overhead, lane_time or compute_time)
     return result
 
 
-def _time(ops, preds: list[list[int]], result: SimResult, copy_time, compute_time, step_overhead: float) -> None:
+def _time(ops, preds: list[list[int]], result: SimResult, copy_time, compute_time, step_overhead: float,
+          lane_time) -> None:
     """Event-driven timing: each stream runs its ops in issue order, an op starts when its stream and the ops it
     waits for are done. An op whose duration is a pair (alone, shared) reads host memory (a host-to-device copy, a
     CPU-lane group): it progresses at 1/shared while another such op runs beside it, else at 1/alone (the copy
@@ -115,7 +118,7 @@ def _time(ops, preds: list[list[int]], result: SimResult, copy_time, compute_tim
         if op.kind == "copy":
             d = copy_time(op.group)
         elif op.kind == "compute":
-            d = compute_time(op.group)
+            d = (lane_time if op.stream == "lane" else compute_time)(op.group)
         else:   # the launch gap between two steps, at the start of each
             d = step_overhead if op.kind == "mark" and op.stream == "compute" and "begin" in op.records else 0.0
         durations.append(d if isinstance(d, tuple) else (d, None))
@@ -181,7 +184,8 @@ def _summarize(ops, start, end, took, durations, result: SimResult) -> None:
         if op.kind == "compute" and durations[i][1] is not None:
             host_compute[t] = host_compute.get(t, 0.0) + took[i]
         ready = end[prev_on[op.stream]] if op.stream in prev_on else 0.0
-        if op.kind == "compute" and start[i] > ready:
+        waits_lane = any(is_lane_event(w) for w in op.waits)   # a lane group's join waits for the CPU
+        if op.kind == "compute" and op.stream == "compute" and not waits_lane and start[i] > ready:
             stall[t] = stall.get(t, 0.0) + start[i] - ready
             if t >= 1:
                 stall_by_group[op.group] = stall_by_group.get(op.group, 0.0) + start[i] - ready
