@@ -12,7 +12,11 @@ columns; weights/layout.mlp_parts) moves bytes between them in small steps:
   - "beside" (`beside_candidates`): every MLP keeps its first `c` rows resident and gives the rest to the CPU, the
     attention groups that fit stay resident and the others stream. Where the lane lets the GPU go on after posting
     (signalled nodes), the CPU computes a layer's rows while the GPU computes the layer's resident rows, so the CPU
-    is idle only while the GPU runs attention, the head and the lane's round trips, not the resident MLPs.
+    is idle only while the GPU runs attention, the head and the lane's round trips, not the resident MLPs. Asked
+    for only (placement "lane-beside"): on the H100 host (docs/results/2026-11-26-session15.md) its 16 smaller CPU
+    groups ran 19% slower per byte than lane-split's 5 for bf16 (about 0.2 ms more per group: a cost per group the
+    cost model does not have yet), so the step was 10% slower than predicted and than lane-split's; for int4 it
+    was 1.5% faster.
 The GPU part (norm and its rows, "mlp.i:gpu") runs first, or beside the CPU part where it is resident
 (placement.beside_groups); the CPU part ("mlp.i:cpu") reads its normed input, and the two products add to the
 residual. Every candidate is priced by the simulator like any other plan.
@@ -149,3 +153,13 @@ def beside_candidates(cfg: ModelConfig, policy: FormatPolicy, groups: list[Group
             resident = {g.name for g in chosen + kept} | {g.name for g in parts if g.kind == "mlp_gpu"}
             cpu = frozenset(g.name for g in parts if g.kind == "mlp_cpu")
             yield evaluate(parts, frozenset(resident), cpu, split)
+
+
+def beside_groups(groups, streamed: set[str], cpu: frozenset[str], cost) -> frozenset[str]:
+    """The CPU-lane parts of split MLPs whose GPU part is resident, where the lane lets the GPU go on
+    (cost.lane_beside): each is posted before its GPU part and computed while it runs."""
+    if cost is None or not cost.lane_beside or not cpu:
+        return frozenset()
+    return frozenset(g.name for prev, g in zip(groups, groups[1:]) if g.kind == "mlp_cpu" and g.name in cpu
+                     and prev.kind == "mlp_gpu" and prev.name not in streamed and prev.name not in cpu)
+
