@@ -10,9 +10,10 @@ import torch
 
 from .config import ModelConfig, RuntimeOptions
 from .exec.cpu_lane import LANE_SPIN_US, node_kind
-from .plan.calibrate import cpu_rate, lane_rates
+from .plan.calibrate import cpu_rate, lane_rates, mlp_layout
 from .plan.cost import NODE_COST, CostModel
 from .plan.gpu_calibrate import lane_gpu_rates
+from .plan.group_cost import group_cost, marginal
 from .plan.in_step import in_step_factor
 from .plan.placement import Placement, plan_placement
 from .weights.formats import int4_cpu
@@ -56,8 +57,12 @@ def plan_runtime(cfg: ModelConfig, o: RuntimeOptions, policy: FormatPolicy, sour
             gpu, h2d = lane_gpu_rates(cfg, policy, o.max_batch_size, device)
             cost = replace(cost, gpu_rate=gpu, h2d_bandwidth=min(cost.h2d_bandwidth, h2d or cost.h2d_bandwidth))
         factor = in_step_factor(cfg, cpu_policy, o.max_batch_size) if cuda and not o.cpu_rate else 1.0
-        cost = replace(cost, cpu_rate=rates.cpu * factor, cpu_rate_alone=rates.cpu_alone * factor,
-                       h2d_beside_cpu=min(rates.h2d_beside, cost.h2d_bandwidth))
+        # a group's cost beyond its bytes (measured where the rates are), and the marginal rates that go with it
+        per_group = group_cost(cfg, cpu_policy, o.max_batch_size) if cuda and not o.cpu_rate else 0.0
+        whole = mlp_layout(cfg, cpu_policy).nbytes
+        cost = replace(cost, cpu_rate=marginal(rates.cpu * factor, whole, per_group),
+                       cpu_rate_alone=marginal(rates.cpu_alone * factor, whole, per_group),
+                       cpu_group_cost=per_group, h2d_beside_cpu=min(rates.h2d_beside, cost.h2d_bandwidth))
 
     def plan(cost: CostModel) -> Placement:
         p = plan_placement(cfg, budget, o.ring_depth, o.max_batch_size, o.max_seq_len, policy,
@@ -73,7 +78,8 @@ def plan_runtime(cfg: ModelConfig, o: RuntimeOptions, policy: FormatPolicy, sour
         return replace(p, groups=tuple(on_cpu.get(g.name, g) for g in p.groups), prompt_streamed=portable)
     p = plan(cost)
     if p.cpu and cuda and not o.cpu_rate:   # the lane's rate at the plan's own working set (a large last-level
-        working = factor * cpu_rate(cfg, cpu_policy, o.max_batch_size, True, groups=len(p.cpu))   # cache serves
-        if abs(working / cost.cpu_rate - 1) > 0.05:   # part); the rate alone scales alike
+        working = marginal(factor * cpu_rate(cfg, cpu_policy, o.max_batch_size, True, groups=len(p.cpu)),  # cache
+                           whole, cost.cpu_group_cost)   # serves part); the rate alone scales alike
+        if abs(working / cost.cpu_rate - 1) > 0.05:
             p = plan(replace(cost, cpu_rate=working, cpu_rate_alone=cost.cpu_rate_alone * working / cost.cpu_rate))
     return RuntimePlan(p, plan, o.prefill_chunk, (cfg, cpu_policy, o.max_batch_size, factor) if o.cpu_lane else None)

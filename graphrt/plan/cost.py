@@ -28,6 +28,9 @@ class CostModel:
     cpu_overhead: float = NODE_COST["signal"]   # per CPU group beyond its host function (NODE_COST)
     h2d_beside_cpu: float = 0.0      # bytes/s of the copy engine while the CPU lane computes (DRAM is shared); 0:
                                      # h2d_bandwidth
+    cpu_group_cost: float = 0.0      # seconds a CPU-lane group takes beyond its bytes at cpu_rate (the kernels'
+                                     # dispatch and ramp, the host function's Python: plan/group_cost.py); with it,
+                                     # cpu_rate is the marginal rate
     lane_beside: bool = True         # a split MLP's CPU rows run beside its resident GPU rows (signalled nodes: the
                                      # compute stream goes on after posting; a host node holds it)
 
@@ -41,11 +44,12 @@ class CostModel:
     def cpu_time(self, g: GroupLayout) -> float:
         """The compute stream waits this long for a group computed on the CPU while copies run beside it (it reads
         its weights once)."""
-        return g.nbytes / self.cpu_rate + self.cpu_overhead
+        return g.nbytes / self.cpu_rate + self.cpu_overhead + self.cpu_group_cost
 
     def cpu_times(self, g: GroupLayout) -> tuple[float, float]:
         """(alone, beside copies) for a group computed on the CPU."""
-        return g.nbytes / (self.cpu_rate_alone or self.cpu_rate) + self.cpu_overhead, self.cpu_time(g)
+        return (g.nbytes / (self.cpu_rate_alone or self.cpu_rate) + self.cpu_overhead + self.cpu_group_cost,
+                self.cpu_time(g))
 
     def compute_time(self, g: GroupLayout) -> float:
         params = g.num_params if g.kind != "embed" else 0  # the embedding reads B rows

@@ -95,7 +95,9 @@ class Placement:
                          f"{(c.h2d_beside_cpu or c.h2d_bandwidth) / 1e9:.1f} GB/s beside it, "
                          f"{c.h2d_bandwidth / 1e9:.1f} alone; GPU products at "
                          f"{(c.gpu_rate or c.hbm_bandwidth) / 1e12:.2f} TB/s)") if c is not None else ""
-                lines.append(f"CPU lane busy {100 * self.cpu_busy:.1f}% of the step{rates}")
+                per_group = f"; {c.cpu_group_cost * 1e6:.0f} us a group beyond its bytes" if c and c.cpu_group_cost \
+                    else ""
+                lines.append(f"CPU lane busy {100 * self.cpu_busy:.1f}% of the step{rates}{per_group}")
         lines.append(f"prefill: chunks of up to {self.prefill_chunk} tokens per row at the full batch, longer for "
                      f"fewer rows (activations "
                      f"{self.memory.get('activations', 0) / gib:.2f} GiB)" +
@@ -187,12 +189,11 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
             return evaluate
         best = sorted(lanes, key=lambda p: p.prediction.step_time)[:2]   # MLPs split between the two lanes
         splits = [c for p in best for c in split_candidates(cfg, policy, p, gpu_budget - base, split("lane-split"))]
-        # every MLP split beside its resident rows: asked for only (lanes.py: the CPU's cost per group, which the
-        # cost model lacks, made its 16 small groups slower than predicted for bf16 on the H100 host)
+        # every MLP split beside its resident rows: priced with the CPU's cost per group (cost.cpu_group_cost)
         besides = list(beside_candidates(cfg, policy, groups, must, gpu_budget - base, ring_depth,
-                                         split("lane-beside"))) if cost.lane_beside and strategy == "lane-beside" \
-            else []
-        evaluated += {"auto": lanes + splits, "lane": lanes, "lane-split": splits, "lane-beside": besides}[strategy]
+                                         split("lane-beside"))) if cost.lane_beside else []
+        evaluated += {"auto": lanes + splits + besides, "lane": lanes, "lane-split": splits,
+                      "lane-beside": besides}[strategy]
     if not evaluated and strategy.startswith("lane"):
         what = "on the CPU lane" if strategy == "lane" else "split between the GPU and the CPU lane"
         raise BudgetError(f"placement {strategy}: no plan with MLPs {what} fits gpu_budget {_gib(gpu_budget)} "
