@@ -14,9 +14,10 @@ columns; weights/layout.mlp_parts) moves bytes between them in small steps:
     (signalled nodes), the CPU computes a layer's rows while the GPU computes the layer's resident rows, so the CPU
     is idle only while the GPU runs attention, the head and the lane's round trips, not the resident MLPs. Asked
     for only (placement "lane-beside"): on the H100 host (docs/results/2026-11-26-session15.md) its 16 smaller CPU
-    groups ran 19% slower per byte than lane-split's 5 for bf16 (about 0.2 ms more per group: a cost per group the
-    cost model does not have yet), so the step was 10% slower than predicted and than lane-split's; for int4 it
-    was 1.5% faster.
+    groups ran 19% slower per byte than lane-split's 5 for bf16 (a cost per group, now measured and priced:
+    plan/group_cost.py), so the step was 10% slower than predicted and than lane-split's (int4: 1.5% faster); and
+    with the cost priced, the plans auto then chose for int8 and bf16 at 4 sequences still ran 7-18% slower than
+    predicted.
 The GPU part (norm and its rows, "mlp.i:gpu") runs first, or beside the CPU part where it is resident
 (placement.beside_groups); the CPU part ("mlp.i:cpu") reads its normed input, and the two products add to the
 residual. Every candidate is priced by the simulator like any other plan.
