@@ -28,8 +28,8 @@ def test_group_cost_is_measured_once_and_cached(tmp_path, monkeypatch):
     cfg = ModelConfig.from_dict(make_config("LlamaForCausalLM", 256, 4096, 1, 4, 2, 512, dtype="bfloat16"))
     policy = FormatPolicy(torch.bfloat16)
     calls = []
-    real = gc._seconds
-    monkeypatch.setattr(gc, "_seconds", lambda *a: calls.append(a[3]) or real(*a))
+    real = gc.time_part
+    monkeypatch.setattr(gc, "time_part", lambda *a: calls.append(a[3]) or real(*a))
     cost = gc.group_cost(cfg, policy, 1, seconds=0.05)
     assert cost >= 0.0 and sorted(calls) == [512, 4096 - 256]      # a small part and a nearly whole one
     assert gc.group_cost(cfg, policy, 1) == cost and len(calls) == 2   # the second load reads the cache

@@ -93,20 +93,11 @@ def test_fused_neighbours_match_the_steps_apart():
     """norm before the product, silu(gate) * up before it, the residual after: against the steps apart, and the
     vector path bitwise equal to the portable one with each neighbour."""
     from graphrt.weights.formats import linear_fused
-    from kernel_cases import neighbour_cases
+    from kernel_cases import check_neighbours
     fmt, parts = _matrix(64, 512, 128)
     w = Weight(fmt, parts, (64, 512))
-    for rows in (1, 3, 16):
-        cases = neighbour_cases(w, rows)
-        for kw, apart in cases:
-            kw = dict(kw)
-            xin = kw.pop("x")
-            fused = linear_fused(xin, w, **kw)
-            assert fused is not None and fused.shape == apart.shape
-            # the input rows round alike; the sum differs only by the residual's one rounding instead of two
-            assert torch.allclose(fused.float(), apart.float(), rtol=2 ** -7, atol=2 ** -7 * apart.abs().max().item())
-            portable = int4_cpu.int4_gemv(xin, parts["w"], parts["scales_and_zeros"], portable=True, **kw)
-            assert torch.equal(fused.view(torch.int16), portable.view(torch.int16))
+    cases = check_neighbours(w, lambda x, **kw: int4_cpu.int4_gemv(x, parts["w"], parts["scales_and_zeros"],
+                                                                   portable=True, **kw))
     # what it does not take: both norm and silu, a bias, float32 rows
     x, nw, res = cases[0][0]["x"], cases[0][0]["norm"][0], cases[2][0]["residual"]
     assert linear_fused(x, w, norm=(nw, 1e-5), silu=True) is None

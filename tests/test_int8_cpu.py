@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from graphrt.weights.formats import Int8, Weight, for_cpu, int4_cpu, int8_cpu, linear, linear_fused
-from kernel_cases import neighbour_cases
+from kernel_cases import check_neighbours
 
 needs_kernel = pytest.mark.skipif(not int8_cpu.available(), reason=f"graphrt's CPU kernels (AVX512): "
                                   f"{int4_cpu.why_unavailable() or 'off'}")
@@ -71,18 +71,8 @@ def test_fused_neighbours_match_the_steps_apart():
     """norm before the product, silu(gate) * up before it, the residual after (the MLP's three products on the lane)."""
     fmt, parts = _matrix(64, 512)
     w = Weight(fmt, {**parts, "gemv": torch.empty(0)}, (64, 512))
-    for rows in (1, 3, 16):
-        cases = neighbour_cases(w, rows)
-        for kw, apart in cases:
-            kw = dict(kw)
-            xin = kw.pop("x")
-            fused = linear_fused(xin, w, **kw)
-            assert fused is not None and fused.shape == apart.shape
-            assert torch.allclose(fused.float(), apart.float(), rtol=2 ** -7, atol=2 ** -7 * apart.abs().max().item())
-            if "residual" not in kw:   # the input rows round as the steps apart do: the same bits
-                assert torch.equal(fused.view(torch.int16), apart.view(torch.int16)), kw.keys()
-            portable = int8_cpu.int8_gemv(xin, parts["w"], parts["scale"], portable=True, **kw)
-            assert torch.equal(fused.view(torch.int16), portable.view(torch.int16))
+    cases = check_neighbours(w, lambda x, **kw: int8_cpu.int8_gemv(x, parts["w"], parts["scale"], portable=True, **kw),
+                             same_bits_apart=True)
     (kw, _), (res_kw, _) = cases[0], cases[2]
     assert linear_fused(kw["x"], w, norm=kw["norm"], silu=True) is None
     assert linear_fused(res_kw["x"], Weight(fmt, parts, (64, 512)), residual=res_kw["residual"]) is None   # not the lane's

@@ -29,7 +29,8 @@ from .calibrate import MAX_CYCLE, _key, cycle_bytes, random_buffer, read_cache, 
 SMALL = 8   # the small part holds 1/SMALL of the intermediate rows
 
 
-def _seconds(cfg: ModelConfig, policy: FormatPolicy, batch: int, cpu_rows: int, seconds: float) -> tuple[int, float]:
+def time_part(cfg: ModelConfig, policy: FormatPolicy, batch: int, cpu_rows: int,
+              seconds: float) -> tuple[int, float]:
     """(bytes, median seconds) of the CPU part with `cpu_rows` rows, computed as the lane computes it."""
     g = mlp_parts(cfg, 0, policy, cfg.intermediate_size - cpu_rows)[1]
     first = random_buffer(g)
@@ -61,8 +62,8 @@ def group_cost(cfg: ModelConfig, policy: FormatPolicy, batch: int, use_cache: bo
     big = f - unit
     if big <= small:    # too small a model to tell two sizes apart
         return 0.0
-    b_small, t_small = _seconds(cfg, policy, batch, small, seconds)
-    b_big, t_big = _seconds(cfg, policy, batch, big, seconds)
+    b_small, t_small = time_part(cfg, policy, batch, small, seconds)
+    b_big, t_big = time_part(cfg, policy, batch, big, seconds)
     cost = 0.0
     if t_big > t_small:
         rate = (b_big - b_small) / (t_big - t_small)
@@ -73,8 +74,8 @@ def group_cost(cfg: ModelConfig, policy: FormatPolicy, batch: int, use_cache: bo
 
 
 def marginal(rate: float, whole: int, cost: float) -> float:
-    """The rate at which `whole` bytes take as long as at `rate` once `cost` is paid (rate where that is not less
-    than the time itself)."""
+    """The rate at which `whole` bytes take as long as at `rate` once `cost` is paid (`rate` itself where the cost
+    is not less than that time)."""
     if not rate or cost <= 0:
         return rate
     left = whole / rate - cost
