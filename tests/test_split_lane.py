@@ -13,7 +13,7 @@ from graphrt.models import llama
 from graphrt.plan.cost import NODE_COST, CostModel
 from graphrt.plan.placement import plan_placement
 from graphrt.runtime import Runtime
-from graphrt.weights.formats import Dense
+from graphrt.weights.formats import Dense, int4_cpu
 from graphrt.weights.layout import FormatPolicy, mlp_parts, model_groups
 from graphrt.weights.sources import open_source
 from graphrt.weights.synthetic import PRESETS, make_config, random_tensors, write_checkpoint
@@ -221,6 +221,8 @@ def test_cuda_split_lane_graph_equals_eager_and_tracks_all_gpu(split_model, quan
     graph = rt.generate(ids, 32, use_graph=True)
     assert torch.equal(eager, graph)
     cpu_lane.check()
+    lane = rt.engine.cpu_lane   # the graph's CPU groups ran as C programs where graphrt's CPU kernels run
+    assert bool(lane.programs) == (lane.nodes == "signal" and int4_cpu.available()), len(lane.programs)
     got, want = rt.logits(ids), ref.logits(ids)
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 2e-2, rel

@@ -133,10 +133,10 @@ if has lane-rows; then  # the versus benchmark's CPU-lane rows alone (tools/lane
   timeout ${LANE_ROWS_S:-560} python3 tools/lane_rows.py --out "$OUT" ${LANE_ROWS_ARGS:-} 2>&1 | grep -v "Loading weights" | tee -a "$OUT/lane_rows.log" | grep -v '^{'
 fi
 if has lane-parts; then  # the lane's host function on MLP parts of several sizes (tools/lane_parts_probe.py)
-  timeout 300 python3 tools/lane_parts_probe.py --out "$OUT" 2>&1 | tee "$OUT/lane_parts_probe.log"
+  timeout 300 python3 tools/lane_parts_probe.py --out "$OUT" ${LANE_PARTS_ARGS:-} 2>&1 | tee "$OUT/lane_parts_probe.log"
 fi
 if has lane-tests; then  # the CPU lane and the CPU int4 kernel on this host (CPU tests included)
-  timeout ${TEST_TIMEOUT_S:-420} python3 -m pytest -q -rs -p no:cacheprovider tests/test_cpu_lane.py tests/test_int4_cpu.py tests/test_pieces.py tests/test_split_lane.py tests/test_lane_in_step.py tests/test_lane_signal.py tests/test_int8_cpu.py 2>&1 \
+  timeout ${TEST_TIMEOUT_S:-420} python3 -m pytest -q -rs -p no:cacheprovider tests/test_cpu_lane.py tests/test_int4_cpu.py tests/test_pieces.py tests/test_split_lane.py tests/test_lane_in_step.py tests/test_lane_signal.py tests/test_int8_cpu.py tests/test_cpu_program.py tests/test_group_cost.py 2>&1 \
     | tee "$OUT/lane_tests.log" | tail -8
 fi
 if has lane-sync; then  # the CPU lane with spinning against sleeping waiters (tools/lane_sync.py)

@@ -53,11 +53,9 @@ def one(path: Path, cfg: ModelConfig, batch: int, ring: int, quantization: str |
     sizes = {g.name: g.nbytes for g in p.groups}
     lane_obj = rt.engine.cpu_lane
     if lane_obj is not None:
-        lane_obj.trace = []   # each host function's start and end (the driver's thread, host clock)
+        lane_obj.start_trace()   # each host function's start and end (the serving thread, host clock)
     step = step_time(rt, steps=24, repeats=5, batch=batch, prompt=128) if batch > 1 else step_time(rt)
-    host_fn = [e - s for s, e in lane_obj.trace] if lane_obj is not None and lane_obj.trace else []
-    if lane_obj is not None:
-        lane_obj.trace = None
+    host_fn = [e - s for s, e in lane_obj.stop_trace()] if lane_obj is not None else []
     tl = measure_timeline(rt, batch, 2)
     lane = [o["end"] - o["start"] for o in tl["ops"] if o["kind"] == "compute" and o["group"] in p.cpu]
     copies = [(sizes[o["group"]], o["end"] - o["start"]) for o in tl["ops"] if o["kind"] == "copy"]

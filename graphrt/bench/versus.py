@@ -112,15 +112,15 @@ def graphrt_rows(path: Path, keep: Path | None = None, lane_options: dict | None
             rt = load()
             lane = rt.engine.cpu_lane
             if lane is not None:
-                lane.trace = []   # each host function's start and end while the step is measured
+                lane.start_trace()   # each host function's start and end while the step is measured
             r["tokens_per_s"] = measure(rt)
             p = rt.placement
-            if lane is not None and lane.trace and p.cpu:
-                steps = len(lane.trace) / len(p.cpu)   # the lane's bytes per step over its time per step
-                r.update(cpu_in_step_GBps=p.cpu_bytes * steps / sum(e - s for s, e in lane.trace) / 1e9,
+            spans = lane.stop_trace() if lane is not None else []
+            if spans and p.cpu:
+                steps = len(spans) / len(p.cpu)   # the lane's bytes per step over its time per step
+                r.update(cpu_in_step_GBps=p.cpu_bytes * steps / sum(e - s for s, e in spans) / 1e9,
                          cpu_calibrated_GBps=p.cost.cpu_rate / 1e9 if p.cost else None,
                          cpu_first_replays_GBps=rt.lane_in_step_rate / 1e9 if rt.lane_in_step_rate else None)
-                lane.trace = None
             pred = p.prediction.step_time if p.prediction is not None and p.prediction.step_time else None
             r.update(host_limit(rt, batch) if test == "decode" and (p.streamed or p.cpu) else {})
             r.update(streamed_layers=len({g.layer for g in p.groups if g.layer is not None and g.name not in p.resident}),

@@ -14,7 +14,9 @@ copies around a direct call (the host waits). In a graph being captured, the mid
 registered under a key (`register`) on another thread, in one of two ways:
   - signalled (the default where lane_signal.available()): the D2H kernel also writes the key into a pinned flag,
     graphrt's serving thread (lane_signal.LaneServer) runs the function and answers, and a kernel polls for the
-    answer: no host node, and no wake-up of the driver's thread per group (70-170 us each on the H100 host);
+    answer: no host node, and no wake-up of the driver's thread per group (70-170 us each on the H100 host). Where
+    the function is a chain of graphrt's CPU kernels (every MLP group on them), `start` records it at capture as a
+    C program (weights/formats/cpu_program.py) that the serving thread runs without Python;
   - a host node: `cuLaunchHostFunc` (the CUDA driver, through ctypes) records a call of one C-callable trampoline
     with the key; each replay calls it from the driver's thread.
 Host functions must not call CUDA, and these do not: `fn` is CPU math on CPU tensors. An exception inside one
@@ -26,7 +28,6 @@ On a CPU device the lane is a direct call (tests run the same math and placement
 from __future__ import annotations
 
 import ctypes
-import itertools
 import threading
 import time
 from dataclasses import dataclass
@@ -37,14 +38,13 @@ import torch
 from ..config import ConfigError
 from ..weights import copy_kernel
 from . import lane_signal
-from ..weights.formats import int4_cpu
+from ..weights.formats import cpu_program, int4_cpu
 from ..weights.store import pinned_empty, unpin
 
 HostFn = Callable[[torch.Tensor], torch.Tensor]
 LANE_SPIN_US = 4000   # the CPU kernels' workers spin this long after a product (a step's groups are ms apart)
 
 _REGISTRY: dict[int, Callable[[], None]] = {}
-_KEYS = itertools.count(1)
 _ERRORS: list[BaseException] = []
 _LOCK = threading.Lock()
 _SERVERS: list[lane_signal.LaneServer] = []   # live serving threads (check() reads their timeout flags)
@@ -65,7 +65,7 @@ TRAMPOLINE = HOST_FN_TYPE(_trampoline_py)   # module lifetime: graphs keep calli
 
 
 def register(fn: Callable[[], None]) -> int:
-    key = next(_KEYS)
+    key = cpu_program.next_key()   # one key space with the C programs (weights/formats/cpu_program.py)
     _REGISTRY[key] = fn
     return key
 
@@ -152,8 +152,9 @@ class CpuLane:
         if self.cuda:  # pinned staging, reused by every group: the compute stream orders their uses
             self.stage_in, self.stage_out = self._staging(max_tokens * hidden), self._staging(max_tokens * hidden)
         self.keys: list[int] = []   # host functions registered by captures (kept while graphs live)
+        self.programs: list[cpu_program.Program] = []   # their C programs, where they record as one (signalled)
         self.host_threads: int | None = None   # torch threads the last host function ran with
-        self.trace: list[tuple[float, float]] | None = None   # a list: (start, end) of each host function (s)
+        self.trace: list[tuple[float, float]] | None = None   # a list: (start, end) of each Python host function
 
     def _staging(self, numel: int) -> torch.Tensor:
         if not self.kernel_copies:
@@ -207,7 +208,11 @@ class CpuLane:
 
         key = register(host)
         self.keys.append(key)
-        if self.nodes == "signal":
+        if self.nodes == "signal":   # the serving loop runs the group in C where fn records as a program of kernels
+            program = cpu_program.record(fn, x, y, threads, key=key)
+            if program is not None:
+                self.programs.append(program)
+                self.host_threads = threads
             src = h.contiguous()
             self.server.post(x, src if src.data_ptr() % 16 == 0 else src.clone(), key)   # D2H, then the request
             return LaneTicket(key=key, staged=y)
@@ -226,8 +231,23 @@ class CpuLane:
         self._copy(out, y)                                   # H2D
         return out
 
+    def start_trace(self) -> None:
+        """Log each host function's (start, end) from now on (perf_counter seconds), C programs' included."""
+        self.trace = []
+        if self.server is not None:
+            self.server.start_trace()
+
+    def stop_trace(self) -> list[tuple[float, float]]:
+        """The host functions' (start, end) since start_trace, in order of start (call with the GPU idle)."""
+        spans = (self.trace or []) + (self.server.stop_trace() if self.server is not None else [])
+        self.trace = None
+        return sorted(spans)
+
     def release(self) -> None:
         """Forget the host functions and unpin the mapped staging: call once no graph that uses them lives."""
+        for program in self.programs:
+            program.drop()
+        self.programs.clear()
         if self.server is not None:
             _SERVERS.remove(self.server)
             self.server.close()

@@ -1,7 +1,7 @@
 """The CPU lane's rate inside replays of the captured decode step (runtime.py plans again from it; plan/in_step.py).
 
 A short prompt is prefilled, a few replays warm the step (the kernels' workers, the caches), then each host
-function of `windows` runs of `steps` replays is timed on the driver's thread (CpuLane.trace): the lane's busy
+function of `windows` runs of `steps` replays is timed where it runs (CpuLane.start_trace): the lane's busy
 seconds per step, the median over the windows, which the simulator predicts as SimResult.host_compute less the
 groups' node costs (CostModel.cpu_overhead). One window is not enough: on the H100 host, 24-replay windows 3 s
 apart after a load ranged 66-91 GB/s for an int8 lane (8% standard deviation;
@@ -34,16 +34,16 @@ def lane_busy_per_step(graph: DecodeGraph, lane: CpuLane, groups: int, steps: in
             graph.step()
         torch.cuda.synchronize(graph.engine.device)
         for _ in range(windows):
-            lane.trace = []
+            lane.start_trace()
             for _ in range(steps):
                 graph.step()
             torch.cuda.synchronize(graph.engine.device)
-            spans = list(lane.trace)
+            spans = lane.stop_trace()
             if len(spans) != steps * groups:
                 return None
             busy.append(sum(end - start for start, end in spans) / steps)
     finally:
-        lane.trace = None
+        lane.stop_trace()
         graph.reset()
     median = statistics.median(busy)
     return median if median > 0 else None

@@ -8,8 +8,9 @@ per CPU-lane group instead:
            the request flag (pinned, mapped host memory: weights/formats/lane_signal_source.py says which is which)
     wait   one thread polls the answer flag until it holds the key, clears it, and lets the result's copy follow
 
-and a thread of graphrt's (one per lane) waits for requests in C (`graphrt_lane_wait`, without the GIL), runs the
-host function registered under the key (cpu_lane.register), and answers. Between requests it spins for SPIN_US, so
+and a thread of graphrt's (one per lane) waits for requests in C (`graphrt_lane_serve`, without the GIL), runs the
+group's C program (weights/formats/cpu_program.py) there or else the Python host function registered under the key
+(cpu_lane.register), and answers. Between requests it spins for SPIN_US, so
 a decode step's groups find it awake; then it naps. A wait that sees no answer within TIMEOUT_S gives up, marks the
 timeout flag and lets the step go on; `check()` (the lane's, which the decode loop calls) raises it.
 Needs graphrt's kernel library (a C++ compiler) and NVRTC; `available()` says whether both are here.
@@ -26,6 +27,7 @@ from ..weights.formats import int4_cpu
 from ..weights.store import pinned_empty, unpin
 
 SPIN_US, NAP_US = 50_000, 50     # the serving thread spins this long after a request, then naps this long a time
+TRACE_SPANS = 1 << 16            # program runs a trace holds (start_trace)
 TIMEOUT_S = 5.0                  # a waiting kernel gives up after this long without an answer
 BLOCKS, THREADS = 16, 256
 
@@ -93,17 +95,29 @@ class LaneServer:
         self.flags.zero_()
         self.finished = torch.zeros(1, dtype=torch.int32, device=device)   # blocks of a post that are done
         self.call = call
+        self.trace = torch.zeros(2 + 2 * TRACE_SPANS, dtype=torch.int64)   # capacity, count, then (start, end) pairs
         self.thread = threading.Thread(target=self._serve, name="graphrt-cpu-lane", daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
-        ptr = ctypes.c_void_p(self.flags.data_ptr())
-        while True:
-            key = self.lib.graphrt_lane_wait(ptr, SPIN_US, NAP_US)
+        ptr, trace = ctypes.c_void_p(self.flags.data_ptr()), ctypes.c_void_p(self.trace.data_ptr())
+        while True:   # C programs are run and answered inside graphrt_lane_serve; it returns the other keys
+            key = self.lib.graphrt_lane_serve(ptr, SPIN_US, NAP_US, trace)
             if key == 0:
                 return
             self.call(key)
             self.lib.graphrt_lane_done(ptr, key)
+
+    def start_trace(self) -> None:
+        """Log each C program run from now on (the serving loop reads the capacity before each)."""
+        self.trace[1] = 0
+        self.trace[0] = TRACE_SPANS
+
+    def stop_trace(self) -> list[tuple[float, float]]:
+        """(start, end) of each program run since start_trace (call while no request is in flight)."""
+        self.trace[0] = 0
+        n = int(self.trace[1])
+        return [tuple(p) for p in self.trace[2:2 + 2 * n].view(torch.float64).view(n, 2).tolist()]
 
     def post(self, staging: torch.Tensor, src: torch.Tensor, key: int) -> None:
         """On the current stream: staging (pinned, mapped) <- src (device; same bytes), then request `key`."""

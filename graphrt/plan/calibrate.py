@@ -3,7 +3,7 @@
 `cpu_rate(cfg, policy, batch)` builds MLP groups of the model in the CPU's formats (random contents: codes
 and scales of the right dtypes; speed does not depend on the values; enough groups that the CPU's cache cannot
 hold them, `mlp_groups`, in the huge-page host memory the lane's weights live in), runs the lane's math on them in turn
-(`llama.mlp_forward` at `batch` rows) for about `seconds`, and returns the group's bytes / the median time. With
+(`llama.mlp_forward` at `batch` rows, as the C program the lane runs: `lane_runs`) for about `seconds`, and returns the group's bytes / the median time. With
 `concurrent_h2d` (a CUDA device), pinned host-to-device copies run on a side stream meanwhile: the two host
 paths share DRAM bandwidth, and the lane runs beside the ring. Results are cached in
 $XDG_CACHE_HOME/graphrt/cpu_rates.json (or ~/.cache/...), keyed by CPU, threads, torch version, the group's
@@ -25,12 +25,13 @@ import torch
 
 from ..config import ModelConfig
 from ..models import llama
-from ..weights.formats import for_cpu
+from ..weights.formats import cpu_program, for_cpu
 from ..weights.layout import FormatPolicy, GroupLayout, model_groups
 from ..weights.store import host_empty
 
 
-CPU_KERNELS = "bf16-gemv-avx512bf16-tiles-amx-chunks,int4-blocked-avx512bf16-fused,int8-gemv-pool,cycled-4xLLC"   # the lane's kernels, in the cache key: a change measures again
+CPU_KERNELS = ("bf16-gemv-avx512bf16-tiles-amx-chunks,int4-blocked-avx512bf16-fused,int8-gemv-pool,cycled-4xLLC,"
+               "c-programs")   # the lane's kernels, in the cache key: a change measures again
 
 
 def cache_file() -> Path:
@@ -104,6 +105,15 @@ def mlp_groups(cfg: ModelConfig, policy: FormatPolicy, rows: int = 1,
     return g.nbytes, [for_cpu(g.views(b), rows) for b in buffers]
 
 
+def lane_runs(x: torch.Tensor, groups: list[dict], cfg: ModelConfig | None = None) -> list[Callable[[], None]]:
+    """For each group, a call that computes it on x as the CPU lane does: the whole MLP (cfg given: norm, residual)
+    or its rows (llama.mlp_rows), as a C program of kernel calls where it records as one (cpu_program.runner; the
+    lane's serving loop runs the same programs)."""
+    def part(w: dict):
+        return (lambda v: llama.mlp_forward(v, w, cfg)) if cfg is not None else (lambda v: llama.mlp_rows(v, w))
+    return [cpu_program.runner(part(w), x)[0] for w in groups]
+
+
 def measure(cfg: ModelConfig, policy: FormatPolicy, batch: int, seconds: float = 0.3,
             concurrent_h2d: bool = False, group: tuple[int, list[dict]] | None = None) -> float:
     """Bytes/s of MLP groups computed by the CPU lane's math, one after another (no cache); `group` from
@@ -117,17 +127,16 @@ def measure(cfg: ModelConfig, policy: FormatPolicy, batch: int, seconds: float =
         copies = torch.cuda.Stream()
     times = []
     with torch.inference_mode():
-        for w in groups:
-            llama.mlp_forward(x, w, cfg)
+        runs = lane_runs(x, groups, cfg)
         end = time.perf_counter() + seconds
         while time.perf_counter() < end or len(times) < 3:
             if copies is not None:  # keep the copy engine reading host memory while the CPU computes
                 with torch.cuda.stream(copies):
                     for _ in range(4):
                         dst.copy_(src, non_blocking=True)
-            w = groups[len(times) % len(groups)]
+            run = runs[len(times) % len(runs)]
             t = time.perf_counter()
-            llama.mlp_forward(x, w, cfg)
+            run()
             times.append(time.perf_counter() - t)
     if copies is not None:
         copies.synchronize()
@@ -227,14 +236,13 @@ def h2d_beside_cpu(cfg: ModelConfig, policy: FormatPolicy, batch: int, use_cache
     nbytes, groups = mlp_groups(cfg, policy, batch)
     x = torch.randn(batch, 1, cfg.hidden_size).to(policy.compute_dtype)
     turn = 0
-
-    def compute() -> None:                         # the CPU computes for the whole window
-        nonlocal turn
-        llama.mlp_forward(x, groups[turn % len(groups)], cfg)
-        turn += 1
     with torch.inference_mode():
-        for w in groups:
-            llama.mlp_forward(x, w, cfg)
+        runs = lane_runs(x, groups, cfg)
+
+        def compute() -> None:                         # the CPU computes for the whole window
+            nonlocal turn
+            runs[turn % len(runs)]()
+            turn += 1
         rate = h2d_window(torch.device("cuda"), compute)
     if use_cache:
         store(key, rate)

@@ -1,14 +1,16 @@
 """The CPU lane's cost per group beyond its bytes, measured on this machine.
 
 A lane group's host function costs more than its bytes at the calibrated rate: each product dispatches the worker
-pool and waits for its slowest thread, the memory streams ramp up, and the host function runs some Python. On the
-H100 host (tools/lane_parts_probe.py, docs/results/2026-11-26-h100-lane-parts-probe-ab67812.json) the 8B MLP's CPU
-part with c intermediate rows took 151 us + bytes / 120.6 GB/s in bf16 and 119 us + bytes / 70.4 GB/s in int4 (one
-input row, 15 threads): a plan of 16 small groups paid 2.4 ms a step that the calibrated rate, measured on whole
-MLPs, did not show.
+pool and waits for its slowest thread, the memory streams ramp up (and, before the lane ran C programs, the host
+function ran some Python). On the H100 host (tools/lane_parts_probe.py,
+docs/results/2026-11-26-h100-lane-parts-probe-ab67812.json, Python host functions) the 8B MLP's CPU part with c
+intermediate rows took 151 us + bytes / 120.6 GB/s in bf16 and 119 us + bytes / 70.4 GB/s in int4 (one input row,
+15 threads): a plan of 16 small groups paid 2.4 ms a step that the calibrated rate, measured on whole MLPs, did not
+show.
 
-`group_cost(cfg, policy, batch)` times the lane's math (llama.mlp_rows) on a large and a small CPU part (cycled
-through copies that overflow the last-level cache, as calibrate.measure does) and returns (a, R) of time = a +
+`group_cost(cfg, policy, batch)` times the lane's math (llama.mlp_rows as the lane's C program: calibrate.lane_runs)
+on a large and a small CPU part (cycled through copies that overflow the last-level cache, as calibrate.measure
+does) and returns (a, R) of time = a +
 bytes / R; cached beside the rates. `marginal(rate, whole, a)`: the rate R at which a whole group of `whole` bytes
 takes as long as at the calibrated `rate` with a paid once.
 """
@@ -24,14 +26,15 @@ from ..models import llama
 from ..weights.formats import for_cpu
 from ..weights.layout import FormatPolicy, mlp_parts
 from ..weights.store import host_empty
-from .calibrate import MAX_CYCLE, _key, cycle_bytes, random_buffer, read_cache, store
+from .calibrate import MAX_CYCLE, _key, cycle_bytes, lane_runs, random_buffer, read_cache, store
 
 SMALL = 8   # the small part holds 1/SMALL of the intermediate rows
 
 
-def time_part(cfg: ModelConfig, policy: FormatPolicy, batch: int, cpu_rows: int,
-              seconds: float) -> tuple[int, float]:
-    """(bytes, median seconds) of the CPU part with `cpu_rows` rows, computed as the lane computes it."""
+def time_part(cfg: ModelConfig, policy: FormatPolicy, batch: int, cpu_rows: int, seconds: float,
+              programs: bool = True) -> tuple[int, float]:
+    """(bytes, median seconds) of the CPU part with `cpu_rows` rows, computed as the lane computes it (programs=False:
+    through Python, as host nodes and functions that are not programs run; tools/lane_parts_probe.py compares)."""
     g = mlp_parts(cfg, 0, policy, cfg.intermediate_size - cpu_rows)[1]
     first = random_buffer(g)
     count = min(MAX_CYCLE, max(2, -(-cycle_bytes() // g.nbytes)))   # as calibrate.cycle_count
@@ -39,13 +42,12 @@ def time_part(cfg: ModelConfig, policy: FormatPolicy, batch: int, cpu_rows: int,
                                                               for _ in range(count - 1)]]
     x = torch.randn(batch, 1, cfg.hidden_size).to(policy.compute_dtype)
     with torch.inference_mode():
-        for w in groups:
-            llama.mlp_rows(x, w)
+        runs = lane_runs(x, groups) if programs else [lambda w=w: llama.mlp_rows(x, w) for w in groups]
         times, end = [], time.perf_counter() + seconds
-        while time.perf_counter() < end or len(times) < 2 * len(groups):
-            w = groups[len(times) % len(groups)]
+        while time.perf_counter() < end or len(times) < 2 * len(runs):
+            run = runs[len(times) % len(runs)]
             t = time.perf_counter()
-            llama.mlp_rows(x, w)
+            run()
             times.append(time.perf_counter() - t)
     return g.nbytes, statistics.median(times)
 

@@ -9,6 +9,7 @@ import functools
 import torch
 
 from . import int4_cpu
+from .cpu_calls import invoke
 
 MAX_ROWS = int4_cpu.MAX_ROWS
 AMX_ROWS = 4   # from this many input rows the product runs on AMX tiles where they run. H100 host, 15 threads, weights
@@ -71,8 +72,6 @@ def bf16_gemv(x: torch.Tensor, w: torch.Tensor, portable: bool = False, *,
     if tiles and not amx_available():
         raise RuntimeError("AMX tiles do not run on this CPU")
     xt = torch.empty(b * k, dtype=torch.bfloat16) if tiles else None
-    lib.graphrt_bf16_gemv(x2.data_ptr(), w.data_ptr(), y.data_ptr(), xe.data_ptr(), b, n, k, torch.get_num_threads(),
-                          0 if portable else 2 if tiles else 1, nw.data_ptr() if nw is not None else None,
-                          float(norm[1]) if norm is not None else 0.0, int(silu),
-                          res.data_ptr() if res is not None else None, xt.data_ptr() if tiles else None)
+    invoke(lib.graphrt_bf16_gemv, x2, w, y, xe, b, n, k, torch.get_num_threads(), 0 if portable else 2 if tiles else 1,
+           nw, float(norm[1]) if norm is not None else 0.0, int(silu), res, xt, reads=(x2, res), out=y)
     return y.view(*x.shape[:-1], n)

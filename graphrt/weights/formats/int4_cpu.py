@@ -25,13 +25,16 @@ from pathlib import Path
 import torch
 
 from .bf16_cpu_source import SOURCE as BF16_SOURCE
+from .cpu_calls import invoke
 from .cpu_pool_source import SOURCE as POOL_SOURCE
+from .cpu_program_source import SOURCE as PROGRAM_SOURCE
 from .int4_cpu_source import SOURCE as INT4_SOURCE
 from .int8_cpu_source import SOURCE as INT8_SOURCE
 from .lane_signal_source import SOURCE as LANE_SOURCE
 
-SOURCE = POOL_SOURCE + INT4_SOURCE + BF16_SOURCE + INT8_SOURCE + LANE_SOURCE   # one library: the bf16 and int8 GEMVs
-# (bf16_cpu.py, int8_cpu.py) use the int4 source's helpers; the CPU lane's serving loop (exec/lane_signal.py) the pool's
+SOURCE = POOL_SOURCE + INT4_SOURCE + BF16_SOURCE + INT8_SOURCE + PROGRAM_SOURCE + LANE_SOURCE   # one library: the
+# bf16 and int8 GEMVs (bf16_cpu.py, int8_cpu.py) use the int4 source's helpers; programs of calls (cpu_program.py)
+# the three GEMVs; the CPU lane's serving loop (exec/lane_signal.py) the pool's and the programs
 
 GROUPS = (128, 256)     # group sizes the kernel takes (it works in 128-column chunks)
 MAX_ROWS = 16          # activation rows per call: the GEMV regime (the C entries keep 16 norm scales); more rows
@@ -78,6 +81,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.graphrt_int4_has_avx512bf16.restype = ctypes.c_int
     lib.graphrt_cpu_pool_spin.restype = None
     lib.graphrt_cpu_pool_spin.argtypes = [ctypes.c_long]
+    lib.graphrt_cpu_pool_guided.restype = None
+    lib.graphrt_cpu_pool_guided.argtypes = [ctypes.c_int]
     lib.graphrt_bf16_gemv.restype = None
     lib.graphrt_bf16_gemv.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
                                       + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p])
@@ -89,6 +94,14 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     lib.graphrt_lane_wait.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
     lib.graphrt_lane_done.restype = None
     lib.graphrt_lane_done.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.graphrt_lane_serve.restype = ctypes.c_int
+    lib.graphrt_lane_serve.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
+    lib.graphrt_program_set.restype = None
+    lib.graphrt_program_set.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    lib.graphrt_program_drop.restype = None
+    lib.graphrt_program_drop.argtypes = [ctypes.c_int]
+    lib.graphrt_program_run.restype = ctypes.c_int
+    lib.graphrt_program_run.argtypes = [ctypes.c_int]
     return lib, ""
 
 
@@ -176,8 +189,7 @@ def int4_gemv(x: torch.Tensor, w: torch.Tensor, sz: torch.Tensor, portable: bool
     sums = torch.empty(b * groups, dtype=torch.float32)
     nw = norm[0].contiguous() if norm is not None else None
     res = residual.reshape(b, n).contiguous() if residual is not None else None
-    lib.graphrt_int4_gemv(x2.data_ptr(), w.data_ptr(), sz.data_ptr(), y.data_ptr(), xe.data_ptr(), xp.data_ptr(),
-                          sums.data_ptr(), b, n, k, k // groups, torch.get_num_threads(), 0 if portable else 1,
-                          nw.data_ptr() if nw is not None else None, float(norm[1]) if norm is not None else 0.0,
-                          int(silu), res.data_ptr() if res is not None else None)
+    invoke(lib.graphrt_int4_gemv, x2, w, sz, y, xe, xp, sums, b, n, k, k // groups, torch.get_num_threads(),
+           0 if portable else 1, nw, float(norm[1]) if norm is not None else 0.0, int(silu), res, reads=(x2, res),
+           out=y)
     return y.view(*x.shape[:-1], n)

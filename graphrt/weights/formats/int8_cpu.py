@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import int4_cpu
+from .cpu_calls import invoke
 
 MAX_ROWS = int4_cpu.MAX_ROWS
 
@@ -47,8 +48,6 @@ def int8_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, portable: b
     xf = torch.empty(b, k, dtype=torch.float32)
     nw = norm[0].contiguous() if norm is not None else None
     res = residual.reshape(b, n).contiguous() if residual is not None else None
-    lib.graphrt_int8_gemv(x2.data_ptr(), w.data_ptr(), scale.data_ptr(), y.data_ptr(), xe.data_ptr(), xf.data_ptr(),
-                          b, n, k, torch.get_num_threads(), 0 if portable else 1,
-                          nw.data_ptr() if nw is not None else None, float(norm[1]) if norm is not None else 0.0,
-                          int(silu), res.data_ptr() if res is not None else None)
+    invoke(lib.graphrt_int8_gemv, x2, w, scale, y, xe, xf, b, n, k, torch.get_num_threads(), 0 if portable else 1,
+           nw, float(norm[1]) if norm is not None else 0.0, int(silu), res, reads=(x2, res), out=y)
     return y.view(*x.shape[:-1], n)
