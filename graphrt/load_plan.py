@@ -10,7 +10,7 @@ import torch
 
 from .config import ModelConfig, RuntimeOptions
 from .exec.cpu_lane import LANE_SPIN_US, node_kind
-from .plan.calibrate import cpu_rate, lane_rates, mlp_layout
+from .plan.calibrate import cpu_rate, lane_rates, mlp_layout, working_groups
 from .plan.cost import NODE_COST, CostModel
 from .plan.gpu_calibrate import lane_gpu_rates
 from .plan.group_cost import group_cost, marginal
@@ -78,8 +78,9 @@ def plan_runtime(cfg: ModelConfig, o: RuntimeOptions, policy: FormatPolicy, sour
         return replace(p, groups=tuple(on_cpu.get(g.name, g) for g in p.groups), prompt_streamed=portable)
     p = plan(cost)
     if p.cpu and cuda and not o.cpu_rate:   # the lane's rate at the plan's own working set (a large last-level
-        working = marginal(factor * cpu_rate(cfg, cpu_policy, o.max_batch_size, True, groups=len(p.cpu)),  # cache
-                           whole, cost.cpu_group_cost)   # serves part); the rate alone scales alike
+        working = marginal(factor * cpu_rate(cfg, cpu_policy, o.max_batch_size, True,   # cache serves part); the
+                                             groups=working_groups(cfg, cpu_policy, p.cpu_bytes)),  # rate alone
+                           whole, cost.cpu_group_cost)   # scales alike
         if abs(working / cost.cpu_rate - 1) > 0.05:
             p = plan(replace(cost, cpu_rate=working, cpu_rate_alone=cost.cpu_rate_alone * working / cost.cpu_rate))
     return RuntimePlan(p, plan, o.prefill_chunk, (cfg, cpu_policy, o.max_batch_size, factor) if o.cpu_lane else None)

@@ -77,17 +77,17 @@ def prefill_time(rt: Runtime, tokens: int) -> float:
 def host_limit(rt: Runtime, batch: int) -> dict:
     """The step's host-memory limit: the bytes that do not live on the GPU over the H2D bandwidth (measured
     now) or, with a CPU lane, over the two rates measured together: the CPU's calibrated rate with copies running
-    beside it (cycling the plan's CPU-lane groups) plus the copies' rate with the CPU computing beside them (the
-    two-lane limit)."""
-    from ..plan.calibrate import cpu_rate, h2d_beside_cpu
+    beside it (cycling as many whole MLP groups as hold the plan's CPU-lane bytes) plus the copies' rate with the
+    CPU computing beside them (the two-lane limit)."""
+    from ..plan.calibrate import cpu_rate, h2d_beside_cpu, working_groups
     from ..weights.sources import weight_policy
     p = rt.placement
     h2d = measure_limits()["h2d_GBps"] * 1e9
     rate = 0.0
     if p.cpu:
         policy = weight_policy(rt.source, rt.options.quantization, rt.dtype, torch.device("cpu"))
-        rate = cpu_rate(rt.local_config, policy, rt.options.max_batch_size, concurrent_h2d=True,
-                        groups=len(p.cpu))   # measured by the load: the rate at the plan's working set
+        rate = cpu_rate(rt.local_config, policy, rt.options.max_batch_size, concurrent_h2d=True,   # measured by the
+                        groups=working_groups(rt.local_config, policy, p.cpu_bytes))   # load: at the plan's bytes
         h2d = min(h2d, h2d_beside_cpu(rt.local_config, policy, rt.options.max_batch_size))
     host = p.streamed_bytes + p.cpu_bytes
     return dict(h2d_GBps=h2d / 1e9, cpu_rate_GBps=rate / 1e9, host_GB=host / 1e9,

@@ -88,6 +88,12 @@ def mlp_layout(cfg: ModelConfig, policy: FormatPolicy) -> GroupLayout:
     return next(x for x in model_groups(cfg, policy, "attn_mlp") if x.kind == "mlp")
 
 
+def working_groups(cfg: ModelConfig, policy: FormatPolicy, cpu_bytes: int) -> int:
+    """How many whole MLP groups hold a plan's `cpu_bytes` of CPU-lane weights (rounded up): the working set that
+    `cpu_rate(groups=...)` measures for it, whatever the sizes of the plan's own groups."""
+    return max(1, -(-cpu_bytes // mlp_layout(cfg, policy).nbytes))
+
+
 def cycle_count(g: GroupLayout) -> int:
     """How many copies of group `g` a measurement cycles through by default (`cycle_bytes`, 2 to MAX_CYCLE)."""
     return min(MAX_CYCLE, max(2, -(-cycle_bytes() // max(g.nbytes, 1))))

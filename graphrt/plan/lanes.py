@@ -12,12 +12,11 @@ columns; weights/layout.mlp_parts) moves bytes between them in small steps:
   - "beside" (`beside_candidates`): every MLP keeps its first `c` rows resident and gives the rest to the CPU, the
     attention groups that fit stay resident and the others stream. Where the lane lets the GPU go on after posting
     (signalled nodes), the CPU computes a layer's rows while the GPU computes the layer's resident rows, so the CPU
-    is idle only while the GPU runs attention, the head and the lane's round trips, not the resident MLPs. Asked
-    for only (placement "lane-beside"): on the H100 host (docs/results/2026-11-26-session15.md) its 16 smaller CPU
-    groups ran 19% slower per byte than lane-split's 5 for bf16 (a cost per group, now measured and priced:
-    plan/group_cost.py), so the step was 10% slower than predicted and than lane-split's (int4: 1.5% faster); and
-    with the cost priced, the plans auto then chose for int8 and bf16 at 4 sequences still ran 7-18% slower than
-    predicted.
+    is idle only while the GPU runs attention, the head and the lane's round trips, not the resident MLPs. Its
+    16 smaller CPU groups pay a cost per group (plan/group_cost.py, priced). While host functions ran Python, that
+    cost was 0.12-0.15 ms on the H100 host and these plans ran 10-18% slower than predicted
+    (docs/results/2026-11-26-session15.md); as C programs (weights/formats/cpu_program.py) it is 0-35 us, and
+    auto weighs them with the other plans.
 The GPU part (norm and its rows, "mlp.i:gpu") runs first, or beside the CPU part where it is resident
 (placement.beside_groups); the CPU part ("mlp.i:cpu") reads its normed input, and the two products add to the
 residual. Every candidate is priced by the simulator like any other plan.
