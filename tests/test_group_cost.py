@@ -1,4 +1,4 @@
-"""The CPU lane's cost per group (plan/group_cost.py): measured on two part sizes, cached, and priced."""
+"""The CPU lane's cost per group (plan/group_cost.py): measured on three part sizes, cached, and priced."""
 import pytest
 import torch
 
@@ -31,5 +31,13 @@ def test_group_cost_is_measured_once_and_cached(tmp_path, monkeypatch):
     real = gc.time_part
     monkeypatch.setattr(gc, "time_part", lambda *a: calls.append(a[3]) or real(*a))
     cost = gc.group_cost(cfg, policy, 1, seconds=0.05)
-    assert cost >= 0.0 and sorted(calls) == [512, 4096 - 256]      # a small part and a nearly whole one
-    assert gc.group_cost(cfg, policy, 1) == cost and len(calls) == 2   # the second load reads the cache
+    assert cost >= 0.0 and sorted(calls) == [512, 2048, 4096 - 256]   # a small, a middle and a nearly whole part
+    assert gc.group_cost(cfg, policy, 1) == cost and len(calls) == 3   # the second load reads the cache
+
+
+def test_the_cost_is_the_intercept_of_a_least_squares_line():
+    line = [(b, 40e-6 + b / 100e9) for b in (10e6, 50e6, 90e6)]
+    assert gc.intercept(line) == pytest.approx(40e-6)
+    noisy = [(10e6, 140e-6 + 3e-6), (50e6, 540e-6 - 6e-6), (90e6, 940e-6 + 3e-6)]   # residuals sum to zero
+    assert gc.intercept(noisy) == pytest.approx(40e-6, abs=1e-9)
+    assert gc.intercept([(10e6, 1e-3), (50e6, 1e-3)]) == 0.0                   # no slope: no cost to tell

@@ -9,9 +9,9 @@ intermediate rows took 151 us + bytes / 120.6 GB/s in bf16 and 119 us + bytes / 
 show.
 
 `group_cost(cfg, policy, batch)` times the lane's math (llama.mlp_rows as the lane's C program: calibrate.lane_runs)
-on a large and a small CPU part (cycled through copies that overflow the last-level cache, as calibrate.measure
-does) and returns (a, R) of time = a +
-bytes / R; cached beside the rates. `marginal(rate, whole, a)`: the rate R at which a whole group of `whole` bytes
+on a small, a middle and a large CPU part (1/8, 1/2 and nearly all of the rows; cycled through copies that overflow
+the last-level cache, as calibrate.measure does) and returns a of the least-squares line time = a + bytes / R
+(three sizes: two gave a from 0 to 116 us on one H100 host); cached beside the rates. `marginal(rate, whole, a)`: the rate R at which a whole group of `whole` bytes
 takes as long as at the calibrated `rate` with a paid once.
 """
 from __future__ import annotations
@@ -64,15 +64,21 @@ def group_cost(cfg: ModelConfig, policy: FormatPolicy, batch: int, use_cache: bo
     big = f - unit
     if big <= small:    # too small a model to tell two sizes apart
         return 0.0
-    b_small, t_small = time_part(cfg, policy, batch, small, seconds)
-    b_big, t_big = time_part(cfg, policy, batch, big, seconds)
-    cost = 0.0
-    if t_big > t_small:
-        rate = (b_big - b_small) / (t_big - t_small)
-        cost = max(0.0, t_small - b_small / rate)
+    middle = max(small, (small + big) // 2 // unit * unit)
+    points = [time_part(cfg, policy, batch, rows, seconds) for rows in sorted({small, middle, big})]
+    cost = max(0.0, intercept(points))
     if use_cache:
         store(key, cost)
     return cost
+
+
+def intercept(points: list[tuple[int, float]]) -> float:
+    """a of the least-squares line time = a + bytes / R through (bytes, seconds) points (0 where it has no slope)."""
+    n = len(points)
+    mean_b, mean_t = sum(b for b, _ in points) / n, sum(t for _, t in points) / n
+    spread = sum((b - mean_b) ** 2 for b, _ in points)
+    slope = sum((b - mean_b) * (t - mean_t) for b, t in points) / spread if spread else 0.0
+    return mean_t - slope * mean_b if slope > 0 else 0.0
 
 
 def marginal(rate: float, whole: int, cost: float) -> float:
