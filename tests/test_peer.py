@@ -233,7 +233,7 @@ def test_versus_table_gives_each_lane_row_its_step_error_and_cpu_rates():
                           limits=dict(h2d_GBps=53.0), peer_source="llama.cpp"))
     row = next(line for line in table.splitlines() if line.startswith("| decode"))
     assert "| 50.0 | 45.0 (-10.0%); CPU 118 in the step / 106 planned GB/s | 60.0 (83%) | 25.0 | 2.00 |" in row
-    lane.update(cpu_rate_GBps=110.0)   # the calibration beside copies, where the plan took the in-step rate
+    lane.update(cpu_together_GBps=110.0)   # the calibration beside copies, where the plan took the in-step rate
     table = markdown(dict(graphrt=[lane], llama_cpp=[peer_row], device="H100", torch="2.11",
                           limits=dict(h2d_GBps=53.0), peer_source="llama.cpp"))
-    assert "CPU 118 in the step / 106 planned GB/s (110 calibrated) |" in table
+    assert "CPU 118 in the step / 106 planned GB/s (110 calibrated beside copies) |" in table

@@ -185,8 +185,9 @@ def test_lane_beside_runtime_tracks_all_resident(split_model, quantization):
                                  placement="lane-beside", cpu_rate=50e9, h2d_bandwidth=20e9)
     p = rt.placement
     layers = rt.config.num_layers
-    assert p.strategy == "lane-beside+cpu" and len(p.split) == layers, p.describe()
+    assert p.strategy == "lane-beside+cpu" and len(p.split) == layers and p.stream_unit == "attn_mlp", p.describe()
     assert p.beside == {f"mlp.{i}:cpu" for i in range(layers)} and {f"mlp.{i}:gpu" for i in range(layers)} <= p.resident
+    assert p.streamed and p.prompt_streamed == p.cpu, p.describe()   # prompts stream the CPU parts through the ring
     lane_ops = [op.group for op in rt.engine.plans[0].ops if op.stream == "lane"]
     assert lane_ops == [f"mlp.{i}:cpu" for i in range(layers)]
     starts = []
@@ -198,6 +199,7 @@ def test_lane_beside_runtime_tracks_all_resident(split_model, quantization):
     assert rt.generate(ids, 8).equal(ref.generate(ids, 8))
     decode = [s for s in starts if s[1] == 1]
     assert decode and len(decode) % layers == 0                           # every decode step posts each layer
+    assert len(decode) == len(starts)                                     # and no prompt step does
     rt.close()
     ref.close()
 

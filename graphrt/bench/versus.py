@@ -74,23 +74,27 @@ def prefill_time(rt: Runtime, tokens: int) -> float:
     return seconds
 
 
-def host_limit(rt: Runtime, batch: int) -> dict:
+def host_limit(rt: Runtime, batch: int, cpu_in_step: float = 0.0) -> dict:
     """The step's host-memory limit: the bytes that do not live on the GPU over the H2D bandwidth (measured
     now) or, with a CPU lane, over the two rates measured together: the CPU's calibrated rate with copies running
-    beside it (cycling as many whole MLP groups as hold the plan's CPU-lane bytes) plus the copies' rate with the
-    CPU computing beside them (the two-lane limit)."""
+    beside it (cycling as many whole MLP groups as hold the plan's CPU-lane bytes), or the rate the lane reached in
+    the measured steps (`cpu_in_step`, bytes/s) where that is higher, plus the copies' rate with the CPU computing
+    beside them (the two-lane limit). The higher of the two CPU rates: where the copy engine idles part of a step
+    the CPU reads DRAM faster than beside copies (one H100 run at d11c5ac: 120 GB/s in the step against 100
+    calibrated, a step above the limit of the calibrated rates), and a limit under what was measured is none."""
     from ..plan.calibrate import cpu_rate, h2d_beside_cpu, working_groups
     from ..weights.sources import weight_policy
     p = rt.placement
     h2d = measure_limits()["h2d_GBps"] * 1e9
-    rate = 0.0
+    rate = together = 0.0
     if p.cpu:
         policy = weight_policy(rt.source, rt.options.quantization, rt.dtype, torch.device("cpu"))
         rate = cpu_rate(rt.local_config, policy, rt.options.max_batch_size, concurrent_h2d=True,   # measured by the
                         groups=working_groups(rt.local_config, policy, p.cpu_bytes))   # load: at the plan's bytes
+        together, rate = rate, max(rate, cpu_in_step)
         h2d = min(h2d, h2d_beside_cpu(rt.local_config, policy, rt.options.max_batch_size))
     host = p.streamed_bytes + p.cpu_bytes
-    return dict(h2d_GBps=h2d / 1e9, cpu_rate_GBps=rate / 1e9, host_GB=host / 1e9,
+    return dict(h2d_GBps=h2d / 1e9, cpu_rate_GBps=rate / 1e9, cpu_together_GBps=together / 1e9, host_GB=host / 1e9,
                 limit_tokens_per_s=batch * (h2d + rate) / host)
 
 
@@ -122,7 +126,8 @@ def graphrt_rows(path: Path, keep: Path | None = None, lane_options: dict | None
                          cpu_calibrated_GBps=p.cost.cpu_rate / 1e9 if p.cost else None,
                          cpu_first_replays_GBps=rt.lane_in_step_rate / 1e9 if rt.lane_in_step_rate else None)
             pred = p.prediction.step_time if p.prediction is not None and p.prediction.step_time else None
-            r.update(host_limit(rt, batch) if test == "decode" and (p.streamed or p.cpu) else {})
+            r.update(host_limit(rt, batch, 1e9 * r.get("cpu_in_step_GBps", 0.0))
+                     if test == "decode" and (p.streamed or p.cpu) else {})
             r.update(streamed_layers=len({g.layer for g in p.groups if g.layer is not None and g.name not in p.resident}),
                      streamed_GB=p.streamed_bytes / 1e9, cpu_GB=p.cpu_bytes / 1e9, cpu_groups=len(p.cpu),
                      split_mlps=len(p.split),
@@ -210,7 +215,8 @@ def markdown(res: dict) -> str:
             pred += f" ({100 * (r['predicted_tokens_per_s'] / r['tokens_per_s'] - 1):+.1f}%)"   # step error
         if r.get("cpu_in_step_GBps") and r.get("cpu_calibrated_GBps"):
             pred += (f"; CPU {r['cpu_in_step_GBps']:.0f} in the step / {r['cpu_calibrated_GBps']:.0f} planned GB/s"
-                     + (f" ({r['cpu_rate_GBps']:.0f} calibrated)" if r.get("cpu_rate_GBps") else ""))
+                     + (f" ({r['cpu_together_GBps']:.0f} calibrated beside copies)" if r.get("cpu_together_GBps")
+                        else ""))
         limit = (f"{r['limit_tokens_per_s']:.1f} ({100 * r['tokens_per_s'] / r['limit_tokens_per_s']:.0f}%)"
                  if r.get("limit_tokens_per_s") else "-")
         lines.append(f"| {test} | {fmt} / {PEER_FORMAT[fmt]} | {place} ({where}) | {batch} | "

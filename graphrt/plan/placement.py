@@ -309,7 +309,7 @@ def _evaluate_homes(groups, resident, cpu, ring_depth, budget, fixed, cost: Cost
     slot = max((by_name[n].nbytes for n in streamed), default=0)
     sim = _simulate(groups, streamed, ring_depth, cost, frozenset(cpu))
     memory = {"resident_weights": sum(by_name[n].nbytes for n in resident), "ring": ring_depth * slot, **fixed}
-    unit = "attn_mlp" if any(g.kind == "mlp" for g in groups) else "layer"
+    unit = "attn_mlp" if any(g.kind == "attn" for g in groups) else "layer"   # (every MLP may be split in parts)
     cpu_busy = sim.host_compute / sim.step_time if cpu and sim.step_time else None
     return Placement(tuple(groups), resident, ring_depth, slot, budget, memory, sim, kind + ("+cpu" if cpu else ""),
                      unit, frozenset(cpu), cpu_busy, cost=cost)
