@@ -13,10 +13,12 @@ columns; weights/layout.mlp_parts) moves bytes between them in small steps:
     attention groups that fit stay resident and the others stream. Where the lane lets the GPU go on after posting
     (signalled nodes), the CPU computes a layer's rows while the GPU computes the layer's resident rows, so the CPU
     is idle only while the GPU runs attention, the head and the lane's round trips, not the resident MLPs. Its
-    16 smaller CPU groups pay a cost per group (plan/group_cost.py, priced). While host functions ran Python, that
-    cost was 0.12-0.15 ms on the H100 host and these plans ran 10-18% slower than predicted
-    (docs/results/2026-11-26-session15.md); as C programs (weights/formats/cpu_program.py) it is 0-35 us, and
-    auto weighs them with the other plans.
+    16 smaller CPU groups pay a cost per group (plan/group_cost.py, priced): 0.12-0.15 ms on the H100 host while
+    host functions ran Python, 0-35 us as C programs (weights/formats/cpu_program.py). Asked for only (placement
+    "lane-beside"; docs/results/2026-11-26-session16.md): with auto weighing it, one H100 run took it for bf16 at
+    batch 1 at 94% of the two-lane limit and the next at 81%, at 4 sequences 14% slower than predicted; and each
+    split MLP rounds two partial products, so the default model's bf16 logits with every MLP split were 2.4% off
+    the whole MLPs' (issue 17 bounds the lane's at 2%).
 The GPU part (norm and its rows, "mlp.i:gpu") runs first, or beside the CPU part where it is resident
 (placement.beside_groups); the CPU part ("mlp.i:cpu") reads its normed input, and the two products add to the
 residual. Every candidate is priced by the simulator like any other plan.

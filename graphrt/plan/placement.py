@@ -189,11 +189,11 @@ def plan_placement(cfg: ModelConfig, gpu_budget: int, ring_depth: int = 3, max_b
             return evaluate
         best = sorted(lanes, key=lambda p: p.prediction.step_time)[:2]   # MLPs split between the two lanes
         splits = [c for p in best for c in split_candidates(cfg, policy, p, gpu_budget - base, split("lane-split"))]
-        # every MLP split beside its resident rows: priced with the CPU's cost per group (cost.cpu_group_cost)
+        # every MLP split beside its resident rows: asked for only (lanes.py says why)
         besides = list(beside_candidates(cfg, policy, groups, must, gpu_budget - base, ring_depth,
-                                         split("lane-beside"))) if cost.lane_beside else []
-        evaluated += {"auto": lanes + splits + besides, "lane": lanes, "lane-split": splits,
-                      "lane-beside": besides}[strategy]
+                                         split("lane-beside"))) if cost.lane_beside and strategy == "lane-beside" \
+            else []
+        evaluated += {"auto": lanes + splits, "lane": lanes, "lane-split": splits, "lane-beside": besides}[strategy]
     if not evaluated and strategy.startswith("lane"):
         what = "on the CPU lane" if strategy == "lane" else "split between the GPU and the CPU lane"
         raise BudgetError(f"placement {strategy}: no plan with MLPs {what} fits gpu_budget {_gib(gpu_budget)} "
