@@ -33,10 +33,10 @@ def add_plan_flags(p: argparse.ArgumentParser, positive, number, size) -> None:
     p.add_argument("--stream-unit", choices=["auto", "layer", "attn_mlp"], default="auto",
                    help="streamed group: whole layers, attention/MLP halves, or the faster of both (default)")
     p.add_argument("--placement", choices=["auto", "first", "last", "spread", "lane", "lane-split", "lane-beside"],
-                   default="auto", help="which plans to compare: all (default), resident layers first / last / "
-                   "spread, or with --cpu-rate the CPU lane's plans with whole MLPs on the CPU (lane), MLPs split "
-                   "between the GPU and the CPU (lane-split), or every MLP split, its CPU rows computed beside its "
-                   "resident GPU rows (lane-beside)")
+                   default="auto", help="which plans to compare: all but lane-beside (default), resident layers "
+                   "first / last / spread, or with --cpu-rate the CPU lane's plans with whole MLPs on the CPU (lane), "
+                   "MLPs split between the GPU and the CPU (lane-split), or every MLP split, its CPU rows computed "
+                   "beside its resident GPU rows (lane-beside, asked for only)")
 
 
 def _model(path: Path, dtype: torch.dtype | None, quantization: str | None):
