@@ -75,7 +75,11 @@ class Program:
         if lib is not None:
             lib.graphrt_program_drop(self.key)
 
-    __del__ = drop
+    def __del__(self) -> None:   # a program no one holds can no longer be run: its tensors go with this object
+        try:
+            self.drop()
+        except Exception:   # noqa: BLE001 - at interpreter exit the library may be gone already
+            pass
 
 
 def _c_call(c: KernelCall) -> _Call:
