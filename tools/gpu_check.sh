@@ -30,6 +30,12 @@ fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 } | tee -a "$OUT/env.txt"
+{   # the host the CPU lane runs on: cores, SMT, NUMA nodes, caches, huge-page and NUMA-balancing policy
+  lscpu 2>/dev/null | grep -E "^(Model name|CPU\(s\)|Thread|Core|Socket|NUMA|L3|Flags)" | cut -c1-200
+  for f in /sys/kernel/mm/transparent_hugepage/enabled /sys/kernel/mm/transparent_hugepage/defrag \
+           /proc/sys/kernel/numa_balancing; do [ -r "$f" ] && echo "$f: $(cat "$f")"; done
+  grep -E "MemTotal|MemAvailable|HugePages_Total|AnonHugePages" /proc/meminfo
+} > "$OUT/host.txt" 2>&1
 has() { [[ " $parts " == *" $1 "* || " $parts " == *" all "* ]]; }
 pytest_gpu() {  # $1: log name, rest: pytest selection
   local log=$1; shift

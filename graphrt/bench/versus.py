@@ -98,6 +98,19 @@ def host_limit(rt: Runtime, batch: int, cpu_in_step: float = 0.0) -> dict:
                 limit_tokens_per_s=batch * (h2d + rate) / host)
 
 
+def rates_after(rt: Runtime) -> dict:
+    """The CPU lane's rate beside copies (at the plan's working set) and the copies' rate beside the lane, measured
+    afresh right after a row's timed steps: whether the lane's in-step shortfall against its load-time calibration
+    is the host drifting since the load (these move with it) or the step itself (these stay at the load's)."""
+    from ..plan.calibrate import cpu_rate, h2d_beside_cpu, working_groups
+    from ..weights.sources import weight_policy
+    policy = weight_policy(rt.source, rt.options.quantization, rt.dtype, torch.device("cpu"))
+    cfg, batch = rt.local_config, rt.options.max_batch_size
+    cpu = cpu_rate(cfg, policy, batch, concurrent_h2d=True, use_cache=False,
+                   groups=working_groups(cfg, policy, rt.placement.cpu_bytes))
+    return dict(cpu_rate_after_GBps=cpu / 1e9, h2d_beside_after_GBps=h2d_beside_cpu(cfg, policy, batch, False) / 1e9)
+
+
 def graphrt_rows(path: Path, keep: Path | None = None, lane_options: dict | None = None) -> list[dict]:
     """Every graphrt row. With `keep`, rows are saved there as they come and rows already there are not run
     again (a device call that ran out of time resumes); a row that fails is kept with its error. lane_options:
@@ -128,6 +141,8 @@ def graphrt_rows(path: Path, keep: Path | None = None, lane_options: dict | None
             pred = p.prediction.step_time if p.prediction is not None and p.prediction.step_time else None
             r.update(host_limit(rt, batch, 1e9 * r.get("cpu_in_step_GBps", 0.0))
                      if test == "decode" and (p.streamed or p.cpu) else {})
+            if test == "decode" and p.cpu:   # the two rates measured again now (the limit's are the load's)
+                r.update(rates_after(rt))
             r.update(streamed_layers=len({g.layer for g in p.groups if g.layer is not None and g.name not in p.resident}),
                      streamed_GB=p.streamed_bytes / 1e9, cpu_GB=p.cpu_bytes / 1e9, cpu_groups=len(p.cpu),
                      split_mlps=len(p.split),
