@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -133,7 +134,6 @@ def test_non_editable_install_fetch_and_generate(tmp_path):
     # what the test's interpreter has installed (torch and the rest; a venv's, which --system-site-packages does not
     # show) is seen by the new venv after its own packages: a path line, so none of its .pth files (the editable
     # graphrt's finder) runs
-    import sysconfig
     outer = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
     for site_dir in venv.glob("lib/python*/site-packages"):
         (site_dir / "outer.pth").write_text("".join(f"{d}\n" for d in sorted(outer)))
